@@ -1,0 +1,298 @@
+"""CocoDataset: parsing, validation messages, the box policy, lazy image checks and the training view."""
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vild_pipe.data.coco import Category, CocoDataset, ImageRecord
+from vild_pipe.data.splits import CategorySplit
+from vild_pipe.errors import DataError
+
+# Image 1 is 32x24, image 2 is 20x16, image 3 has no boxes.
+IMAGES = [
+    {"id": 1, "file_name": "images/000001.png", "width": 32, "height": 24},
+    {"id": 2, "file_name": "images/000002.png", "width": 20, "height": 16},
+    {"id": 3, "file_name": "images/000003.png", "width": 8, "height": 8},
+]
+CATEGORIES = [
+    {"id": 7, "name": "zebra", "split": "novel"},
+    {"id": 3, "name": "cat", "split": "base"},
+    {"id": 5, "name": "dog", "split": "base"},
+]
+ANNOTATIONS = [
+    {"id": 10, "image_id": 1, "category_id": 3, "bbox": [2, 4, 10, 6]},
+    {"id": 11, "image_id": 2, "category_id": 7, "bbox": [1.5, 2.5, 4, 3]},
+    {"id": 12, "image_id": 1, "category_id": 7, "bbox": [20, 0, 5, 5], "iscrowd": 1},
+    {"id": 13, "image_id": 1, "category_id": 5, "bbox": [0, 0, 3, 3]},
+    {"id": 14, "image_id": 2, "category_id": 5, "bbox": [5, 5, 2, 2], "iscrowd": 0},
+]
+
+
+def write_coco(folder: Path, images=None, annotations=None, categories=None, name="val.json") -> Path:
+    doc = {
+        "images": IMAGES if images is None else images,
+        "annotations": ANNOTATIONS if annotations is None else annotations,
+        "categories": CATEGORIES if categories is None else categories,
+    }
+    path = folder / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def write_images(folder: Path, images=IMAGES) -> None:
+    for rec in images:
+        path = folder / rec["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (rec["width"], rec["height"]), color=rec["id"] * 40).save(path)
+
+
+def test_load_reads_records_boxes_and_categories(tmp_path):
+    ds = CocoDataset.load(write_coco(tmp_path))
+
+    assert len(ds) == 3
+    assert ds.image_dir == tmp_path
+    assert [r.id for r in ds.images] == [1, 2, 3]
+    assert ds.images[1] == ImageRecord(2, "images/000002.png", 20, 16, tmp_path / "images/000002.png")
+    assert ds.categories == [Category(3, "cat", "base"), Category(5, "dog", "base"), Category(7, "zebra", "novel")]
+    assert ds.category_names == ["cat", "dog", "zebra"]
+    assert [ds.category_index(i) for i in (3, 5, 7)] == [0, 1, 2]
+    np.testing.assert_array_equal(ds.category_indices(np.array([7, 3, 3])), [2, 0, 0])
+    with pytest.raises(KeyError):
+        ds.category_index(4)
+
+    boxes, cat_ids, crowd = ds.annotations_for(1)
+    assert boxes.dtype == np.float32 and boxes.shape == (3, 4)
+    assert cat_ids.dtype == np.int64 and crowd.dtype == bool
+    np.testing.assert_array_equal(boxes, [[2, 4, 12, 10], [20, 0, 25, 5], [0, 0, 3, 3]])
+    np.testing.assert_array_equal(cat_ids, [3, 7, 5])
+    np.testing.assert_array_equal(crowd, [False, True, False])
+
+    boxes, cat_ids, _ = ds.annotations_for(2)
+    np.testing.assert_allclose(boxes, [[1.5, 2.5, 5.5, 5.5], [5, 5, 7, 7]])
+    np.testing.assert_array_equal(cat_ids, [7, 5])
+
+    boxes, cat_ids, crowd = ds.annotations_for(3)
+    assert boxes.shape == (0, 4) and cat_ids.shape == (0,) and crowd.shape == (0,)
+    assert ds.raw == json.loads((tmp_path / "val.json").read_text())
+
+
+def test_annotations_for_returns_copies(tmp_path):
+    ds = CocoDataset.load(write_coco(tmp_path))
+    boxes, _, _ = ds.annotations_for(1)
+    boxes[:] = -1
+    assert ds.annotations_for(1)[0].min() >= 0
+
+
+def test_explicit_image_dir(tmp_path):
+    (tmp_path / "annotations").mkdir()
+    ann = write_coco(tmp_path / "annotations")
+    write_images(tmp_path / "pictures")
+    ds = CocoDataset.load(ann, image_dir=tmp_path / "pictures")
+    assert ds.images[0].path == tmp_path / "pictures/images/000001.png"
+    assert ds.open_image(ds.images[0]).size == (32, 24)
+
+
+def test_partly_outside_boxes_are_clipped(tmp_path):
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [-5, 10, 20, 20]},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [30, -2, 10, 4]},
+    ]
+    ds = CocoDataset.load(write_coco(tmp_path, annotations=annotations))
+    boxes, _, _ = ds.annotations_for(1)
+    np.testing.assert_array_equal(boxes, [[0, 10, 15, 24], [30, 0, 32, 2]])
+    assert ds.skipped_degenerate == 0
+
+
+def test_degenerate_boxes_are_skipped_and_counted(tmp_path, caplog):
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 0, 5]},      # zero width
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [2, 2, 5, -1]},     # negative height
+        {"id": 3, "image_id": 1, "category_id": 5, "bbox": [40, 2, 5, 5]},     # right of the image
+        {"id": 4, "image_id": 2, "category_id": 5, "bbox": [-9, 1, 9, 5]},     # touches x=0 from outside
+        {"id": 5, "image_id": 2, "category_id": 5, "bbox": [1, 1, 5, 5]},      # fine
+    ]
+    with caplog.at_level(logging.WARNING, logger="vild_pipe.data.coco"):
+        ds = CocoDataset.load(write_coco(tmp_path, annotations=annotations))
+    assert ds.skipped_degenerate == 4
+    assert ds.num_boxes == 1
+    assert ds.annotations_for(1)[0].shape == (0, 4)
+    np.testing.assert_array_equal(ds.annotations_for(2)[0], [[1, 1, 6, 6]])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"{tmp_path / 'val.json'}: skipped 4 degenerate boxes (non-positive size or outside the image)"]
+    # .raw is the file as written: evaluation tooling sees every annotation
+    assert len(ds.raw["annotations"]) == 5
+
+
+def _drop(record, key):
+    return {k: v for k, v in record.items() if k != key}
+
+
+def _first_annotation(**changes):
+    """A mutation: the file holds only the first annotation, with `changes` applied."""
+    return lambda doc: {**doc, "annotations": [{**ANNOTATIONS[0], **changes}]}
+
+
+BAD_FILES = {
+    "top level not an object": (lambda d: [d], "top level is a JSON list"),
+    "missing categories": (lambda d: _drop(d, "categories"), "missing top-level key(s) 'categories'"),
+    "images not a list": (lambda d: {**d, "images": {}}, "top-level 'images' is a JSON dict"),
+    "image missing width": (
+        lambda d: {**d, "images": [_drop(IMAGES[0], "width")] + IMAGES[1:]}, "image id 1: missing key(s) 'width'"),
+    "image bad height": (
+        lambda d: {**d, "images": IMAGES[:1] + [{**IMAGES[1], "height": 0}] + IMAGES[2:]},
+        "image id 2: height must be a positive integer"),
+    "image not an object": (lambda d: {**d, "images": IMAGES + [3]}, "images[3]: is a JSON int"),
+    "duplicate image id": (lambda d: {**d, "images": IMAGES + [{**IMAGES[0], "file_name": "x.png"}]},
+                           "image id 1: duplicate image id"),
+    "annotation missing bbox": (
+        lambda d: {**d, "annotations": [_drop(ANNOTATIONS[0], "bbox")]}, "annotation id 10: missing key(s) 'bbox'"),
+    "annotation without id": (
+        lambda d: {**d, "annotations": ANNOTATIONS + [_drop(ANNOTATIONS[0], "id")]},
+        "annotations[5]: missing key(s) 'id'"),
+    "duplicate annotation id": (
+        lambda d: {**d, "annotations": ANNOTATIONS + [{**ANNOTATIONS[1], "image_id": 3}]},
+        "annotation id 11: duplicate annotation id"),
+    "unknown image_id": (_first_annotation(image_id=99), "annotation id 10: unknown image_id 99"),
+    "unknown category_id": (_first_annotation(category_id=4), "annotation id 10: unknown category_id 4"),
+    "bbox nan": (_first_annotation(bbox=[1, 2, math.nan, 3]), "annotation id 10: bbox has a non-finite value"),
+    "bbox inf": (_first_annotation(bbox=[1, math.inf, 3, 3]), "annotation id 10: bbox has a non-finite value"),
+    "bbox three numbers": (_first_annotation(bbox=[1, 2, 3]), "annotation id 10: bbox must be 4 numbers"),
+    "bbox string": (_first_annotation(bbox=[1, 2, "3", 4]), "annotation id 10: bbox must be 4 numbers"),
+    "category missing name": (
+        lambda d: {**d, "categories": CATEGORIES + [{"id": 9}]}, "category id 9: missing key(s) 'name'"),
+    "duplicate category id": (
+        lambda d: {**d, "categories": CATEGORIES + [{"id": 5, "name": "horse"}]},
+        "category id 5: duplicate category id"),
+    "duplicate category name": (
+        lambda d: {**d, "categories": CATEGORIES + [{"id": 9, "name": "Dog"}]},
+        "category id 9: duplicate category name 'Dog' (also category id 5)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_annotation_file_names_file_and_record(tmp_path, case):
+    mutate, expected = BAD_FILES[case]
+    doc = mutate({"images": IMAGES, "annotations": ANNOTATIONS, "categories": CATEGORIES})
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DataError) as info:
+        CocoDataset.load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: ")
+    assert expected in message
+
+
+def test_unreadable_and_non_json_files(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.json: cannot read annotation file \(No such file"):
+        CocoDataset.load(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [')
+    with pytest.raises(DataError, match=r"broken\.json: not valid JSON \(line 1 column 13"):
+        CocoDataset.load(broken)
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(DataError, match=r"binary\.json: "):
+        CocoDataset.load(binary)
+
+
+def test_open_image_decodes_rgb(tmp_path):
+    write_images(tmp_path)
+    ds = CocoDataset.load(write_coco(tmp_path))
+    image = ds.open_image(ds.images[1])
+    assert image.mode == "RGB" and image.size == (20, 16)
+    assert np.asarray(image)[0, 0].tolist() == [80, 80, 80]
+    assert ds.open_image(3).size == (8, 8)
+
+
+def test_image_problems_are_found_lazily(tmp_path):
+    write_images(tmp_path)
+    (tmp_path / IMAGES[0]["file_name"]).unlink()
+    (tmp_path / IMAGES[1]["file_name"]).write_bytes(b"")
+    ds = CocoDataset.load(write_coco(tmp_path))  # loading does not look at image files
+
+    with pytest.raises(DataError, match=r"images/000001\.png: missing image file$"):
+        ds.open_image(ds.images[0])
+    with pytest.raises(DataError, match=r"images/000002\.png: zero-byte image file$"):
+        ds.open_image(ds.images[1])
+    assert ds.open_image(ds.images[2]).size == (8, 8)
+
+
+def test_corrupt_and_truncated_images(tmp_path):
+    write_images(tmp_path)
+    (tmp_path / IMAGES[0]["file_name"]).write_bytes(b"this is not an image at all")
+    good = (tmp_path / IMAGES[1]["file_name"]).read_bytes()
+    (tmp_path / IMAGES[1]["file_name"]).write_bytes(good[: len(good) // 2])
+    ds = CocoDataset.load(write_coco(tmp_path))
+
+    for record in ds.images[:2]:
+        with pytest.raises(DataError, match=r"\.png: cannot decode image \(truncated or not an image\)$"):
+            ds.open_image(record)
+
+
+def test_image_size_must_match_annotation_file(tmp_path):
+    write_images(tmp_path)
+    Image.new("RGB", (24, 32)).save(tmp_path / IMAGES[0]["file_name"])
+    ds = CocoDataset.load(write_coco(tmp_path))
+    with pytest.raises(DataError, match=r"000001\.png: image is 24x32 pixels but .*val\.json says 32x24 for image id"):
+        ds.open_image(ds.images[0])
+
+
+def test_check_images_up_front(tmp_path):
+    ann = write_coco(tmp_path)
+    write_images(tmp_path)
+    assert len(CocoDataset.load(ann, check_images=True)) == 3
+
+    (tmp_path / IMAGES[2]["file_name"]).write_bytes(b"")
+    with pytest.raises(DataError, match=r"000003\.png: zero-byte image file \(image id 3 of .*val\.json\)$"):
+        CocoDataset.load(ann, check_images=True)
+
+    (tmp_path / IMAGES[0]["file_name"]).unlink()
+    with pytest.raises(DataError, match=r"000001\.png: missing image file \(image id 1 of .*; 1 more images"):
+        CocoDataset.load(ann, check_images=True)
+
+
+def test_training_view_drops_novel_annotations_and_keeps_images(tmp_path):
+    ds = CocoDataset.load(write_coco(tmp_path))
+    train = ds.training_view("field")
+
+    assert train.split == CategorySplit(base_ids=(3, 5), novel_ids=(7,))
+    assert len(train) == len(ds) and train.images is ds.images
+    assert train.categories == ds.categories
+    boxes, cat_ids, crowd = train.annotations_for(1)
+    np.testing.assert_array_equal(cat_ids, [3, 5])
+    np.testing.assert_array_equal(boxes, [[2, 4, 12, 10], [0, 0, 3, 3]])
+    assert not crowd.any()
+    np.testing.assert_array_equal(train.annotations_for(2)[1], [5])
+    assert train.num_boxes == 3
+    assert sorted(a["id"] for a in train.raw["annotations"]) == [10, 13, 14]
+
+    # the full dataset is untouched
+    assert ds.num_boxes == 5 and len(ds.raw["annotations"]) == 5
+    np.testing.assert_array_equal(ds.annotations_for(2)[1], [7, 5])
+
+
+def test_training_view_removes_categories_outside_the_split(tmp_path):
+    ds = CocoDataset.load(write_coco(tmp_path))
+    split = CategorySplit(base_ids=(3,), novel_ids=(7,))  # dog (5) is in neither list
+    train = ds.training_view(split)
+    assert set(np.concatenate([train.annotations_for(i)[1] for i in (1, 2, 3)]).tolist()) == {3}
+
+
+def test_with_split_keeps_every_annotation(tmp_path):
+    ds = CocoDataset.load(write_coco(tmp_path))
+    full = ds.with_split()  # "auto" finds the split fields
+    assert full.split.novel_ids == (7,)
+    assert full.num_boxes == ds.num_boxes
+    np.testing.assert_array_equal(full.annotations_for(1)[1], [3, 7, 5])
+    assert full.training_view().num_boxes == 3
+
+    with pytest.raises(DataError, match=r"val\.json: a training view needs a category split"):
+        ds.training_view()
+    with pytest.raises(DataError, match=r"val\.json: category split names category ids \[99\]"):
+        ds.with_split(CategorySplit(base_ids=(3, 99), novel_ids=()))

@@ -1,0 +1,601 @@
+"""The sharded HDF5 cache library: round trips, atomic shards, manifests, locks, work splits, failures."""
+import builtins
+import errno
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline import shards
+from vild_pipe.pipeline.shards import (
+    CacheFolder,
+    RowField,
+    ShardReader,
+    ShardWriter,
+    bytes_per_row,
+    effective_worker,
+    estimate_cache_bytes,
+    format_bytes,
+    parse_shard_option,
+    shard_image_ranges,
+    shards_for_worker,
+    try_lock_shard,
+)
+
+FIELDS = {
+    "boxes": RowField("float32", (4,), "xyxy in original image pixels"),
+    "scores": RowField("float32", (), "objectness"),
+    "is_gt": RowField("bool", (), "row is a ground-truth box"),
+    "features": RowField("float16", (4, 3, 3), "RoIAlign features"),
+}
+
+
+def open_cache(path, *, config=None, inputs=None, num_shards=4, stage="dump-proposals", overwrite=False):
+    return CacheFolder.open_or_create(
+        path,
+        stage=stage,
+        config={"top_n": 5, "nms": 0.7} if config is None else config,
+        inputs={"model": "rpn.pt", "weights_sha256": "ab" * 32} if inputs is None else inputs,
+        fields=FIELDS,
+        num_shards=num_shards,
+        images_per_shard=3,
+        overwrite=overwrite,
+    )
+
+
+def image_rows(rng, num_rows):
+    return {
+        "boxes": rng.uniform(0, 100, (num_rows, 4)),
+        "scores": rng.uniform(0, 1, num_rows).astype(np.float32),
+        "is_gt": rng.uniform(0, 1, num_rows) > 0.5,
+        "features": rng.standard_normal((num_rows, 4, 3, 3)).astype(np.float32),
+    }
+
+
+def write_shard(folder, index, rows_per_image, seed=0, first_image_id=None):
+    """Write shard `index` with one image per entry of rows_per_image; returns {image_id: rows}."""
+    rng = np.random.default_rng(seed + index)
+    first = index * 100 if first_image_id is None else first_image_id
+    written = {}
+    with ShardWriter(folder, index) as writer:
+        for k, num_rows in enumerate(rows_per_image):
+            written[first + k] = image_rows(rng, num_rows)
+            writer.add_image(first + k, **written[first + k])
+    return written
+
+
+def dead_pid():
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+# ------------------------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip_with_empty_images_and_an_all_empty_shard(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    written = write_shard(folder, 0, [3, 0, 5])
+    write_shard(folder, 1, [0, 0])
+    write_shard(folder, 2, [])
+
+    reader = folder.read_shard(0)
+    assert reader.image_ids.tolist() == [0, 1, 2]
+    assert reader.row_start.tolist() == [0, 3, 3, 8]
+    for image_id, rows in written.items():
+        got = reader.rows_for(image_id)
+        np.testing.assert_array_equal(got["boxes"], rows["boxes"].astype(np.float32))
+        np.testing.assert_array_equal(got["scores"], rows["scores"])
+        np.testing.assert_array_equal(got["is_gt"], rows["is_gt"])
+        np.testing.assert_array_equal(got["features"], rows["features"].astype(np.float16))
+        assert got["features"].dtype == np.float16 and got["is_gt"].dtype == bool
+    iterated = dict(iter(reader))
+    assert sorted(iterated) == [0, 1, 2]
+    np.testing.assert_array_equal(iterated[2]["boxes"], written[2]["boxes"].astype(np.float32))
+    whole = reader.arrays()
+    assert whole["features"].shape == (8, 4, 3, 3)
+    with pytest.raises(KeyError):
+        reader.rows_for(12345)
+    reader.close()
+
+    with folder.read_shard(1) as empty_images:
+        assert empty_images.image_ids.tolist() == [100, 101] and empty_images.num_rows == 0
+        assert empty_images.rows_for(101)["features"].shape == (0, 4, 3, 3)
+    with folder.read_shard(2) as empty_shard:
+        assert empty_shard.num_images == 0
+        assert {name: a.shape for name, a in empty_shard.arrays().items()} == {
+            "boxes": (0, 4), "scores": (0,), "is_gt": (0,), "features": (0, 4, 3, 3)
+        }
+    assert folder.complete_shards() == [0, 1, 2]
+
+
+def test_plain_h5py_reads_a_shard_with_schema_attributes_and_bounded_uncompressed_chunks(tmp_path):
+    big_fields = {"emb": RowField("float16", (512,), "CLIP embedding"), "scores": RowField("float32", ())}
+    folder = CacheFolder.open_or_create(
+        tmp_path / "emb", stage="cache-embeddings", config={}, inputs={}, fields=big_fields, num_shards=1,
+        images_per_shard=4,
+    )
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, 0) as writer:
+        for image_id in range(4):
+            writer.add_image(image_id, emb=rng.standard_normal((700, 512)), scores=rng.uniform(size=700))
+    with h5py.File(folder.shard_path(0), "r") as h5:
+        assert h5.attrs["schema_version"] == shards.SCHEMA_VERSION
+        assert h5.attrs["cache_fingerprint"] == folder.fingerprint
+        assert h5["emb"].attrs["description"] == "CLIP embedding"
+        assert h5["row_start"][-1] == h5["emb"].shape[0] == 2800
+        for name in ("emb", "scores"):
+            dataset = h5[name]
+            chunk_bytes = dataset.dtype.itemsize * np.prod(dataset.chunks)
+            assert dataset.compression is None
+            assert 10 * 1024 <= chunk_bytes <= 1 << 20, (name, dataset.chunks)
+
+
+def test_manifest_records_identity_and_finalize_lists_every_shard_once(tmp_path):
+    folder = open_cache(tmp_path / "cache", num_shards=3)
+    manifest = json.loads((folder.path / "manifest.json").read_text())
+    assert manifest["stage"] == "dump-proposals" and manifest["config"] == {"top_n": 5, "nms": 0.7}
+    assert manifest["inputs"]["weights_sha256"] == "ab" * 32
+    assert manifest["fields"]["features"] == {"dtype": "float16", "shape": [4, 3, 3]}
+    assert manifest["field_descriptions"]["boxes"] == "xyxy in original image pixels"
+    assert manifest["fingerprint"] == folder.fingerprint and manifest["complete"] is False
+
+    write_shard(folder, 0, [2, 1])
+    with ShardWriter(folder, 2) as writer:
+        writer.add_image(7, **image_rows(np.random.default_rng(1), 4))
+        writer.skip_image(8, "cannot decode JPEG")
+    assert folder.finalize() is False
+    with pytest.raises(DataError, match=r"1 of 3 shards missing \(shard-00001\)"):
+        folder.require_complete()
+
+    write_shard(folder, 1, [0])
+    summary = folder.manifest_summary()
+    assert summary["images"] == 4 and summary["rows"] == 7 and summary["complete_shards"] == 3
+    assert summary["skipped_images"] == [{"image_id": 8, "reason": "cannot decode JPEG"}]
+    assert folder.finalize() is True
+    folder.require_complete()
+    first = (folder.path / "manifest.json").read_bytes()
+    assert folder.finalize() is True
+    assert (folder.path / "manifest.json").read_bytes() == first
+    finalized = json.loads(first)
+    assert finalized["complete"] is True and [s["shard"] for s in finalized["shards"]] == [0, 1, 2]
+    assert finalized["fingerprint"] == folder.fingerprint
+
+    reader_view = CacheFolder.open(folder.path, stage="dump-proposals")
+    assert reader_view.fingerprint == folder.fingerprint and reader_view.fields == FIELDS
+    with pytest.raises(DataError, match="holds a dump-proposals cache, expected a cache-embeddings cache"):
+        CacheFolder.open(folder.path, stage="cache-embeddings")
+    with pytest.raises(DataError, match="not a vild-pipe cache"):
+        CacheFolder.open(tmp_path / "nothing-here")
+
+
+def test_add_image_rejects_rows_that_do_not_fit_the_fields(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    rows = image_rows(np.random.default_rng(0), 3)
+    with ShardWriter(folder, 0) as writer:
+        with pytest.raises(ValueError, match="fields"):
+            writer.add_image(1, boxes=rows["boxes"])
+        with pytest.raises(ValueError, match=r"boxes: rows of shape \(5,\)"):
+            writer.add_image(1, **{**rows, "boxes": np.zeros((3, 5))})
+        with pytest.raises(ValueError, match="different row counts"):
+            writer.add_image(1, **{**rows, "scores": np.zeros(2, np.float32)})
+        with pytest.raises(TypeError):
+            writer.add_image(1, **{**rows, "is_gt": np.ones(3)})
+        writer.add_image(1, **rows)
+        with pytest.raises(ValueError, match="already added"):
+            writer.add_image(1, **rows)
+    assert folder.read_shard(0).image_ids.tolist() == [1]
+
+
+# ------------------------------------------------------------------------------------------------ atomicity
+
+
+def test_exception_mid_shard_leaves_no_shard_no_tmp_and_a_rerun_writes_it(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        with ShardWriter(folder, 1) as writer:
+            writer.add_image(5, **image_rows(np.random.default_rng(0), 2))
+            raise RuntimeError("CUDA out of memory")
+    assert sorted(os.listdir(folder.path)) == ["manifest.json"]
+    assert folder.complete_shards() == []
+
+    def fail_on_features(group, name, **kwargs):
+        if name == "features":
+            raise RuntimeError("h5py blew up halfway")
+        return real_create(group, name, **kwargs)
+
+    real_create = h5py.Group.create_dataset
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(h5py.Group, "create_dataset", fail_on_features)
+        with pytest.raises(RuntimeError, match="halfway"):
+            write_shard(folder, 1, [2])
+    assert sorted(os.listdir(folder.path)) == ["manifest.json"]
+
+    write_shard(folder, 1, [2])
+    assert folder.complete_shards() == [1]
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+
+def test_same_settings_resume_different_settings_are_refused_naming_the_keys(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    write_shard(folder, 0, [1, 2])
+    resumed = open_cache(tmp_path / "cache", config={"nms": 0.7, "top_n": 5})
+    assert resumed.fingerprint == folder.fingerprint and resumed.complete_shards() == [0]
+    as_tuple = open_cache(tmp_path / "tuple", config={"top_n": 5, "nms": 0.7, "sizes": (1, 2)})
+    as_list = open_cache(tmp_path / "tuple", config={"top_n": 5, "nms": 0.7, "sizes": [1, 2]})
+    assert as_list.fingerprint == as_tuple.fingerprint
+    reworded = CacheFolder.open_or_create(
+        tmp_path / "cache", stage="dump-proposals", config={"top_n": 5, "nms": 0.7},
+        inputs={"model": "rpn.pt", "weights_sha256": "ab" * 32},
+        fields={**FIELDS, "scores": RowField("float32", (), "reworded")}, num_shards=4, images_per_shard=3,
+    )
+    assert reworded.fingerprint == folder.fingerprint, "descriptions are documentation, not identity"
+
+    with pytest.raises(VildError) as caught:
+        other_weights = {"model": "rpn.pt", "weights_sha256": "cd" * 32}
+        open_cache(tmp_path / "cache", config={"top_n": 9, "nms": 0.7}, inputs=other_weights)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(str(tmp_path / "cache"))
+    assert "(config.top_n, inputs.weights_sha256)" in message and "--overwrite" in message
+    with pytest.raises(VildError, match=r"\(num_shards\)"):
+        open_cache(tmp_path / "cache", num_shards=5)
+    assert folder.complete_shards() == [0]
+
+
+def test_overwrite_replaces_only_cache_files_and_never_a_matching_cache_or_another_stage(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    write_shard(folder, 0, [1])
+    (folder.path / "notes.txt").write_text("mine")
+    assert open_cache(tmp_path / "cache", overwrite=True).complete_shards() == [0]
+
+    replaced = open_cache(tmp_path / "cache", config={"top_n": 9, "nms": 0.7}, overwrite=True)
+    assert replaced.fingerprint != folder.fingerprint and replaced.complete_shards() == []
+    assert sorted(os.listdir(folder.path)) == ["manifest.json", "notes.txt"]
+    assert json.loads((folder.path / "manifest.json").read_text())["config"]["top_n"] == 9
+
+    with pytest.raises(VildError, match="holds a dump-proposals cache, not a cache-embeddings one"):
+        open_cache(tmp_path / "cache", stage="cache-embeddings", overwrite=True)
+
+
+def test_overwrite_refuses_while_a_shard_of_the_old_cache_is_being_written(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    lock = try_lock_shard(folder, 2)
+    with lock, pytest.raises(VildError, match=r"shard-00002.lock: pid \d+ on .* is writing this shard"):
+        open_cache(tmp_path / "cache", config={"top_n": 1}, overwrite=True)
+    assert json.loads((folder.path / "manifest.json").read_text())["fingerprint"] == folder.fingerprint
+
+
+def test_a_shard_finished_after_its_cache_was_replaced_is_discarded(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    writer = ShardWriter(folder, 0)
+    writer.add_image(1, **image_rows(np.random.default_rng(0), 2))
+    open_cache(tmp_path / "cache", config={"top_n": 1}, overwrite=True)
+    with pytest.raises(VildError, match="the cache was replaced by another run"):
+        writer.close()
+    assert sorted(os.listdir(folder.path)) == ["manifest.json"]
+
+
+def test_shards_without_a_manifest_are_refused(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    write_shard(folder, 0, [1])
+    (folder.path / "manifest.json").unlink()
+    with pytest.raises(VildError, match="left without its manifest.json"):
+        open_cache(tmp_path / "cache")
+    assert open_cache(tmp_path / "cache", overwrite=True).complete_shards() == []
+
+
+# ------------------------------------------------------------------------------------------------ corrupt files
+
+
+def test_truncated_or_corrupt_shards_raise_data_error_not_h5py_tracebacks(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    write_shard(folder, 0, [40, 2])
+    write_shard(folder, 1, [3])
+    path = folder.shard_path(0)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+    with pytest.raises(DataError) as caught:
+        folder.read_shard(0)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and "truncated or corrupt HDF5 shard" in message
+    assert "delete it and rerun" in message and "\n" not in message
+
+    path.write_bytes(b"not an hdf5 file" * 64)
+    with pytest.raises(DataError, match="truncated or corrupt HDF5 shard"):
+        folder.read_shard(0)
+
+    with h5py.File(folder.shard_path(1), "r+") as h5:
+        h5["row_start"][-1] = 99
+    with pytest.raises(DataError, match=r"dataset \w+ has 3 rows, row_start ends at 99"):
+        folder.read_shard(1)
+    with h5py.File(folder.shard_path(1), "r+") as h5:
+        h5["row_start"][-1] = 3
+        del h5["features"]
+    with pytest.raises(DataError, match="dataset features missing"):
+        folder.read_shard(1)
+    with h5py.File(folder.shard_path(1), "r+") as h5:
+        h5["features"] = np.zeros((3, 4, 3, 3), np.float32)
+    with pytest.raises(DataError, match=r"dataset features is float32 rows .* the manifest says float16"):
+        folder.read_shard(1)
+    with pytest.raises(DataError, match="shard is not complete"):
+        folder.read_shard(3)
+    with pytest.raises(DataError, match="shard file missing"):
+        ShardReader(tmp_path / "nope.h5")
+
+
+# ------------------------------------------------------------------------------------------------ locks
+
+
+def test_a_live_lock_excludes_other_writers_until_released(tmp_path, caplog):
+    folder = open_cache(tmp_path / "cache")
+    lock = try_lock_shard(folder, 1)
+    assert lock is not None and folder.lock_path(1).exists()
+    holder = json.loads(folder.lock_path(1).read_text())
+    assert holder["pid"] == os.getpid()
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        assert try_lock_shard(folder, 1) is None
+    assert f"skipping shard-00001: another run is writing it (pid {os.getpid()}" in caplog.text
+    with lock, ShardWriter(folder, 1) as writer:
+        writer.add_image(3, **image_rows(np.random.default_rng(0), 1))
+    assert not folder.lock_path(1).exists()
+    assert try_lock_shard(folder, 1) is None, "a complete shard is not handed out again"
+    again = try_lock_shard(folder, 2)
+    assert again is not None
+    again.release()
+
+
+def test_a_shard_completed_while_we_took_its_lock_is_not_handed_out(tmp_path, monkeypatch):
+    folder = open_cache(tmp_path / "cache")
+    real_acquire = shards.ShardLock.acquire.__func__
+
+    def another_run_finishes_first(cls, path):
+        write_shard(folder, 0, [1])
+        return real_acquire(cls, path)
+
+    monkeypatch.setattr(shards.ShardLock, "acquire", classmethod(another_run_finishes_first))
+    assert try_lock_shard(folder, 0) is None
+    assert not folder.lock_path(0).exists()
+
+
+def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):
+    folder = open_cache(tmp_path / "cache")
+    host, gone = shards._HOST, dead_pid()
+    folder.lock_path(0).write_text(json.dumps({"pid": gone, "host": host, "since": "earlier", "token": "a"}))
+    folder.lock_path(1).write_text(
+        json.dumps({"pid": os.getpid(), "host": host, "pid_start": -5, "since": "earlier", "token": "b"})
+    )
+    folder.lock_path(2).write_text(json.dumps({"pid": 1, "host": "other-node", "since": "now", "token": "c"}))
+    folder.lock_path(3).write_text(json.dumps({"pid": 1, "host": "other-node", "since": "earlier", "token": "d"}))
+    hours_ago = time.time() - 7200
+    os.utime(folder.lock_path(3), (hours_ago, hours_ago))
+    stale_tmp = folder.path / f"shard-00000.h5.{gone}@{host}.tmp"
+    live_tmp = folder.path / f"shard-00002.h5.{os.getpid()}@{host}.tmp"
+    stale_tmp.write_bytes(b"half a shard")
+    live_tmp.write_bytes(b"being written")
+
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        reopened = open_cache(tmp_path / "cache")
+    assert f"removed stale lock shard-00000.lock (pid {gone} on {host} is no longer running)" in caplog.text
+    assert f"removed stale shard-00000.h5.{gone}@{host}.tmp from a killed run" in caplog.text
+    assert "removed stale lock shard-00003.lock (pid 1 on other-node stopped refreshing it" in caplog.text
+    remaining = set(os.listdir(folder.path))
+    assert remaining == {"manifest.json", "shard-00002.lock", live_tmp.name}, "pid reuse (wrong start) is stale too"
+
+    assert try_lock_shard(reopened, 2) is None, "a fresh lock of another host is respected"
+    for index in (0, 1, 3):
+        lock = try_lock_shard(reopened, index)
+        assert lock is not None
+        lock.release()
+
+
+def test_lock_heartbeat_refreshes_the_lock_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "LOCK_HEARTBEAT_S", 0.05)
+    folder = open_cache(tmp_path / "cache")
+    with try_lock_shard(folder, 0):
+        os.utime(folder.lock_path(0), (0, 0))
+        deadline = time.time() + 5
+        while folder.lock_path(0).stat().st_mtime == 0 and time.time() < deadline:
+            time.sleep(0.02)
+        assert folder.lock_path(0).stat().st_mtime > time.time() - 60
+
+
+# ------------------------------------------------------------------------------------------------ work split
+
+
+@pytest.mark.parametrize("text, expected", [("0/1", (0, 1)), ("3/4", (3, 4)), (" 1 / 2 ", (1, 2))])
+def test_parse_shard_option_accepts_zero_based_i_of_n(text, expected):
+    assert parse_shard_option(text) == expected
+
+
+@pytest.mark.parametrize("text", ["3/2", "2/2", "0/0", "-1/2", "a/b", "1", "1/2/3", ""])
+def test_parse_shard_option_errors_are_one_line(text):
+    with pytest.raises(VildError) as caught:
+        parse_shard_option(text)
+    assert str(caught.value).startswith(f"--shard {text}:") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("num_jobs", [1, 2, 3, 5])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_jobs_times_ranks_cover_every_shard_exactly_once(num_jobs, world_size):
+    for num_shards in (0, 1, 7, 16, 31):
+        taken = []
+        for job in range(num_jobs):
+            for rank in range(world_size):
+                worker, num_workers = effective_worker((job, num_jobs), rank, world_size)
+                assert num_workers == num_jobs * world_size
+                taken += shards_for_worker(num_shards, worker, num_workers)
+        assert sorted(taken) == list(range(num_shards))
+
+
+def test_worker_arguments_are_checked_and_image_ranges_tile_the_input():
+    assert effective_worker(None, 1, 2) == (1, 2)
+    with pytest.raises(ValueError):
+        shards_for_worker(4, 2, 2)
+    with pytest.raises(ValueError):
+        effective_worker((0, 2), 3, 3)
+    ranges = shard_image_ranges(10, 4)
+    assert [(r.start, r.stop) for r in ranges] == [(0, 4), (4, 8), (8, 10)]
+    assert shard_image_ranges(0, 4) == []
+    with pytest.raises(VildError, match="at least 1"):
+        shard_image_ranges(10, 0)
+
+
+def test_cost_helpers():
+    features = {"features": ("float16", (256, 7, 7))}
+    assert bytes_per_row(features) == 25088
+    assert format_bytes(bytes_per_row(features)) == "24.5 KiB"
+    assert bytes_per_row(FIELDS) == 4 * 4 + 4 + 1 + 2 * 36
+    assert estimate_cache_bytes(features, num_rows=300, num_images=1) == 300 * 25088 + 16
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(100_000 * 300 * 512 * 2) == "28.6 GiB"
+
+
+def test_sha256_file_identifies_weights_and_names_an_unreadable_file(tmp_path):
+    weights = tmp_path / "rpn.pt"
+    weights.write_bytes(bytes(range(256)) * 50_000)
+    assert shards.sha256_file(weights) == hashlib.sha256(weights.read_bytes()).hexdigest()
+    with pytest.raises(VildError, match=r"missing.pt: cannot read \(No such file or directory\)"):
+        shards.sha256_file(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+
+def _fill_shards(path, assigned, results):
+    folder = open_cache(path, num_shards=12)
+    written = []
+    for index in assigned:
+        lock = try_lock_shard(folder, index)
+        if lock is None:
+            continue
+        with lock, ShardWriter(folder, index) as writer:
+            writer.add_image(index, **image_rows(np.random.default_rng(index), index % 3))
+            time.sleep(0.02)
+        written.append(index)
+    folder.finalize()
+    results.put(written)
+
+
+@pytest.mark.parametrize(
+    "assignments",
+    [
+        [shards_for_worker(12, 0, 2), shards_for_worker(12, 1, 2)],
+        [list(range(0, 9)), list(range(3, 12))],
+        [list(range(12)), list(range(11, -1, -1))],
+    ],
+    ids=["disjoint", "overlapping", "opposite-orders"],
+)
+def test_two_processes_fill_one_folder_and_write_each_shard_once(tmp_path, assignments):
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_fill_shards, args=(tmp_path / "cache", a, results)) for a in assignments]
+    for worker in workers:
+        worker.start()
+    written = [results.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert sorted(written[0] + written[1]) == list(range(12))
+
+    folder = CacheFolder.open(tmp_path / "cache")
+    manifest = json.loads((folder.path / "manifest.json").read_text())
+    assert manifest["complete"] is True and [s["shard"] for s in manifest["shards"]] == list(range(12))
+    assert [s["rows"] for s in manifest["shards"]] == [i % 3 for i in range(12)]
+    assert not [name for name in os.listdir(folder.path) if name.endswith((".tmp", ".lock"))]
+    for index in range(12):
+        with folder.read_shard(index) as reader:
+            assert reader.image_ids.tolist() == [index]
+
+
+# ------------------------------------------------------------------------------------------------ disk full
+
+
+def test_disk_full_while_writing_a_shard_is_a_vild_error_and_earlier_shards_stay(tmp_path, monkeypatch):
+    folder = open_cache(tmp_path / "cache")
+    written = write_shard(folder, 0, [2])
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards.os, "replace", no_space)
+        with pytest.raises(VildError) as caught:
+            write_shard(folder, 1, [3])
+    assert str(caught.value) == f"{folder.shard_path(1)}: cannot write cache shard (no space left on device)"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(h5py.Group, "create_dataset", no_space)
+        with pytest.raises(VildError, match="shard-00001.h5: cannot write cache shard \\(no space left on device\\)"):
+            write_shard(folder, 1, [3])
+
+    assert sorted(os.listdir(folder.path)) == ["manifest.json", "shard-00000.h5", "shard-00000.json"]
+    with folder.read_shard(0) as reader:
+        np.testing.assert_array_equal(reader.rows_for(0)["boxes"], written[0]["boxes"].astype(np.float32))
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make writes under a folder fail with EROFS, as on a read-only mount (chmod does not stop root)."""
+
+    def make(root):
+        root = str(root)
+        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT
+
+        def refuse(path):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+        def guarded_os_open(path, flags, *args, **kwargs):
+            if str(path).startswith(root) and flags & write_flags:
+                refuse(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def guarded_open(path, mode="r", *args, **kwargs):
+            if isinstance(path, (str, os.PathLike)) and str(path).startswith(root) and set(mode) & set("wax+"):
+                refuse(path)
+            return real_open(path, mode, *args, **kwargs)
+
+        def guarded_mkdir(path, *args, **kwargs):
+            if str(path).startswith(root):
+                refuse(path)
+            return real_mkdir(path, *args, **kwargs)
+
+        def guarded_h5_file(name, mode="r", *args, **kwargs):
+            if str(name).startswith(root) and mode != "r":
+                refuse(name)
+            return real_h5_file(name, mode, *args, **kwargs)
+
+        real_os_open, real_open, real_mkdir, real_h5_file = os.open, builtins.open, os.mkdir, h5py.File
+        monkeypatch.setattr(os, "open", guarded_os_open)
+        monkeypatch.setattr(builtins, "open", guarded_open)
+        monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+        monkeypatch.setattr(h5py, "File", guarded_h5_file)
+
+    return make
+
+
+def test_read_only_folder_is_a_vild_error_naming_the_file(tmp_path, read_only):
+    folder = open_cache(tmp_path / "cache")
+    write_shard(folder, 0, [1])
+    (tmp_path / "empty").mkdir()
+    read_only(tmp_path)
+
+    with pytest.raises(VildError, match=r"cache/shard-00001.lock: cannot create lock \(read-only file system\)"):
+        try_lock_shard(folder, 1)
+    with pytest.raises(VildError, match=r"cache/shard-00001.h5: cannot write cache shard \(read-only file system\)"):
+        write_shard(folder, 1, [2])
+    with pytest.raises(VildError, match=r"new: cannot create the cache folder \(read-only file system\)"):
+        open_cache(tmp_path / "new")
+    with pytest.raises(VildError, match=r"empty/manifest.json: cannot write \(read-only file system\)"):
+        open_cache(tmp_path / "empty")
+    assert open_cache(tmp_path / "cache").complete_shards() == [0], "an existing cache can still be read"
+    assert sorted(os.listdir(folder.path)) == ["manifest.json", "shard-00000.h5", "shard-00000.json"]

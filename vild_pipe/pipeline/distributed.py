@@ -1,0 +1,189 @@
+"""Single-process or torchrun, decided from the environment (the nanoGPT way).
+
+`torchrun --nproc_per_node=W ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the same code runs as
+one process. The training stages wrap their model with `wrap_ddp` and take their slice of every global
+batch (`checkpoint.StepSampler`); the cache stages need no communication: rank r of W takes shards
+r, r+W, ... (`rank_shards`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from vild_pipe.errors import VildError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job: rank r of world_size, on `device`."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    is_distributed: bool
+    device: torch.device
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """Resolve a --device value: None or "auto" means CUDA when there is one, else CPU."""
+    if requested is None or requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise VildError(f"--device {requested}: not a device name (use auto, cpu, cuda or cuda:N)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise VildError(f"--device {requested}: no CUDA device is available (torch {torch.__version__}, {build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VildError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise VildError(f"--device {requested}: MPS is not available on this machine")
+    return device
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group if there is one (nccl on CUDA, gloo on CPU); else run as one process.
+
+    Under torchrun each process uses cuda:LOCAL_RANK (or the CPU when `device` says cpu or there is no GPU).
+    Calling it again in the same process returns the same answer without re-initialising.
+    """
+    if not _launched_by_torchrun():
+        return DistInfo(rank=0, world_size=1, local_rank=0, is_distributed=False, device=pick_device(device))
+
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if pick_device(device).type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise VildError(
+                f"LOCAL_RANK={local_rank}: only {torch.cuda.device_count()} CUDA device(s) are visible on this node"
+            )
+        run_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(run_device)
+        backend = "nccl"
+    else:
+        run_device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        log.info("rank %d of %d joined the %s process group on %s", rank, world_size, backend, run_device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_distributed=True, device=run_device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main(info: DistInfo | None = None) -> bool:
+    """True on the one process that writes files and logs progress (rank 0)."""
+    if info is not None:
+        return info.rank == 0
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for a single process)."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all ranks, as a new tensor (a copy for a single process)."""
+    reduced = tensor.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+        reduced /= dist.get_world_size()
+    return reduced
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `flag` is true on at least one rank, so all ranks take the same branch (e.g. stop now)."""
+    if not dist.is_initialized():
+        return flag
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """`obj` from rank `src` on every rank (any picklable object); the object itself for a single process."""
+    if not dist.is_initialized():
+        return obj
+    holder = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank; `[obj]` for a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = False) -> nn.Module:
+    """The model wrapped in DistributedDataParallel when distributed, else the model itself.
+
+    DDP broadcasts rank 0's parameters at construction, so ranks seeded differently still start equal.
+    """
+    if not info.is_distributed:
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / DataParallel / torch.compile wrappers (what a checkpoint stores)."""
+    while True:
+        if isinstance(model, (DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch (CPU and all CUDA devices) with seed + rank.
+
+    Adding the rank gives each rank its own dropout masks; model initialisation still agrees because
+    `wrap_ddp` starts every rank from rank 0's weights.
+    """
+    seeded = seed + rank
+    random.seed(seeded)
+    np.random.seed(seeded % 2**32)
+    torch.manual_seed(seeded)
+
+
+def rank_shards(shards: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """The shards rank r of W handles: r, r+W, r+2W, ... (the cache stages need no other coordination)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return list(shards[rank::world_size])

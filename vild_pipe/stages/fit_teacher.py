@@ -1,0 +1,65 @@
+"""vild-pipe fit-teacher: fit a small CLIP on the synthetic world's image–caption pairs.
+
+Reads WORLD/train.json (every category: captions, never boxes, reach the teacher), fits a
+`clip.model.CLIP`, saves it where `clip.load(path)` reads it, then loads it back through that same loader
+and measures its crop classification accuracy on WORLD/val.json, base and novel apart.
+"""
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.splits import resolve_split
+from vild_pipe.errors import VildError
+from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
+from vild_pipe.pipeline.teacher_fitting import crop_accuracy, cut_caption_crops, fit_small_clip
+
+log = logging.getLogger(__name__)
+
+
+def report_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".json")
+
+
+def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 1e-3, views_per_object: int = 4,
+        seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False) -> dict:
+    world, out = Path(world), Path(out)
+    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "views_per_object": views_per_object,
+              "seed": seed, "model": dataclasses.asdict(model)}
+    report_file = report_path(out)
+    if out.exists() and report_file.exists() and not overwrite:
+        report = json.loads(report_file.read_text())
+        if report.get("config") == config:
+            log.info("%s already fitted with this config; nothing to do", out)
+            return report
+        raise VildError(f"{out}: a teacher fitted with another config is already there; "
+                        "use another --out or --overwrite")
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.time()
+    train = CocoDataset.load(world / "train.json")
+    val = CocoDataset.load(world / "val.json")
+    split = resolve_split(val.categories, "auto")
+
+    crops, labels = cut_caption_crops(train, model.image_resolution, views_per_object, seed)
+    log.info("fitting a %s on %d caption crops of %d categories", model, len(crops), len(train.category_names))
+    clip_model = model.build()
+    losses = fit_small_clip(clip_model, crops, labels, train.category_names, steps, batch_size, lr, seed)
+    save_clip(clip_model, out)
+
+    teacher = load_teacher(str(out), device="cpu")
+    accuracy = crop_accuracy(teacher, val, split)
+    report = {"config": config, "teacher": teacher.identity, "val_crop_accuracy": accuracy,
+              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - started, 1)}
+    tmp = report_file.with_name(report_file.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, report_file)
+    log.info("teacher %s: val crop top-1 base %.3f, novel %.3f (%d crops), %.0f s", out, accuracy["base"],
+             accuracy["novel"], accuracy["crops"], report["seconds"])
+    return report
