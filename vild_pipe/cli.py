@@ -85,3 +85,106 @@ def demo(out, quick, seed):
     """
     from vild_pipe.stages import demo as stage
     stage.run(out, quick=quick, seed=seed)
+
+
+SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME or novel-file:PATH "
+              "(auto: field, else lvis, else coco48-17).")
+
+
+@main.command("dump-proposals")
+@click.argument("detector", type=click.Path(exists=True))
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder [default: the annotation file's folder].")
+@click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
+@click.option("--top-n", default=300, show_default=True, help="Boxes kept per image after the box head's NMS.")
+@click.option("--min-box-side", default=2.0, show_default=True, help="Drop boxes with a side below this (pixels).")
+@click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the class-agnostic NMS.")
+@click.option("--add-gt/--no-add-gt", default=None,
+              help="Append the image's base ground-truth boxes (is_gt) [default: on for a file named *train*].")
+@click.option("--images-per-shard", default=64, show_default=True, help="Images per HDF5 shard.")
+@click.option("--batch-size", default=8, show_default=True, help="Images decoded and handed over together.")
+@click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=2, show_default=True, help="Processes decoding images.")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="fp16 autocast on CUDA.")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--skip-bad-images", is_flag=True, help="Record unreadable images in the manifest and go on.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with another config or detector.")
+def dump_proposals(detector, annotations, out, **options):
+    """Top-N class-agnostic boxes and their RoIAlign features for every image → sharded HDF5 cache OUT.
+
+    DETECTOR is a train-rpn run folder or checkpoint. Each shard is written complete or not at all;
+    rerunning skips complete shards; torchrun ranks and --shard split the work. The schema is in the README.
+    """
+    from vild_pipe.stages import dump_proposals as stage
+    stage.run(detector, annotations, out, **options)
+
+
+@main.command("train-rpn")
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder [default: the annotation file's folder].")
+@click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
+@click.option("--backbone", type=click.Choice(["resnet50-fpn", "small"]), default="resnet50-fpn", show_default=True,
+              help="Detector preset; `small` trains in minutes on a CPU (the demo's).")
+@click.option("--backbone-init", default="none", show_default=True,
+              help="none, imagenet (torchvision's weights, downloads) or a local state-dict file.")
+@click.option("--min-size", type=int, help="Image shorter side, pixels [preset: small 192, resnet50-fpn 800].")
+@click.option("--max-size", type=int, help="Longer-side cap, pixels [preset: small 320, resnet50-fpn 1333].")
+@click.option("--iterations", type=int, help="Training steps [preset: small 600, resnet50-fpn 90000].")
+@click.option("--batch-size", type=int, help="Global batch, split over torchrun processes [small 4, resnet50-fpn 16].")
+@click.option("--lr", type=float, help="Peak SGD learning rate [0.02].")
+@click.option("--warmup", type=int, help="Linear warm-up steps [small 100, resnet50-fpn 1000].")
+@click.option("--schedule", type=click.Choice(["cosine", "step"]),
+              help="Decay after warm-up [small cosine, resnet50-fpn step at 2/3 and 8/9].")
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--clip-grad-norm", type=float, help="Clip the gradient norm [off].")
+@click.option("--scale-jitter", nargs=2, type=float, default=(0.75, 1.25), show_default=True,
+              help="Per-step image scale range.")
+@click.option("--no-hflip", "hflip", flag_value=False, default=True, help="No random left-right flips.")
+@click.option("--checkpoint-every", default=200, show_default=True, help="Save RUN_DIR/last.pt every N steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
+@click.option("--no-amp", "amp", flag_value=False, default=True, help="No mixed precision (only used on CUDA).")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--val", type=click.Path(exists=True, dir_okay=False),
+              help="Measure recall on this split at the end → RUN_DIR/recall.json.")
+@click.option("--val-images", type=click.Path(exists=True, file_okay=False), help="Image folder of --val.")
+@click.option("--top-k", default=100, show_default=True, help="Boxes per image counted by recall.")
+def train_rpn(annotations, run_dir, **options):
+    """Train the class-agnostic Faster R-CNN on the BASE boxes of ANNOTATIONS into RUN_DIR.
+
+    Every base box is "object"; novel annotations are removed before training and never used.
+    Checkpoints every N steps and on SIGTERM; rerunning the same command resumes and ends at the same
+    weights. Under torchrun it trains with DDP (gloo on CPU, nccl on GPU) on the same global batch.
+    """
+    from vild_pipe.stages import train_rpn as stage
+    stage.run(annotations, run_dir, **options)
+
+
+@main.command()
+@click.argument("detector", type=click.Path(exists=True))
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder [default: the annotation file's folder].")
+@click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
+@click.option("--top-k", default=100, show_default=True, help="Boxes per image counted.")
+@click.option("--source", type=click.Choice(["detections", "proposals"]), default="detections", show_default=True,
+              help="Box-head output (what dump-proposals keeps) or raw RPN proposals.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+def recall(detector, annotations, **options):
+    """Class-agnostic recall of DETECTOR's boxes on ANNOTATIONS, base and novel objects apart.
+
+    AR@K at IoU 0.5 and averaged over IoU 0.5:0.95: novel recall says whether the proposals generalise
+    to categories that were never boxed.
+    """
+    from vild_pipe.stages import train_rpn as stage
+    stage.run_recall(detector, annotations, **options)

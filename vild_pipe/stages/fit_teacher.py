@@ -17,7 +17,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
 from vild_pipe.errors import VildError
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
-from vild_pipe.pipeline.teacher_fitting import crop_accuracy, cut_caption_crops, fit_small_clip
+from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,11 @@ def report_path(out) -> Path:
     return out.with_name(out.stem + ".json")
 
 
-def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 1e-3, views_per_object: int = 4,
+def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False) -> dict:
     world, out = Path(world), Path(out)
-    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "views_per_object": views_per_object,
-              "seed": seed, "model": dataclasses.asdict(model)}
+    config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                                     "model": dataclasses.asdict(model)}))
     report_file = report_path(out)
     if out.exists() and report_file.exists() and not overwrite:
         report = json.loads(report_file.read_text())
@@ -47,10 +47,10 @@ def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 1e-3, v
     val = CocoDataset.load(world / "val.json")
     split = resolve_split(val.categories, "auto")
 
-    crops, labels = cut_caption_crops(train, model.image_resolution, views_per_object, seed)
-    log.info("fitting a %s on %d caption crops of %d categories", model, len(crops), len(train.category_names))
+    sampler = CaptionCropSampler(train, model.image_resolution)
+    log.info("fitting a %s on crops of %d objects of %d categories", model, len(sampler), len(train.category_names))
     clip_model = model.build()
-    losses = fit_small_clip(clip_model, crops, labels, train.category_names, steps, batch_size, lr, seed)
+    losses = fit_small_clip(clip_model, sampler, train.category_names, steps, batch_size, lr, seed)
     save_clip(clip_model, out)
 
     teacher = load_teacher(str(out), device="cpu")

@@ -1,0 +1,375 @@
+"""dump-proposals: proposals + RoIAlign features per image into the sharded cache, on a tiny world and detector.
+
+The single-process run below is the reference every other way of filling the cache must match array for
+array: a run killed with SIGKILL and resumed, torchrun with two ranks, two `--shard i/n` jobs, other batch
+sizes and DataLoader worker counts. Every run uses one CPU thread (torchrun's default): the CPU kernels
+partition matmuls by thread, so the thread count moves results in the last bits.
+"""
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
+from vild_pipe.pipeline.proposals import dump_settings, feature_shape, features_for_boxes, propose_with_features
+from vild_pipe.pipeline.shards import CacheFolder, sha256_file
+from vild_pipe.stages import dump_proposals, make_synthetic
+
+TINY_DETECTOR = dict(small_widths=(8, 16, 16, 32), fpn_channels=16, min_size=96, max_size=96,
+                     rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, representation_size=64)
+TOP_N = 20
+IMAGES_PER_SHARD = 2
+TRAIN_IMAGES = 8
+FIELDS = ("boxes", "scores", "is_gt", "features")
+
+# Runs the stage in a child process (plain, under torchrun, or to be killed); DUMP_TEST_SLOW_S slows each
+# batch down so that a test can act between two shards.
+DRIVER = '''
+import json, logging, os, sys, time
+from vild_pipe.stages import dump_proposals
+
+slow = float(os.environ.get("DUMP_TEST_SLOW_S", "0"))
+if slow:
+    propose = dump_proposals.propose_with_features
+    def slowed(*args, **kwargs):
+        time.sleep(slow)
+        return propose(*args, **kwargs)
+    dump_proposals.propose_with_features = slowed
+logging.basicConfig(level=logging.INFO)
+summary = dump_proposals.run(**json.loads(sys.argv[1]))
+print("SUMMARY", json.dumps(summary))
+'''
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def no_torchrun_env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    path = tmp_path_factory.mktemp("world")
+    make_synthetic.run(path, train_images=TRAIN_IMAGES, val_images=4, image_size=96, workers=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory):
+    torch.manual_seed(0)
+    config = DetectorConfig.preset("small", **TINY_DETECTOR)
+    run_dir = tmp_path_factory.mktemp("rpn")
+    save_final_model(run_dir, build_detector(config), config, step=0)
+    return run_dir
+
+
+def stage_kwargs(world, detector, out, **overrides):
+    kwargs = dict(detector=str(detector), annotations=str(world / "train.json"), out=str(out), top_n=TOP_N,
+                  images_per_shard=IMAGES_PER_SHARD, batch_size=3, device="cpu", workers=0, threads=1)
+    return {**kwargs, **overrides}
+
+
+@pytest.fixture(scope="module")
+def reference(world, detector, tmp_path_factory):
+    """One uninterrupted single-process run over the train split, with DataLoader workers."""
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    summary = dump_proposals.run(**stage_kwargs(world, detector, out, workers=2))
+    return out, summary
+
+
+def read_cache(path) -> dict[int, dict[str, np.ndarray]]:
+    """{image_id: rows} of every shard, read with plain h5py as the README tells a user to."""
+    rows = {}
+    for file in sorted(Path(path).glob("shard-*.h5")):
+        with h5py.File(file, "r") as h5:
+            row_start = h5["row_start"][()]
+            arrays = {name: h5[name][()] for name in FIELDS}
+            for k, image_id in enumerate(h5["image_id"][()]):
+                assert int(image_id) not in rows, f"image {image_id} is in two shards"
+                rows[int(image_id)] = {name: a[row_start[k]:row_start[k + 1]] for name, a in arrays.items()}
+    return rows
+
+
+def assert_same_cache(path, expected_path):
+    got, expected = read_cache(path), read_cache(expected_path)
+    assert sorted(got) == sorted(expected)
+    for image_id, rows in expected.items():
+        for name, array in rows.items():
+            assert got[image_id][name].dtype == array.dtype
+            np.testing.assert_array_equal(got[image_id][name], array, err_msg=f"image {image_id} {name}")
+
+
+def driver_command(tmp_path, kwargs, torchrun=False):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    launcher = [sys.executable]
+    if torchrun:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                     f"--master_port={port}"]
+    return [*launcher, str(script), json.dumps(kwargs)]
+
+
+def child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_child(command, timeout=120, **env):
+    process = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env(**env))
+    assert process.returncode == 0, process.stdout + process.stderr
+    return process
+
+
+def load_images(world, ids, split="train"):
+    dataset = CocoDataset.load(world / f"{split}.json")
+    return [torch.from_numpy(np.array(dataset.open_image(i))).permute(2, 0, 1).contiguous() for i in ids]
+
+
+# ------------------------------------------------------------------------------------------------ library
+
+
+def test_propose_with_features_is_per_image_exact_and_restores_the_model(world, detector):
+    model, config, _ = load_detector(detector, "cpu")
+    images = load_images(world, [1, 2, 3])
+    gt = [torch.tensor([[10.0, 12.0, 50.0, 61.0]]), torch.zeros((0, 4)), None]
+
+    batch = propose_with_features(model, images, top_n=TOP_N, min_box_side=4.0, extra_boxes=gt)
+    for k, image in enumerate(images):
+        alone = propose_with_features(model, [image], top_n=TOP_N, min_box_side=4.0, extra_boxes=[gt[k]])[0]
+        for name in ("boxes", "scores", "features"):
+            assert torch.equal(getattr(alone, name), getattr(batch[k], name)), name
+        result = batch[k]
+        assert 0 < len(result.boxes) <= TOP_N
+        assert result.boxes.dtype == torch.float32 and result.scores.dtype == torch.float32
+        assert result.features.dtype == torch.float16 and result.features.shape[1:] == (16, 7, 7)
+        assert torch.all(result.boxes >= 0) and torch.all(result.boxes[:, 2:] <= 96)
+        assert torch.all(result.boxes[:, 2:] - result.boxes[:, :2] >= 4.0)
+        assert torch.all(result.scores[:-1] >= result.scores[1:])
+    assert batch[0].extra_features.shape == (1, 16, 7, 7) and batch[1].extra_features.shape == (0, 16, 7, 7)
+    assert batch[2].extra_features is None
+
+    # The features of a proposal are what features_for_boxes pools for its (original-pixel) box, and a
+    # float image gives what its uint8 original gives.
+    pooled = features_for_boxes(model, [images[0].float() / 255], [torch.cat([gt[0], batch[0].boxes[:3]])])[0]
+    torch.testing.assert_close(pooled[0], batch[0].extra_features[0], rtol=0, atol=0)
+    torch.testing.assert_close(pooled[1:].float(), batch[0].features[:3].float(), rtol=0, atol=2e-3)
+
+    # The dump's own settings are undone: the model keeps its inference config and mode afterwards.
+    assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == (
+        config.box_score_thresh, config.box_nms_thresh, config.box_detections_per_img)
+    model.train()
+    with dump_settings(model, 0.3):
+        assert not model.training and model.roi_heads.nms_thresh == 0.3
+    assert model.training and model.roi_heads.nms_thresh == config.box_nms_thresh
+    assert feature_shape(model) == (16, 7, 7)
+
+
+def test_top_n_and_min_box_side_cut_the_list(world, detector):
+    model, _, _ = load_detector(detector, "cpu")
+    image = load_images(world, [4])
+    full = propose_with_features(model, image, top_n=1000, min_box_side=0.0)[0]
+    top = propose_with_features(model, image, top_n=5, min_box_side=0.0)[0]
+    assert len(full.boxes) > 5 and torch.equal(top.boxes, full.boxes[:5])
+    sides = (full.boxes[:, 2:] - full.boxes[:, :2]).min(dim=1).values
+    cut = float(sides.median())
+    large = propose_with_features(model, image, top_n=1000, min_box_side=cut)[0]
+    assert torch.equal(large.boxes, full.boxes[sides >= cut])
+    assert len(large.boxes) < len(full.boxes)
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+
+def test_rows_per_image_gt_only_base_and_plain_h5py_read(world, detector, reference):
+    out, summary = reference
+    dataset = CocoDataset.load(world / "train.json")
+    base_view = dataset.training_view("auto")
+    model, _, identity = load_detector(detector, "cpu")
+    rows = read_cache(out)
+    assert sorted(rows) == [record.id for record in dataset.images]
+    assert summary["complete"] and summary["images"] == TRAIN_IMAGES
+    assert summary["num_shards"] == TRAIN_IMAGES // IMAGES_PER_SHARD
+    novel_boxes_seen = 0
+    for record in dataset.images:
+        got = rows[record.id]
+        proposals = ~got["is_gt"]
+        assert 0 < proposals.sum() <= TOP_N and not got["is_gt"][:proposals.sum()].any()  # proposals come first
+        assert np.all(got["boxes"] >= 0) and np.all(got["boxes"][:, [0, 2]] <= record.width)
+        assert np.all(got["boxes"][:, [1, 3]] <= record.height)
+        assert np.all(got["boxes"][proposals, 2:] - got["boxes"][proposals, :2] >= 2.0)
+        assert np.all(np.diff(got["scores"][proposals]) <= 0)  # best first
+        assert got["features"].dtype == np.float16 and got["features"].shape[1:] == (16, 7, 7)
+        assert got["boxes"].dtype == np.float32 and got["scores"].dtype == np.float32
+
+        base_boxes, _, _ = base_view.annotations_for(record.id)
+        all_boxes, _, _ = dataset.annotations_for(record.id)
+        novel_boxes_seen += len(all_boxes) - len(base_boxes)
+        np.testing.assert_array_equal(got["boxes"][got["is_gt"]], base_boxes)
+        assert np.all(got["scores"][got["is_gt"]] == 1.0)
+        gt_features = features_for_boxes(model, load_images(world, [record.id]), [torch.from_numpy(base_boxes)])[0]
+        np.testing.assert_array_equal(got["features"][got["is_gt"]], gt_features.numpy())
+    assert novel_boxes_seen > 0, "the world should have novel boxes for this test to mean anything"
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
+    assert manifest["inputs"]["detector"] == identity
+    assert manifest["inputs"]["annotations"] == {"file": "train.json", "sha256": sha256_file(world / "train.json")}
+    assert manifest["config"]["add_gt"] is True and manifest["config"]["split"]["spec"] == "field"
+    assert manifest["config"]["top_n"] == TOP_N and manifest["fields"]["features"]["shape"] == [16, 7, 7]
+    assert summary["bytes_per_image"] == pytest.approx(sum(s["bytes"] for s in manifest["shards"]) / TRAIN_IMAGES)
+
+
+def test_val_split_has_no_gt_rows_by_default_and_add_gt_is_explicit(world, detector, tmp_path):
+    kwargs = stage_kwargs(world, detector, tmp_path / "val", annotations=str(world / "val.json"), top_n=5)
+    dump_proposals.run(**kwargs)
+    rows = read_cache(tmp_path / "val")
+    assert len(rows) == 4 and not any(r["is_gt"].any() for r in rows.values())
+    assert json.loads((tmp_path / "val" / "manifest.json").read_text())["config"]["split"] is None
+
+    dump_proposals.run(**{**kwargs, "out": str(tmp_path / "val-gt"), "add_gt": True})
+    base_view = CocoDataset.load(world / "val.json").training_view("auto")
+    with_gt = read_cache(tmp_path / "val-gt")
+    for image_id, got in with_gt.items():
+        np.testing.assert_array_equal(got["boxes"][got["is_gt"]], base_view.annotations_for(image_id)[0])
+        np.testing.assert_array_equal(got["features"][~got["is_gt"]], rows[image_id]["features"])
+
+
+def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(world, detector, reference, tmp_path):
+    out = tmp_path / "cache"
+    kwargs = stage_kwargs(world, detector, out, batch_size=1, workers=1)
+    child = subprocess.Popen(driver_command(tmp_path, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=child_env(DUMP_TEST_SLOW_S="0.4"))
+    checked = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "shard-00000.json").exists():
+            assert child.poll() is None, child.stdout.read()
+            assert time.monotonic() < deadline, "the first shard never completed"
+            for name in os.listdir(out) if out.exists() else []:
+                if re.fullmatch(r"shard-\d+\.h5", name):  # whatever a reader can see is a whole shard
+                    with h5py.File(out / name, "r") as h5:
+                        assert h5["row_start"][-1] == len(h5["boxes"]) == len(h5["features"]) > 0
+                        assert len(h5["image_id"]) == IMAGES_PER_SHARD
+                    checked.add(name)
+            time.sleep(0.01)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    folder = CacheFolder.open(out)
+    done = folder.complete_shards()
+    assert 0 in done and len(done) < folder.num_shards, "the kill should land between the first and the last shard"
+    assert not (out / "manifest.json").read_text().count('"complete": true')
+    first_shard_inode = os.stat(out / "shard-00000.h5").st_ino
+
+    summary = dump_proposals.run(**stage_kwargs(world, detector, out, batch_size=4))
+    assert summary["complete"] and 0 not in summary["shards_written"]
+    assert os.stat(out / "shard-00000.h5").st_ino == first_shard_inode
+    assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".lock"))]
+    assert_same_cache(out, reference[0])
+
+
+def test_torchrun_two_ranks_fill_the_same_cache_as_one_process(world, detector, reference, tmp_path):
+    out = tmp_path / "cache"
+    process = run_child(driver_command(tmp_path, stage_kwargs(world, detector, out), torchrun=True))
+    assert process.stdout.count("SUMMARY") == 2
+    assert_same_cache(out, reference[0])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
+
+
+def test_two_shard_jobs_fill_one_cache_and_the_last_one_finalizes_it(world, detector, reference, tmp_path):
+    # Concurrent writers are the torchrun test's business; here the split of the work and the final manifest.
+    out = tmp_path / "cache"
+    first = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", batch_size=2))
+    assert first["shards_written"] == [1, 3] and not first["complete"]
+    assert json.loads((out / "manifest.json").read_text())["complete"] is False
+    second = dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2", batch_size=5))
+    assert second["shards_written"] == [0, 2] and second["complete"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
+    assert_same_cache(out, reference[0])
+
+
+def test_bad_image_names_the_file_keeps_earlier_shards_and_can_be_skipped(world, detector, reference, tmp_path):
+    dataset = CocoDataset.load(world / "train.json")
+    bad = dataset.images[3]  # second image of shard 1
+    images = tmp_path / "images"
+    (images / "train").mkdir(parents=True)
+    for record in dataset.images:
+        target = images / record.file_name
+        if record.id == bad.id:
+            target.write_bytes(b"not a jpeg")
+        else:
+            target.symlink_to(world / record.file_name)
+
+    out = tmp_path / "cache"
+    kwargs = stage_kwargs(world, detector, out, images=str(images), workers=1)
+    with pytest.raises(DataError) as caught:
+        dump_proposals.run(**kwargs)
+    message = str(caught.value)
+    assert str(images / bad.file_name) in message and "\n" not in message and "--skip-bad-images" in message
+    assert CacheFolder.open(out).complete_shards() == [0]
+    assert sorted(os.listdir(out)) == ["manifest.json", "shard-00000.h5", "shard-00000.json"]
+    expected = read_cache(reference[0])
+    for image_id, rows in read_cache(out).items():
+        np.testing.assert_array_equal(rows["features"], expected[image_id]["features"])
+
+    summary = dump_proposals.run(**kwargs, skip_bad_images=True)
+    assert summary["complete"] and summary["images"] == TRAIN_IMAGES - 1
+    assert [s["image_id"] for s in summary["skipped_images"]] == [bad.id]
+    manifest = json.loads((out / "manifest.json").read_text())
+    skipped = [skip for shard in manifest["shards"] for skip in shard["skipped_images"]]
+    assert [s["image_id"] for s in skipped] == [bad.id] and bad.file_name in skipped[0]["reason"]
+    rows = read_cache(out)
+    assert bad.id not in rows and len(rows) == TRAIN_IMAGES - 1
+
+
+def test_other_config_is_refused_and_overwrite_replaces_the_cache(world, detector, tmp_path):
+    out = tmp_path / "cache"
+    kwargs = stage_kwargs(world, detector, out, annotations=str(world / "val.json"), top_n=4)
+    dump_proposals.run(**kwargs)
+    before = read_cache(out)
+    with pytest.raises(VildError, match=r"different config or inputs \(config.top_n\).*--overwrite"):
+        dump_proposals.run(**{**kwargs, "top_n": 2})
+
+    other = tmp_path / "other-rpn"
+    config = DetectorConfig.preset("small", **TINY_DETECTOR)
+    torch.manual_seed(1)
+    save_final_model(other, build_detector(config), config, step=0)
+    with pytest.raises(VildError, match=r"inputs.detector.sha256"):
+        dump_proposals.run(**{**kwargs, "detector": str(other)})
+
+    dump_proposals.run(**{**kwargs, "top_n": 2, "overwrite": True})
+    after = read_cache(out)
+    assert sorted(after) == sorted(before)
+    for image_id, rows in after.items():
+        assert len(rows["boxes"]) == 2
+        np.testing.assert_array_equal(rows["boxes"], before[image_id]["boxes"][:2])
+    assert json.loads((out / "manifest.json").read_text())["config"]["top_n"] == 2

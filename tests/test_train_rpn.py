@@ -1,0 +1,303 @@
+"""train-rpn on a tiny synthetic world: targets, resumption after SIGKILL and SIGTERM, refused config changes,
+torchrun equivalence, and the recall stage."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.errors import VildError
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vild_pipe.pipeline.detector import MODEL_NAME, load_detector
+from vild_pipe.stages import make_synthetic, train_rpn
+from vild_pipe.stages.train_rpn import (
+    METRICS_NAME, RECALL_NAME, TrainingImages, image_flip, lr_factor_schedule, resize_for_training, step_scale,
+)
+
+TINY = dict(small_widths=(8, 16, 32, 32), fpn_channels=16, representation_size=32, min_size=96, max_size=96,
+            rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=100,
+            rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
+ITERATIONS = 30
+
+# Runs one training in a fresh process (threads=1 like the in-process runs, so the arithmetic is the same).
+DRIVER = '''
+import json, sys
+from vild_pipe.pipeline.checkpoint import TrainingStopped
+from vild_pipe.stages import train_rpn
+try:
+    train_rpn.run(**json.loads(sys.argv[1]))
+except TrainingStopped as stopped:
+    print("STOPPED", stopped.step, flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_synthetic.run(out, train_images=8, val_images=4, image_size=96, workers=1)
+    return out
+
+
+def settings(world, run_dir, **overrides):
+    return {"annotations": str(world / "train.json"), "run_dir": str(run_dir), "backbone": "small",
+            "iterations": ITERATIONS, "batch_size": 4, "lr": 0.02, "warmup": 3, "checkpoint_every": 4,
+            "workers": 0, "threads": 1, "seed": 0, "detector_options": TINY, **overrides}
+
+
+def train(world, run_dir, **overrides):
+    threads = torch.get_num_threads()
+    try:
+        return train_rpn.run(**settings(world, run_dir, **overrides))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """One uninterrupted run: what every interrupted one must end up as."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    summary = train(world, run_dir)
+    return run_dir, summary
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / MODEL_NAME, weights_only=True)["model"]
+
+
+def assert_same_weights(run_dir, reference_dir):
+    expected = final_weights(reference_dir)
+    weights = final_weights(run_dir)
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+
+
+def metric_steps(run_dir):
+    return [json.loads(line)["step"] for line in (run_dir / METRICS_NAME).read_text().splitlines()]
+
+
+def start_driver(tmp_path, arguments):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(script), json.dumps(arguments)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+
+
+def wait_for_metric_lines(process, run_dir, count, timeout=60):
+    deadline = time.monotonic() + timeout
+    path = run_dir / METRICS_NAME
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        if process.poll() is not None:
+            pytest.fail(f"training ended before step {count}:\n{process.stdout.read()}")
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    pytest.fail(f"no step {count} within {timeout} s:\n{process.communicate()[0]}")
+
+
+# --------------------------------------------------------------------------- data
+
+def test_training_targets_hold_base_boxes_only_all_labelled_object(world):
+    full = CocoDataset.load(world / "train.json").with_split("auto")
+    view = full.training_view()
+    images = TrainingImages(view, min_size=96, max_size=96, seed=0, scale_jitter=(1.0, 1.0), hflip=False)
+    novel_seen = 0
+    for sample, record in enumerate(view.images):
+        image, target, position = images[(0, 5, sample)]
+        boxes, categories, _ = full.annotations_for(record.id)
+        base = full.split.base_mask(categories)
+        novel_seen += int((~base).sum())
+        assert position == 5 and image.shape == (3, 96, 96)
+        assert torch.equal(target["labels"], torch.ones(int(base.sum()), dtype=torch.int64))
+        np.testing.assert_allclose(target["boxes"].numpy(), boxes[base], atol=1e-4)
+    assert novel_seen > 0   # the world has novel objects in these images; none reached a target
+
+
+def test_flip_and_scale_are_functions_of_seed_step_and_position(world):
+    view = CocoDataset.load(world / "train.json").training_view("auto")
+    images = TrainingImages(view, min_size=96, max_size=96, seed=4, scale_jitter=(0.5, 1.5), hflip=True)
+    flips = [image_flip(4, step, 0) for step in range(40)]
+    assert 5 < sum(flips) < 35
+    step = flips.index(True)
+    scale = step_scale(4, step, (0.5, 1.5))
+    assert scale == step_scale(4, step, (0.5, 1.5)) and 0.5 <= scale <= 1.5
+    image, target, _ = images[(step, 0, 1)]
+    again, target_again, _ = images[(step, 0, 1)]
+    assert torch.equal(image, again) and torch.equal(target["boxes"], target_again["boxes"])
+    side = round(96 * scale)
+    assert image.shape == (3, side, side)
+    original, _, _ = view.annotations_for(view.images[1].id)
+    expected = original * side / 96
+    expected[:, [0, 2]] = side - expected[:, [2, 0]]      # flipped left-right
+    np.testing.assert_allclose(target["boxes"].numpy(), expected, rtol=1e-4, atol=1e-3)
+
+
+def test_resize_matches_torchvision_transform_at_scale_one():
+    transform = GeneralizedRCNNTransform(min_size=64, max_size=100, image_mean=[0.0] * 3, image_std=[1.0] * 3).eval()
+    image = torch.rand(3, 50, 90)
+    boxes = torch.tensor([[5.0, 6.0, 40.0, 45.0], [60.0, 0.0, 90.0, 50.0]])
+    expected_image, expected_target = transform.resize(image, {"boxes": boxes.clone()})
+    resized, resized_boxes = resize_for_training(image, boxes, 64, 100, 1.0)
+    assert torch.equal(resized, expected_image)
+    assert torch.allclose(resized_boxes, expected_target["boxes"])
+
+
+def test_lr_warms_up_then_decays():
+    cosine = lr_factor_schedule({"iterations": 100, "warmup": 10, "schedule": "cosine"})
+    assert cosine(0) == pytest.approx(0.001) and cosine(5) == pytest.approx(0.5005) and cosine(10) == 1.0
+    assert cosine(55) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    step = lr_factor_schedule({"iterations": 90, "warmup": 0, "schedule": "step"})
+    assert [step(s) for s in (0, 59, 60, 79, 80)] == [1.0, 1.0, 0.1, 0.1, 0.01]
+
+
+# --------------------------------------------------------------------------- training and resumption
+
+def test_training_lowers_the_loss_and_writes_the_run_folder(reference):
+    run_dir, summary = reference
+    assert summary["steps"] == ITERATIONS == summary["trained_steps"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME]
+    records = [json.loads(line) for line in (run_dir / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, ITERATIONS + 1))
+    assert {"loss", "loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "lr", "step_s",
+            "images_per_s"} <= records[0].keys()
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    model, config, identity = load_detector(run_dir)
+    assert identity["step"] == ITERATIONS and identity["checkpoint"] == MODEL_NAME
+    assert config.fpn_channels == TINY["fpn_channels"]
+
+
+def test_rerun_of_a_finished_run_is_a_no_op_and_a_config_change_is_refused(world, reference):
+    run_dir, _ = reference
+    before = (run_dir / MODEL_NAME).read_bytes()
+    again = train(world, run_dir)
+    assert again["trained_steps"] == 0 and again["steps"] == ITERATIONS
+    assert (run_dir / MODEL_NAME).read_bytes() == before
+    with pytest.raises(VildError, match=r"another config \(lr: 0.02 -> 0.03\)"):
+        train(world, run_dir, lr=0.03)
+    with pytest.raises(VildError, match="detector.fpn_channels: 16 -> 24"):
+        train(world, run_dir, detector_options={**TINY, "fpn_channels": 24})
+
+
+def test_inference_settings_may_change_on_a_finished_run(world, reference, tmp_path):
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for name in (CHECKPOINT_NAME, MODEL_NAME):
+        (run_dir / name).write_bytes((reference[0] / name).read_bytes())
+    summary = train(world, run_dir, detector_options={**TINY, "box_nms_thresh": 0.6})
+    assert summary["trained_steps"] == 0
+    _, config, _ = load_detector(run_dir)
+    assert config.box_nms_thresh == 0.6
+    assert_same_weights(run_dir, reference[0])
+
+
+def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(world, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = start_driver(tmp_path, settings(world, run_dir))
+    wait_for_metric_lines(process, run_dir, random.Random(7).randint(5, ITERATIONS - 8))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)     # a complete checkpoint or none, never half of one
+    assert saved is not None and 4 <= saved["step"] < ITERATIONS
+    assert not (run_dir / MODEL_NAME).exists()
+    _, _, identity = load_detector(run_dir)                 # without model.pt: the training checkpoint
+    assert identity["checkpoint"] == CHECKPOINT_NAME and identity["step"] == saved["step"]
+
+    summary = train(world, run_dir)
+    assert summary["steps"] == ITERATIONS and summary["trained_steps"] == ITERATIONS - saved["step"]
+    assert metric_steps(run_dir) == list(range(1, ITERATIONS + 1))
+    assert_same_weights(run_dir, reference[0])
+
+
+def test_sigterm_saves_and_the_rerun_finishes(world, reference, tmp_path):
+    run_dir = tmp_path / "stopped"
+    # Data-loader workers too: they must leave the signal to the main process, which saves and stops.
+    process = start_driver(tmp_path, settings(world, run_dir, workers=1, checkpoint_every=1000))
+    wait_for_metric_lines(process, run_dir, 3)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 3, output
+    stopped_at = int(output.split("STOPPED")[1].split()[0])
+    assert 3 <= stopped_at < ITERATIONS
+    assert load_checkpoint(run_dir / CHECKPOINT_NAME)["step"] == stopped_at
+
+    summary = train(world, run_dir)
+    assert summary["steps"] == ITERATIONS
+    assert_same_weights(run_dir, reference[0])
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    short = dict(iterations=4, device="cpu")
+    single = tmp_path / "single"
+    train(world, single, **short)
+
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script), json.dumps(settings(world, tmp_path / "ddp", **short))]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun hung:\n{process.communicate()[0]}")
+    assert process.returncode == 0, output
+
+    expected = final_weights(single)
+    weights = final_weights(tmp_path / "ddp")
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    assert metric_steps(tmp_path / "ddp") == [1, 2, 3, 4]
+
+
+# --------------------------------------------------------------------------- recall
+
+def test_recall_stage_counts_base_and_novel_objects_and_reuses_its_result(world, reference):
+    run_dir, _ = reference
+    out = run_dir.parent / "recall-test.json"
+    result = train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", out=out)
+    val = json.loads((world / "val.json").read_text())
+    base_ids = {c["id"] for c in val["categories"] if c["split"] == "base"}
+    base = sum(a["category_id"] in base_ids for a in val["annotations"])
+    recall = result["recall"]
+    assert recall["top_k"] == 20 and recall["images"] == 4
+    assert recall["base"]["objects"] == base and recall["novel"]["objects"] == len(val["annotations"]) - base
+    for group in ("base", "novel", "all"):
+        assert 0.0 <= recall[group]["AR@0.5:0.95"] <= recall[group]["recall@0.5"] <= 1.0
+    assert result["detector"]["step"] == ITERATIONS
+    assert json.loads(out.read_text()) == result
+    assert train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", out=out) == result
+    proposals = train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", source="proposals")
+    assert proposals["recall"]["all"]["objects"] == recall["all"]["objects"]
+
+
+def test_train_with_val_writes_recall_json(world, reference, tmp_path):
+    run_dir = tmp_path / "with-val"
+    run_dir.mkdir()
+    for name in (CHECKPOINT_NAME, MODEL_NAME):
+        (run_dir / name).write_bytes((reference[0] / name).read_bytes())
+    summary = train(world, run_dir, val=str(world / "val.json"), top_k=50)
+    written = json.loads((run_dir / RECALL_NAME).read_text())
+    assert summary["recall"] == written and written["recall"]["top_k"] == 50

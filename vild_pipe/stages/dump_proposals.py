@@ -1,0 +1,415 @@
+"""vild-pipe dump-proposals: the detector's top boxes per image, with RoIAlign features, into a sharded cache.
+
+Reads an annotation file and its images, runs the class-agnostic detector of train-rpn on every image and
+writes the proposal cache of DESIGN.md §5: per image, the top `top_n` boxes after the box head's regression
+and NMS (original pixels), their objectness, their C x 7 x 7 RoIAlign features (fp16) and, with `add_gt`,
+the image's base ground-truth boxes flagged `is_gt` (score 1) so the head sees exact positives.
+
+`add_gt` defaults to on for an annotation file whose name contains "train" (train.json,
+instances_train2017.json, lvis_v1_train.json) and off otherwise; the value used is part of the cache's
+config. Only BASE boxes are ever appended (the training view of the category split): novel boxes never
+reach the cache. Crowd boxes are left out: they are regions, not exact positives.
+
+Resumption and scale come from `pipeline.shards`: complete shards are skipped on a rerun; `shard` ("i/n")
+and torchrun ranks split the shards between processes with no communication; whichever process finishes
+last writes the final manifest. A shard is claimed (locked) when its first image is queued for decoding;
+the finished shard is written by a background thread while the next one is computed.
+
+Every array is a function of the image and the detector weights only (the network sees one image at a
+time, see `pipeline.proposals`), so a killed-and-resumed run, a torchrun run and a `--shard` run all fill
+the same cache as one uninterrupted process on the same kind of device and precision.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.detector import load_detector
+from vild_pipe.pipeline.distributed import cleanup_distributed, init_distributed
+from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.shards import (
+    CacheFolder,
+    RowField,
+    ShardLock,
+    ShardWriter,
+    bytes_per_row,
+    effective_worker,
+    estimate_cache_bytes,
+    format_bytes,
+    parse_shard_option,
+    shard_image_ranges,
+    shard_name,
+    sha256_file,
+    shards_for_worker,
+    try_lock_shard,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "dump-proposals"
+
+
+def proposal_fields(features: tuple[int, ...]) -> dict[str, RowField]:
+    """The per-row datasets of a proposal shard; `features` is one box's feature shape, e.g. (256, 7, 7)."""
+    return {
+        "boxes": RowField("float32", (4,), "x1, y1, x2, y2 in original image pixels, clipped to the image"),
+        "scores": RowField("float32", (), "objectness (class-agnostic box head), 1 for ground-truth rows"),
+        "is_gt": RowField("bool", (), "row is an appended base ground-truth box, not a proposal"),
+        "features": RowField("float16", features, "RoIAlign features from the detector's FPN (box_roi_pool)"),
+    }
+
+
+def default_add_gt(annotations: str | os.PathLike) -> bool:
+    """Whether ground truth is appended when not said: yes for an annotation file named like a training split."""
+    return "train" in Path(annotations).name.lower()
+
+
+def run(
+    detector: str | os.PathLike,
+    annotations: str | os.PathLike,
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    split: str = "auto",
+    top_n: int = 300,
+    min_box_side: float = 2.0,
+    nms_threshold: float = 0.5,
+    add_gt: bool | None = None,
+    images_per_shard: int = 64,
+    batch_size: int = 8,
+    shard: str | tuple[int, int] | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    fp16: bool = True,
+    threads: int = 0,
+    skip_bad_images: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Fill the proposal cache `out` for every image of `annotations`; returns a summary (see `_summary`).
+
+    `detector` is a train-rpn run folder or checkpoint; `images` the image folder (default: the annotation
+    file's folder); `split` the category split (data.splits spec) whose base boxes `add_gt` appends.
+    `top_n`, `min_box_side` (original pixels) and `nms_threshold` (the box head's class-agnostic NMS) shape
+    the proposals; they, `add_gt`, the split and the precision make the cache's config, so a rerun with
+    other values is refused unless `overwrite`. `batch_size` images are decoded by `workers` DataLoader
+    processes and handed over together (the network still sees one at a time); `threads` sets torch's CPU
+    threads (0: torch's default); `fp16` runs the network under fp16 autocast on CUDA. `shard` "i/n" takes
+    this job's part of the shards (with torchrun, split again between the ranks).
+    """
+    if top_n < 1:
+        raise VildError(f"--top-n must be at least 1, got {top_n}")
+    if min_box_side < 0:
+        raise VildError(f"--min-box-side must be >= 0 pixels, got {min_box_side}")
+    if not 0.0 < nms_threshold <= 1.0:
+        raise VildError(f"--nms-threshold must be in (0, 1], got {nms_threshold}")
+    if batch_size < 1:
+        raise VildError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers < 0:
+        raise VildError(f"--workers must be >= 0, got {workers}")
+    shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
+    if threads:
+        torch.set_num_threads(threads)
+    with _joined_process_group(device) as info:
+        started = time.monotonic()
+        main_process = info.rank == 0
+        dataset = CocoDataset.load(annotations, images)
+        if not len(dataset):
+            raise DataError(f"{os.fspath(annotations)}: no images to dump proposals for")
+        if add_gt is None:
+            add_gt = default_add_gt(annotations)
+            log.info("%s ground-truth rows: the annotation file's name %s 'train' (--add-gt/--no-add-gt to choose)",
+                     "appending" if add_gt else "not appending", "contains" if add_gt else "does not contain")
+        ground_truth = dataset.training_view(split) if add_gt else None
+
+        model, _, detector_identity = load_detector(detector, info.device)
+        use_fp16 = fp16 and info.device.type == "cuda"
+        fields = proposal_fields(feature_shape(model))
+        config = {
+            "top_n": int(top_n),
+            "min_box_side": float(min_box_side),
+            "nms_threshold": float(nms_threshold),
+            "add_gt": bool(add_gt),
+            "split": ground_truth.split.to_json() if ground_truth is not None else None,
+            "precision": "fp16-autocast" if use_fp16 else "fp32",
+        }
+        annotation_path = Path(annotations)
+        inputs = {
+            "detector": detector_identity,
+            "annotations": {"file": annotation_path.name, "sha256": sha256_file(annotation_path)},
+        }
+        ranges = shard_image_ranges(len(dataset), images_per_shard)
+        folder = CacheFolder.open_or_create(
+            out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=len(ranges),
+            images_per_shard=images_per_shard, overwrite=overwrite,
+        )
+        worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
+        pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
+        if main_process:
+            _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ranges)
+
+        if pending:
+            log.info("worker %d of %d: %d shards to write on %s (%s)", worker, num_workers, len(pending),
+                     info.device, config["precision"])
+            written = _write_shards(
+                model, dataset, ground_truth, folder, pending, ranges, config, batch_size, workers, info.device,
+                skip_bad_images, show_progress=main_process,
+            )
+        else:
+            written = []
+            log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
+
+        complete = folder.finalize()
+        summary = _summary(folder, written, complete, time.monotonic() - started)
+        _log_measured_cost(folder, summary)
+        return summary
+
+
+@contextlib.contextmanager
+def _joined_process_group(device: str):
+    """This process's place in a torchrun job (or a job of one); leaves the process group it joined at the end."""
+    was_distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = init_distributed(device)
+    try:
+        yield info
+    finally:
+        if not was_distributed:
+            cleanup_distributed()
+
+
+def _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ranges) -> None:
+    """What the cache will take on disk, at most (every image yielding `top_n` boxes), before writing it."""
+    gt_rows = 0
+    if ground_truth is not None:
+        for record in dataset.images:
+            _, _, iscrowd = ground_truth.annotations_for(record.id)
+            gt_rows += int((~iscrowd).sum())
+    num_images = len(dataset)
+    total = estimate_cache_bytes(fields, top_n * num_images + gt_rows, num_images)
+    pending_images = sum(len(ranges[i]) for i in pending)
+    log.info(
+        "proposal cache %s: up to %s per image (%d proposals + %.1f ground-truth boxes on average, %s a row with"
+        " %s fp16 features), up to %s for %d images in %d shards; this worker has %d shards (%d images) to write",
+        folder.path, format_bytes(total / num_images), top_n, gt_rows / num_images, format_bytes(bytes_per_row(fields)),
+        "x".join(map(str, fields["features"].shape)), format_bytes(total), num_images, folder.num_shards,
+        len(pending), pending_images,
+    )
+
+
+def _log_measured_cost(folder: CacheFolder, summary: dict) -> None:
+    if summary["images"]:
+        log.info("%s: %d of %d shards complete, %d images, %d rows, %s measured (%s per image)%s", folder.path,
+                 summary["complete_shards"], summary["num_shards"], summary["images"], summary["rows"],
+                 format_bytes(summary["bytes"]), format_bytes(summary["bytes_per_image"]),
+                 "" if summary["complete"] else "; other workers are still writing theirs")
+    if summary["skipped_images"]:
+        log.warning("%d images were skipped as unreadable; they are listed in the shard markers and, once the"
+                    " cache is complete, in %s", len(summary["skipped_images"]), folder.path / "manifest.json")
+
+
+def _summary(folder: CacheFolder, written: list[int], complete: bool, seconds: float) -> dict:
+    """Totals over the cache's complete shards, and what this process wrote."""
+    totals = folder.manifest_summary()
+    images = totals["images"]
+    return {
+        "out": os.fspath(folder.path),
+        "complete": complete,
+        "num_shards": totals["num_shards"],
+        "complete_shards": totals["complete_shards"],
+        "shards_written": written,
+        "images": images,
+        "rows": totals["rows"],
+        "bytes": totals["bytes"],
+        "bytes_per_image": totals["bytes"] / images if images else 0.0,
+        "skipped_images": totals["skipped_images"],
+        "seconds": round(seconds, 2),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- the shard loop
+
+
+class _DecodedImages(Dataset):
+    """Decodes images in DataLoader workers: (position, image id, uint8 CHW tensor or None, error or None).
+
+    A bad image is returned as its one-line DataError message instead of raised: DataLoader would wrap the
+    error in a multi-line traceback, and the main process decides whether to stop or to skip it.
+    """
+
+    def __init__(self, dataset: CocoDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int):
+        record = self.dataset.images[position]
+        try:
+            image = self.dataset.open_image(record)
+        except DataError as err:
+            return position, record.id, None, str(err)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        return position, record.id, pixels, None
+
+
+class _ClaimingSampler:
+    """Yields the image positions of the worker's shards, locking each shard as its first image is queued.
+
+    The DataLoader pulls positions a few batches ahead of the model, so a shard is claimed shortly before it
+    is computed rather than all at the start; a shard another live run holds (or finished meanwhile) is
+    passed over. Claimed shards queue up in `claimed`, in order, for the main loop.
+    """
+
+    def __init__(self, folder: CacheFolder, shard_indices: list[int], ranges: list[range]):
+        self.folder = folder
+        self.shard_indices = shard_indices
+        self.ranges = ranges
+        self.claimed: collections.deque[tuple[int, ShardLock]] = collections.deque()
+
+    def __iter__(self):
+        for index in self.shard_indices:
+            lock = try_lock_shard(self.folder, index)
+            if lock is None:
+                continue
+            self.claimed.append((index, lock))
+            yield from self.ranges[index]
+
+    def release_unstarted(self) -> None:
+        while self.claimed:
+            self.claimed.popleft()[1].release()
+
+
+@dataclass
+class _OpenShard:
+    index: int
+    lock: ShardLock
+    writer: ShardWriter
+
+
+class _BackgroundPublisher:
+    """Publishes finished shards on one background thread, at most one at a time (bounded memory)."""
+
+    def __init__(self):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._in_flight: Future | None = None
+
+    def submit(self, shard: _OpenShard) -> None:
+        self.wait()
+        self._in_flight = self._executor.submit(self._publish, shard)
+
+    @staticmethod
+    def _publish(shard: _OpenShard) -> dict:
+        try:
+            return shard.writer.close()
+        finally:
+            shard.lock.release()
+
+    def wait(self) -> None:
+        """Block until the shard in flight is published; re-raises its error (disk full...)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.result()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config, batch_size, workers, device,
+                  skip_bad_images, show_progress) -> list[int]:
+    """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
+    sampler = _ClaimingSampler(folder, pending, ranges)
+    loader = DataLoader(
+        _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=list, pin_memory=device.type == "cuda",
+    )
+    images_per_shard = folder.images_per_shard
+    publisher = _BackgroundPublisher()
+    written: list[int] = []
+    current: _OpenShard | None = None
+    total = sum(len(ranges[i]) for i in pending)
+    progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)
+    try:
+        for batch in loader:
+            decoded = [item for item in batch if item[2] is not None]
+            extra = None
+            if ground_truth is not None:
+                extra = [_gt_boxes(ground_truth, image_id) for _, image_id, _, _ in decoded]
+            proposals = propose_with_features(
+                model, [pixels for _, _, pixels, _ in decoded], top_n=config["top_n"],
+                min_box_side=config["min_box_side"], nms_threshold=config["nms_threshold"], extra_boxes=extra,
+                fp16=config["precision"] == "fp16-autocast",
+            )
+            by_position = {item[0]: (k, result) for k, (item, result) in enumerate(zip(decoded, proposals))}
+            for position, image_id, _, error in batch:
+                shard_index = position // images_per_shard
+                if current is None or current.index != shard_index:
+                    if current is not None:
+                        publisher.submit(current)
+                        written.append(current.index)
+                    current = _open_shard(folder, sampler, shard_index)
+                if error is not None:
+                    if not skip_bad_images:
+                        raise DataError(f"{error} (--skip-bad-images records such images and goes on)")
+                    log.warning("skipping image %d: %s", image_id, error)
+                    current.writer.skip_image(image_id, error)
+                else:
+                    k, result = by_position[position]
+                    current.writer.add_image(image_id, **_rows(result, extra[k] if extra is not None else None))
+                progress.update(1)
+        if current is not None:
+            publisher.submit(current)
+            written.append(current.index)
+            current = None
+        publisher.wait()
+    except BaseException:
+        if current is not None:
+            current.writer.abort()
+            current.lock.release()
+        sampler.release_unstarted()
+        # Let the shard being published finish (it is complete) before the error goes up; an error of its
+        # own is secondary to the one already raised.
+        try:
+            publisher.wait()
+        except Exception as publish_error:
+            log.error("while stopping: %s", publish_error)
+        raise
+    finally:
+        publisher.shutdown()
+        progress.close()
+    return written
+
+
+def _open_shard(folder: CacheFolder, sampler: _ClaimingSampler, shard_index: int) -> _OpenShard:
+    index, lock = sampler.claimed.popleft()
+    if index != shard_index:
+        raise RuntimeError(f"images of {shard_name(shard_index)} arrived while {shard_name(index)} was expected")
+    return _OpenShard(index, lock, ShardWriter(folder, index))
+
+
+def _gt_boxes(ground_truth: CocoDataset, image_id: int) -> torch.Tensor:
+    """The image's base, non-crowd ground-truth boxes (xyxy, original pixels) from the training view."""
+    boxes, _, iscrowd = ground_truth.annotations_for(image_id)
+    return torch.from_numpy(boxes[~iscrowd])
+
+
+def _rows(result, gt_boxes: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """One image's rows: proposals by decreasing score, then its ground-truth boxes (score 1, is_gt)."""
+    boxes, scores, features = result.boxes.numpy(), result.scores.numpy(), result.features.numpy()
+    is_gt = np.zeros(len(boxes), dtype=bool)
+    if gt_boxes is not None and len(gt_boxes):
+        boxes = np.concatenate([boxes, gt_boxes.numpy().astype(np.float32)])
+        scores = np.concatenate([scores, np.ones(len(gt_boxes), dtype=np.float32)])
+        is_gt = np.concatenate([is_gt, np.ones(len(gt_boxes), dtype=bool)])
+        features = np.concatenate([features, result.extra_features.numpy()])
+    return {"boxes": boxes, "scores": scores, "is_gt": is_gt, "features": features}

@@ -1,0 +1,434 @@
+"""vild-pipe train-rpn: train the class-agnostic detector on base boxes; vild-pipe recall: measure its recall.
+
+RUN (the run folder) holds:
+    last.pt          resumable training state (model, optimiser, scheduler, step, RNG states, config)
+    model.pt         the final detector: weights + DetectorConfig (what `load_detector` and later stages read)
+    metrics.jsonl    one JSON line per step: loss terms, lr, step time, images/s
+    recall.json      class-agnostic recall on the val split (when `val` is given)
+
+Every base box is class 1 ("object"); novel boxes are removed by the training view and never used. Training
+is resumable (checkpoint every N steps and on SIGTERM; rerunning the same command continues and ends at the
+same step with, on CPU, identical weights) because everything random in a step is a pure function of
+(seed, step, position in the global batch): the images (`StepSampler`), the scale of the step, each image's
+flip, and the RPN's and RoI head's box sampling (`set_sampling_seeds`). Under torchrun each rank takes its
+slice of the same global batch, so W processes train what one would (DDP averages the gradients).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.splits import CategorySplit
+from vild_pipe.errors import VildError
+from vild_pipe.pipeline.checkpoint import (
+    CHECKPOINT_NAME, GracefulStop, StepSampler, TrainingStopped, load_checkpoint, resume_or_start,
+    save_training_state,
+)
+from vild_pipe.pipeline.detector import (
+    INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, file_sha256, load_detector,
+    resolve_detector_file, save_final_model, set_sampling_seeds,
+)
+from vild_pipe.pipeline.distributed import (
+    all_reduce_mean, cleanup_distributed, init_distributed, is_main, pick_device, seed_everything, wrap_ddp,
+)
+from vild_pipe.pipeline.recall import format_recall, measure_recall
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+RECALL_NAME = "recall.json"
+LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
+
+# Per preset: what `iterations`, `batch_size`, `lr`, `warmup` and `schedule` default to.
+# small: measured on the synthetic world on 2 CPU cores (bench/RESULTS.md). resnet50-fpn: Detectron's 1x
+# schedule (90k iterations of 16 images, lr 0.02, decay x0.1 at 2/3 and 8/9).
+TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "small": {"iterations": 600, "batch_size": 4, "lr": 0.02, "warmup": 100, "schedule": "cosine"},
+    "resnet50-fpn": {"iterations": 90000, "batch_size": 16, "lr": 0.02, "warmup": 1000, "schedule": "step"},
+}
+SCHEDULES = ("cosine", "step")
+WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
+STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
+SCALE_PURPOSE, FLIP_PURPOSE = 11, 12   # keep the per-step and per-image random streams apart
+
+
+def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str | os.PathLike | None = None,
+        split: str = "auto", backbone: str = "resnet50-fpn", backbone_init: str = "none",
+        min_size: int | None = None, max_size: int | None = None, iterations: int | None = None,
+        batch_size: int | None = None, lr: float | None = None, warmup: int | None = None,
+        schedule: str | None = None, momentum: float = 0.9, weight_decay: float = 1e-4,
+        clip_grad_norm: float | None = None,
+        scale_jitter: tuple[float, float] = (0.75, 1.25), hflip: bool = True, checkpoint_every: int = 200,
+        seed: int = 0, device: str = "auto", workers: int = 2, amp: bool = True,
+        val: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None, top_k: int = 100,
+        threads: int = 0, detector_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume, or find finished) the detector in `run_dir`; returns a summary of the run."""
+    started = time.perf_counter()
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(run_dir)
+    info = init_distributed(device)
+    owns_process_group = info.is_distributed
+
+    detector = _detector_config(backbone, backbone_init, min_size, max_size, detector_options)
+    hyper = _training_settings(detector.backbone, iterations, batch_size, lr, warmup, schedule)
+    _check_settings(hyper, scale_jitter, checkpoint_every, top_k)
+    train_set = CocoDataset.load(annotations, images).training_view(split)
+    use_amp = bool(amp) and info.device.type == "cuda"
+    config = {
+        "detector": detector.to_dict(),
+        "data": _data_identity(train_set),
+        **hyper,
+        "momentum": momentum, "weight_decay": weight_decay, "clip_grad_norm": clip_grad_norm,
+        "scale_jitter": list(scale_jitter),
+        "hflip": bool(hflip), "seed": int(seed), "amp": use_amp,
+    }
+    if is_main(info):
+        _make_run_dir(run_dir)
+        log.info("train-rpn: %d images, %d base boxes (split %s; novel boxes removed); %s backbone (init %s), "
+                 "%d steps of %d images on %d process(es), %s%s", len(train_set), train_set.num_boxes,
+                 train_set.split.spec, detector.backbone, detector.backbone_init, hyper["iterations"],
+                 hyper["batch_size"], info.world_size, info.device, ", AMP" if use_amp else "")
+
+    seed_everything(seed, info.rank)
+    model = build_detector(detector).to(info.device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hyper["lr"],
+                                momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_schedule(hyper))
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    sampler = StepSampler(len(train_set), hyper["batch_size"], seed, info.rank, info.world_size)
+
+    try:
+        with GracefulStop() as stop:
+            step = resume_or_start(run_dir, config, model, optimizer, scheduler, scaler,
+                                   resumable_changes=[f"detector.{name}" for name in INFERENCE_FIELDS])
+            first_step = step
+            if is_main(info):
+                _keep_metrics_until(run_dir / METRICS_NAME, step)
+            ddp_model = wrap_ddp(model, info)
+            ddp_model.train()
+            loader = _step_loader(train_set, sampler, config, first_step, workers, info.device)
+            progress = tqdm(total=hyper["iterations"], initial=step, desc="train-rpn", unit="step",
+                            disable=None if is_main(info) else True)
+            tick = time.perf_counter()
+            for batch_images, batch_targets, positions in loader:
+                losses = _train_step(ddp_model, model, optimizer, scaler, batch_images, batch_targets, positions,
+                                     seed, step, info.device, use_amp, clip_grad_norm)
+                scheduler.step()
+                step += 1
+                now = time.perf_counter()
+                record = _metrics_record(step, losses, optimizer, now - tick, hyper["batch_size"])
+                tick = now
+                if is_main(info):
+                    _append_metrics(run_dir / METRICS_NAME, record)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", obj=f"{record['loss_objectness']:.3f}",
+                                         cls=f"{record['loss_classifier']:.3f}", lr=f"{record['lr']:.4f}")
+                stopping = stop.requested_on_any_rank(info.device)
+                if stopping or step % checkpoint_every == 0 or step == hyper["iterations"]:
+                    save_training_state(run_dir, step, config, model, optimizer, scheduler, scaler)
+                if stopping:
+                    progress.close()
+                    raise TrainingStopped(stop.signal_name, step, run_dir / CHECKPOINT_NAME)
+            progress.close()
+        trained = step - first_step
+        summary: dict[str, Any] = {"run_dir": os.fspath(run_dir), "steps": step, "trained_steps": trained,
+                                   "world_size": info.world_size}
+        if not is_main(info):
+            return summary
+        model_file = run_dir / MODEL_NAME
+        if trained or _saved_detector_config(model_file) != detector.to_dict():
+            save_final_model(run_dir, model, detector, step, training=config)
+        seconds = time.perf_counter() - started
+        summary["seconds"] = round(seconds, 1)
+        if trained:
+            log.info("train-rpn: %d steps in %.0f s (%.1f images/s); wrote %s", trained, seconds,
+                     trained * hyper["batch_size"] / seconds, model_file)
+        else:
+            log.info("train-rpn: %s already finished at step %d", run_dir, step)
+        if val is not None:
+            summary["recall"] = run_recall(run_dir, val, images=val_images, split=train_set.split, top_k=top_k,
+                                           device=str(info.device), out=run_dir / RECALL_NAME)
+        return summary
+    finally:
+        if owns_process_group:
+            cleanup_distributed()
+
+
+def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
+               images: str | os.PathLike | None = None, split: str | CategorySplit = "auto", top_k: int = 100,
+               device: str = "auto", source: str = "detections", batch_size: int = 8, workers: int = 0,
+               out: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Class-agnostic recall of a detector (run folder or file) on an annotated split, base and novel apart.
+
+    Writes the result as JSON to `out` when given (a result already there for the same detector, data and
+    settings is returned as is). Logs one line with recall@0.5 and AR per group.
+    """
+    if top_k < 1:
+        raise VildError(f"top_k must be positive, got {top_k}")
+    dataset = CocoDataset.load(annotations, images)
+    category_split = dataset.resolve_split(split)
+    settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
+                "source": source}
+    if out is not None and Path(out).is_file():
+        previous = json.loads(Path(out).read_text())
+        file = resolve_detector_file(detector_path)
+        if previous.get("settings") == settings and previous.get("detector", {}).get("sha256") == file_sha256(file):
+            log.info("recall (from %s): %s", out, format_recall(previous["recall"]))
+            return previous
+    run_device = pick_device(device)
+    model, config, identity = load_detector(detector_path, run_device)
+    started = time.perf_counter()
+    recall = measure_recall(model, dataset, category_split, top_k=top_k, source=source, device=run_device,
+                            batch_size=batch_size, workers=workers)
+    result = {"detector": identity, "settings": settings, "detector_inference": {
+        name: getattr(config, name) for name in INFERENCE_FIELDS}, "recall": recall,
+        "seconds": round(time.perf_counter() - started, 1)}
+    log.info("recall of %s on %s (%s): %s", identity["checkpoint"], os.fspath(annotations), source,
+             format_recall(recall))
+    if out is not None:
+        _write_json(Path(out), result)
+    return result
+
+
+# --------------------------------------------------------------------------- settings
+
+def _detector_config(backbone: str, backbone_init: str, min_size: int | None, max_size: int | None,
+                     options: dict[str, Any] | None) -> DetectorConfig:
+    overrides = dict(options or {})
+    if min_size is not None:
+        overrides["min_size"] = min_size
+    if max_size is not None:
+        overrides["max_size"] = max_size
+    return DetectorConfig.preset(backbone, backbone_init=backbone_init, **overrides)
+
+
+def _training_settings(backbone: str, iterations: int | None, batch_size: int | None, lr: float | None,
+                       warmup: int | None, schedule: str | None) -> dict[str, Any]:
+    given = {"iterations": iterations, "batch_size": batch_size, "lr": lr, "warmup": warmup, "schedule": schedule}
+    return {name: TRAINING_DEFAULTS[backbone][name] if value is None else value for name, value in given.items()}
+
+
+def _check_settings(hyper: dict[str, Any], scale_jitter: Sequence[float], checkpoint_every: int, top_k: int) -> None:
+    if hyper["iterations"] < 1 or hyper["batch_size"] < 1 or hyper["lr"] <= 0 or hyper["warmup"] < 0:
+        raise VildError(f"iterations, batch size and lr must be positive and warmup >= 0 (got {hyper})")
+    if hyper["schedule"] not in SCHEDULES:
+        raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
+        raise VildError(f"scale jitter must be two factors 0 < low <= high, got {list(scale_jitter)}")
+    if checkpoint_every < 1 or top_k < 1:
+        raise VildError(f"checkpoint_every and top_k must be positive (got {checkpoint_every}, {top_k})")
+
+
+def _data_identity(train_set: CocoDataset) -> dict[str, Any]:
+    """What the training data is, by content: a run resumed on other data would train a model of neither."""
+    return {"annotations_sha256": file_sha256(train_set.path), "images": len(train_set),
+            "base_boxes": train_set.num_boxes, "split": train_set.split.to_json()}
+
+
+def lr_factor_schedule(hyper: dict[str, Any]):
+    """lr multiplier after `step` steps: linear warm-up from WARMUP_START, then cosine to 0 or step decay."""
+    total, warmup, schedule = hyper["iterations"], hyper["warmup"], hyper["schedule"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return WARMUP_START + (1 - WARMUP_START) * step / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        decay = 1.0
+        for fraction, value in STEP_DECAYS:
+            if step >= round(fraction * total):
+                decay = value
+        return decay
+
+    return factor
+
+
+# --------------------------------------------------------------------------- data
+
+def step_scale(seed: int, step: int, jitter: Sequence[float]) -> float:
+    """The image scale factor of a step (one per global batch, so images of a batch need no padding)."""
+    low, high = jitter
+    return float(np.random.default_rng([seed, step, SCALE_PURPOSE]).uniform(low, high)) if high > low else float(low)
+
+
+def image_flip(seed: int, step: int, position: int) -> bool:
+    """Whether the image at `position` of the global batch of `step` is flipped left-right."""
+    return bool(np.random.default_rng([seed, step, position, FLIP_PURPOSE]).random() < 0.5)
+
+
+class TrainingImages(Dataset):
+    """Item (step, position, sample): the image resized to the step's scale, maybe flipped, with its target.
+
+    Target boxes are the image's non-crowd boxes of the training view, all labelled 1 (object); crowd boxes
+    are left out (torchvision's Faster R-CNN has no ignore regions).
+    """
+
+    def __init__(self, dataset: CocoDataset, min_size: int, max_size: int, seed: int,
+                 scale_jitter: Sequence[float], hflip: bool):
+        self.dataset = dataset
+        self.min_size, self.max_size = min_size, max_size
+        self.seed = seed
+        self.scale_jitter = tuple(scale_jitter)
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        step, position, sample = key
+        record = self.dataset.images[sample]
+        boxes, _, crowd = self.dataset.annotations_for(record.id)
+        image = pil_to_tensor(self.dataset.open_image(record)).float().div_(255)
+        boxes = torch.from_numpy(boxes[~crowd])
+        image, boxes = resize_for_training(image, boxes, self.min_size, self.max_size,
+                                           step_scale(self.seed, step, self.scale_jitter))
+        if self.hflip and image_flip(self.seed, step, position):
+            image = image.flip(-1)
+            boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0],
+                                 boxes[:, 3]], dim=1)
+        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+        return image, target, position
+
+
+def resize_for_training(image: torch.Tensor, boxes: torch.Tensor, min_size: int, max_size: int, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize as torchvision's GeneralizedRCNNTransform does (shorter side to min_size, longer side at most
+    max_size, bilinear), with both sizes multiplied by `scale`."""
+    height, width = image.shape[-2:]
+    factor = min(min_size * scale / min(height, width), max_size * scale / max(height, width))
+    resized = torch.nn.functional.interpolate(image[None], scale_factor=factor, mode="bilinear",
+                                              recompute_scale_factor=True, align_corners=False)[0]
+    new_height, new_width = resized.shape[-2:]
+    ratios = torch.tensor([new_width / width, new_height / height] * 2, dtype=boxes.dtype)
+    return resized, boxes.reshape(-1, 4) * ratios
+
+
+class _StepBatches:
+    """The batches of steps first..iterations-1: each a list of (step, position, sample) for this rank."""
+
+    def __init__(self, sampler: StepSampler, first: int, total: int):
+        self.sampler, self.first, self.total = sampler, first, total
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.first)
+
+    def __iter__(self):
+        start = self.sampler.rank * self.sampler.local_batch_size
+        for step in range(self.first, self.total):
+            samples = self.sampler.indices(step)
+            yield [(step, start + offset, int(sample)) for offset, sample in enumerate(samples)]
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _collate(items: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]:
+    images, targets, positions = zip(*items)
+    return list(images), list(targets), list(positions)
+
+
+def _step_loader(train_set: CocoDataset, sampler: StepSampler, config: dict[str, Any], first_step: int,
+                 workers: int, device: torch.device) -> DataLoader:
+    detector = config["detector"]
+    dataset = TrainingImages(train_set, detector["min_size"], detector["max_size"], config["seed"],
+                             config["scale_jitter"], config["hflip"])
+    return DataLoader(dataset, batch_sampler=_StepBatches(sampler, first_step, config["iterations"]),
+                      num_workers=max(0, workers), collate_fn=_collate, pin_memory=device.type == "cuda",
+                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
+
+
+# --------------------------------------------------------------------------- one step
+
+def _train_step(ddp_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler | None, images: list[torch.Tensor], targets: list[dict],
+                positions: list[int], seed: int, step: int, device: torch.device, use_amp: bool,
+                clip_grad_norm: float | None) -> dict[str, float]:
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
+    set_sampling_seeds(model, seed, step, positions)
+    with torch.autocast(device_type=device.type, enabled=use_amp):
+        losses = ddp_model(images, targets)
+    total = sum(losses[name] for name in LOSS_TERMS)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        total.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+    values = all_reduce_mean(torch.stack([losses[name].detach().float() for name in LOSS_TERMS]))
+    result = dict(zip(LOSS_TERMS, values.tolist()))
+    if not all(math.isfinite(v) for v in result.values()):
+        raise VildError(f"train-rpn: loss is not finite at step {step + 1} ({result}); lower the learning rate")
+    return result
+
+
+def _metrics_record(step: int, losses: dict[str, float], optimizer: torch.optim.Optimizer, seconds: float,
+                    global_batch: int) -> dict[str, Any]:
+    return {"step": step, "loss": sum(losses.values()), **losses, "lr": optimizer.param_groups[0]["lr"],
+            "step_s": round(seconds, 4), "images_per_s": round(global_batch / seconds, 2) if seconds > 0 else None}
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step`: a resumed run redoes them and logs them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _saved_detector_config(model_file: Path) -> dict[str, Any] | None:
+    """The detector config inside an existing model.pt (None if there is none); inference settings may differ
+    from this run's, and then model.pt is rewritten with this run's."""
+    state = load_checkpoint(model_file)
+    return None if state is None else state.get("detector")
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VildError(f"{run_dir}: exists and is not a folder; pick another run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
