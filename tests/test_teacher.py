@@ -11,7 +11,7 @@ from clip.model import convert_weights
 from vild_pipe.data.prompts import prompt_texts
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import centre_square_crop, clip_boxes, crop_box_pil, scale_boxes
-from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip, tokenize
+from vild_pipe.pipeline.teacher import SmallClipConfig, encode_text_trimmed, load_teacher, save_clip, tokenize
 from vild_pipe.pipeline.teacher_fitting import multi_positive_clip_loss
 
 TINY = SmallClipConfig(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=8,
@@ -111,3 +111,10 @@ def test_multi_positive_loss_by_hand():
     by_text = (-(col[0, 0] + col[2, 0]) / 2 - col[1, 1]) / 2
     expected = (by_image + by_text) / 2
     assert torch.allclose(multi_positive_clip_loss(image, text, image_labels, text_labels, scale), expected)
+
+
+def test_trimmed_text_encoding_equals_clips_own(tiny_teacher_file):
+    model, _ = tiny_teacher_file
+    tokens = tokenize(["a kite", "There is an elephant in the scene.", "itap of a hollow square."])
+    with torch.no_grad():
+        assert torch.allclose(encode_text_trimmed(model, tokens), model.encode_text(tokens), atol=1e-5)

@@ -54,14 +54,13 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
 @main.command("fit-teacher")
 @click.argument("world", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Teacher file [default: WORLD/teacher.pt].")
-@click.option("--steps", default=600, show_default=True, help="Optimiser steps.")
+@click.option("--steps", default=1500, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", default=128, show_default=True, help="Crops per step.")
-@click.option("--lr", default=1e-3, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--views-per-object", default=4, show_default=True, help="Jittered crops cut per object.")
+@click.option("--lr", default=3e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--overwrite", is_flag=True, help="Refit even if a teacher with another config is there.")
-def fit_teacher(world, out, steps, batch_size, lr, views_per_object, seed, threads, overwrite):
+def fit_teacher(world, out, steps, batch_size, lr, seed, threads, overwrite):
     """Fit a small CLIP (OpenAI's architecture) on image–caption pairs of the synthetic WORLD.
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
@@ -70,7 +69,7 @@ def fit_teacher(world, out, steps, batch_size, lr, views_per_object, seed, threa
     """
     from vild_pipe.stages import fit_teacher as stage
     stage.run(world, out or f"{world}/teacher.pt", steps=steps, batch_size=batch_size, lr=lr,
-              views_per_object=views_per_object, seed=seed, threads=threads, overwrite=overwrite)
+              seed=seed, threads=threads, overwrite=overwrite)
 
 
 @main.command()

@@ -356,17 +356,22 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _claim_id(rec: dict, seen: set, kind: str, label: str, where: str) -> None:
+    """Check that a record's id is an integer not seen before in its list, and remember it."""
+    if not _is_int(rec["id"]):
+        raise DataError(f"{where}: {label}: id must be an integer, got {rec['id']!r}")
+    if rec["id"] in seen:
+        raise DataError(f"{where}: {label}: duplicate {kind} id")
+    seen.add(rec["id"])
+
+
 def _parse_images(images_json: list, image_dir: Path, where: str) -> list[ImageRecord]:
     images: list[ImageRecord] = []
     seen: set[int] = set()
     for index, rec in enumerate(images_json):
         label = _record_label("image", "images", index, rec)
         _check_record(rec, IMAGE_KEYS, label, where)
-        if not _is_int(rec["id"]):
-            raise DataError(f"{where}: {label}: id must be an integer, got {rec['id']!r}")
-        if rec["id"] in seen:
-            raise DataError(f"{where}: {label}: duplicate image id")
-        seen.add(rec["id"])
+        _claim_id(rec, seen, "image", label, where)
         if not isinstance(rec["file_name"], str) or not rec["file_name"]:
             raise DataError(f"{where}: {label}: file_name must be a non-empty string, got {rec['file_name']!r}")
         for key in ("width", "height"):
@@ -385,11 +390,7 @@ def _parse_categories(categories_json: list, where: str) -> list[Category]:
     for index, rec in enumerate(categories_json):
         label = _record_label("category", "categories", index, rec)
         _check_record(rec, CATEGORY_KEYS, label, where)
-        if not _is_int(rec["id"]):
-            raise DataError(f"{where}: {label}: id must be an integer, got {rec['id']!r}")
-        if rec["id"] in seen_ids:
-            raise DataError(f"{where}: {label}: duplicate category id")
-        seen_ids.add(rec["id"])
+        _claim_id(rec, seen_ids, "category", label, where)
         name = rec["name"]
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{where}: {label}: name must be a non-empty string, got {name!r}")
@@ -415,11 +416,7 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
     for index, ann in enumerate(annotations_json):
         label = _record_label("annotation", "annotations", index, ann)
         _check_record(ann, ANNOTATION_KEYS, label, where)
-        if not _is_int(ann["id"]):
-            raise DataError(f"{where}: {label}: id must be an integer, got {ann['id']!r}")
-        if ann["id"] in seen:
-            raise DataError(f"{where}: {label}: duplicate annotation id")
-        seen.add(ann["id"])
+        _claim_id(ann, seen, "annotation", label, where)
         image_id, category_id = ann["image_id"], ann["category_id"]
         if not _is_int(image_id) or image_id not in image_pos:
             raise DataError(f"{where}: {label}: unknown image_id {image_id!r}")

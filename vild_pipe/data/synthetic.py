@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when anything below changes the pixels or boxes, so a stored world is never mistaken for a new one.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # A shape is a list of parts drawn in order: a polygon in unit coordinates ([-1, 1] on both axes, y down)
 # and whether it adds to the shape (True) or cuts a hole (False).
@@ -90,7 +90,8 @@ def _ring(rng: np.random.Generator) -> list[Part]:
 
 
 def _arrow(rng: np.random.Generator) -> list[Part]:
-    return [(_poly((-1, -0.18), (0.2, -0.18), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.18), (-1, 0.18)), True)]
+    # A broad head on a short, thick shaft: a centre crop of its box (CLIP's preprocess) still shows the head.
+    return [(_poly((-1, -0.28), (0.0, -0.28), (0.0, -0.85), (1, 0), (0.0, 0.85), (0.0, 0.28), (-1, 0.28)), True)]
 
 
 def _diamond(rng: np.random.Generator) -> list[Part]:
@@ -98,8 +99,9 @@ def _diamond(rng: np.random.Generator) -> list[Part]:
     return [(_poly((0, -1), (0.625, 0), (0, 1), (-0.625, 0)), True)]
 
 
-def _hexagon(rng: np.random.Generator) -> list[Part]:
-    return [(_regular_polygon(6), True)]
+def _tee(rng: np.random.Generator) -> list[Part]:
+    return [(_poly((-1, -1), (1, -1), (1, -0.45), (0.3, -0.45), (0.3, 1), (-0.3, 1), (-0.3, -0.45),
+                   (-1, -0.45)), True)]
 
 
 def _moon(rng: np.random.Generator) -> list[Part]:
@@ -147,7 +149,7 @@ CATEGORIES: tuple[ShapeCategory, ...] = (
     ShapeCategory("ring", "base", _ring, 20.0),
     ShapeCategory("arrow", "base", _arrow, 180.0),
     ShapeCategory("diamond", "base", _diamond, 15.0),
-    ShapeCategory("hexagon", "base", _hexagon, 20.0),
+    ShapeCategory("tee", "base", _tee, 20.0),
     ShapeCategory("moon", "novel", _moon, 180.0),
     ShapeCategory("bolt", "novel", _bolt, 180.0),
     ShapeCategory("flower", "novel", _flower, 20.0),

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.distributed import any_rank, gather_objects, unwrap_model
+from vild_pipe.pipeline.distributed import any_rank, barrier, gather_objects, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    remove_stale_tmp: bool = True) -> dict[str, Any] | None:
     """The dict saved at `path`, or None when there is none yet.
 
-    A `path.tmp` left by a run killed mid-save is removed (the previous `path`, if any, is complete).
+    A `path.tmp` left by a run killed mid-save is removed (the previous `path`, if any, is complete);
+    under torchrun only rank 0, the one writer, may do that, or it could delete a save in progress.
     A truncated or corrupt file raises DataError naming it.
     """
     path = Path(path)
     tmp = _tmp_path(path)
-    if tmp.exists():
+    if remove_stale_tmp and tmp.exists():
         tmp.unlink(missing_ok=True)
         log.info("removed %s, left by a run stopped while saving", tmp)
     if not path.exists():
@@ -334,24 +336,25 @@ def save_training_state(
     """
     rng_per_rank = gather_objects(rng_state())
     path = Path(run_dir) / CHECKPOINT_NAME
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return path
-    state: dict[str, Any] = {
-        "format": CHECKPOINT_FORMAT,
-        "step": int(step),
-        "config": _plain_config(config),
-        "model": unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_per_rank,
-        "world_size": len(rng_per_rank),
-    }
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    if extra is not None:
-        state["extra"] = dict(extra)
-    save_checkpoint(path, state)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "step": int(step),
+            "config": _plain_config(config),
+            "model": unwrap_model(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_per_rank,
+            "world_size": len(rng_per_rank),
+        }
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        if extra is not None:
+            state["extra"] = dict(extra)
+        save_checkpoint(path, state)
+    # No rank goes on (to read the run folder, or clean its temp files) before the checkpoint is published.
+    barrier()
     log.debug("saved %s at step %d", path, step)
     return path
 
@@ -373,7 +376,8 @@ def resume_or_start(
     Call it after seeding and after building the optimizer; under torchrun every rank calls it.
     """
     path = Path(run_dir) / CHECKPOINT_NAME
-    state = load_checkpoint(path)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    state = load_checkpoint(path, remove_stale_tmp=rank == 0)
     if state is None:
         log.info("no checkpoint in %s: starting at step 0", run_dir)
         return 0
@@ -401,7 +405,6 @@ def resume_or_start(
     if scaler is not None:
         scaler.load_state_dict(state["scaler"])
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if state["world_size"] == world_size:
         set_rng_state(state["rng"][rank])

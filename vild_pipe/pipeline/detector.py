@@ -21,7 +21,6 @@ train-rpn's data pipeline has resized (and scale-jittered) them already, for the
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from torchvision.ops.poolers import _setup_scales
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from vild_pipe.pipeline.shards import sha256_file
 
 NUM_CLASSES = 2  # background, object
 MODEL_NAME = "model.pt"
@@ -457,15 +457,6 @@ def save_final_model(run_dir: str | os.PathLike, model: nn.Module, config: Detec
     return save_checkpoint(Path(run_dir) / MODEL_NAME, state)
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_detector_file(path: str | os.PathLike) -> Path:
     """The file a detector path names: a file as given; a run folder's model.pt, else its last.pt."""
     path = Path(path)
@@ -509,7 +500,7 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
         first = str(err).strip().splitlines()[0]
         raise DataError(f"{file}: weights do not fit the detector its config describes ({first})") from err
     model.to(device).eval()
-    identity = {"checkpoint": file.name, "sha256": file_sha256(file), "step": int(state.get("step", 0))}
+    identity = {"checkpoint": file.name, "sha256": sha256_file(file), "step": int(state.get("step", 0))}
     return model, config, identity
 
 

@@ -4,7 +4,6 @@ Every teacher goes through `clip.load(NAME_OR_PATH)`: a name such as `ViT-B/32` 
 machine, a local file works anywhere. The small teachers this project fits are `clip.model.CLIP`
 instances saved as plain state dicts, which is exactly what `clip.load` accepts for a path.
 """
-import hashlib
 import logging
 import os
 import pickle
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from vild_pipe.data.prompts import prompt_texts
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.shards import sha256_file
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # clip imports pkg_resources, which warns on recent setuptools
@@ -27,17 +27,27 @@ with warnings.catch_warnings():
 log = logging.getLogger(__name__)
 
 
-def file_sha256(path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenize(texts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     """CLIP's BPE tokenizer; over-long texts are truncated rather than refused."""
     return clip.tokenize(list(texts), context_length=context_length, truncate=True)
+
+
+def encode_text_trimmed(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+    """`model.encode_text`, computed on the tokens up to the longest text's end instead of all 77.
+
+    CLIP's text transformer is causal and reads its output at the end-of-text token, so the padding after
+    the longest text changes nothing; cutting it makes training on short captions about four times cheaper.
+    The result equals `encode_text` (tested)."""
+    length = int(tokens.argmax(dim=-1).max()) + 1
+    tokens = tokens[:, :length]
+    x = model.token_embedding(tokens).type(model.dtype) + model.positional_embedding[:length].type(model.dtype)
+    x = x.permute(1, 0, 2)
+    for block in model.transformer.resblocks:
+        mask = block.attn_mask[:length, :length].to(dtype=x.dtype, device=x.device)
+        x = x + block.attn(block.ln_1(x), block.ln_1(x), block.ln_1(x), need_weights=False, attn_mask=mask)[0]
+        x = x + block.mlp(block.ln_2(x))
+    x = model.ln_final(x.permute(1, 0, 2)).type(model.dtype)
+    return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection
 
 
 @dataclass
@@ -78,7 +88,7 @@ class Teacher:
         out = []
         for start in range(0, len(texts), batch_size):
             tokens = tokenize(texts[start:start + batch_size], self.model.context_length)
-            out.append(F.normalize(self.model.encode_text(tokens.to(self.device)).float(), dim=-1))
+            out.append(F.normalize(encode_text_trimmed(self.model, tokens.to(self.device)).float(), dim=-1))
         return torch.cat(out)
 
     def text_embeddings(self, names: Sequence[str], templates: Optional[Sequence[str]] = None) -> torch.Tensor:
@@ -105,7 +115,7 @@ def load_teacher(name_or_path: str, device="cpu") -> Teacher:
         raise VildError(f"{name_or_path}: could not load CLIP model ({err})") from err
     model.eval()
     if is_file:
-        identity = {"model": Path(name_or_path).name, "sha256": file_sha256(name_or_path)}
+        identity = {"model": Path(name_or_path).name, "sha256": sha256_file(name_or_path)}
     else:
         identity = {"model": name_or_path, "sha256": None}
     identity.update(embed_dim=int(model.text_projection.shape[1]),
@@ -126,7 +136,7 @@ class SmallClipConfig:
     so `clip.tokenize` works unchanged."""
 
     embed_dim: int = 128
-    image_resolution: int = 64
+    image_resolution: int = 32
     vision_layers: tuple = (1, 1, 1, 1)
     vision_width: int = 16
     vision_patch_size: Optional[int] = None

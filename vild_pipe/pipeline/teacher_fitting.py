@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vild_pipe.data.prompts import fill_template, vild_templates
-from vild_pipe.pipeline.crops import centre_square_crop, crop_box_pil, normalize_pixels, pil_to_uint8_chw
-from vild_pipe.pipeline.teacher import tokenize
+from vild_pipe.pipeline.crops import (centre_square_crop, clip_boxes, crop_box_pil, normalize_pixels,
+                                      pil_to_uint8_chw, scale_boxes)
+from vild_pipe.pipeline.teacher import encode_text_trimmed, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ class CaptionCropSampler:
     the same as the reference crop path. A fixed set of crops let the model memorise the few thousand
     objects (train loss near zero, val accuracy stuck near 70%); endless fresh views do not."""
 
-    def __init__(self, dataset, resolution: int, scale_range=(1.0, 1.7), shift: float = 0.08):
-        self.resolution, self.scale_range, self.shift = resolution, scale_range, shift
+    def __init__(self, dataset, resolution: int, scales=(1.0, 1.5), scale_jitter=(0.95, 1.12), shift: float = 0.06):
+        self.resolution, self.scales, self.scale_jitter, self.shift = resolution, scales, scale_jitter, shift
         self.images, self.objects = [], []
         for record in tqdm(dataset.images, desc="reading caption images", unit="img", disable=None):
             boxes, cat_ids, _ = dataset.annotations_for(record.id)
@@ -49,7 +50,8 @@ class CaptionCropSampler:
             image_index, box, label = self.objects[pick]
             size = box[2:] - box[:2]
             centre = (box[:2] + box[2:]) / 2 + rng.normal(0, self.shift, 2) * size
-            half = size * rng.uniform(*self.scale_range) / 2 * rng.uniform(0.9, 1.1, 2)
+            scale = self.scales[rng.integers(len(self.scales))] * rng.uniform(*self.scale_jitter)
+            half = size * scale / 2 * rng.uniform(0.9, 1.1, 2)
             view = np.concatenate([centre - half, centre + half])
             crop = centre_square_crop(crop_box_pil(self.images[image_index], view), self.resolution)
             crops.append(pil_to_uint8_chw(crop))
@@ -93,7 +95,7 @@ def text_separation_loss(text_emb, text_labels, temperature: float = 0.1):
 
 
 def warm_up_text_tower(model, names, steps: int, lr: float, rng: np.random.Generator,
-                       captions_per_category: int = 8):
+                       captions_per_category: int = 4):
     """Teach the text tower, before the image tower starts, to give every name one direction whatever the
     template. A random text tower maps all captions to nearly one direction (pairwise cosine about 0.8)
     and varies more with the template than with the name, so the image tower would chase noise; this
@@ -102,7 +104,7 @@ def warm_up_text_tower(model, names, steps: int, lr: float, rng: np.random.Gener
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
     for _ in tqdm(range(steps), desc="warming up text tower", unit="step", disable=None):
         texts, labels = caption_batch(len(names), names, rng, captions_per_category)
-        text_emb = F.normalize(model.encode_text(tokenize(texts, model.context_length)), dim=-1)
+        text_emb = F.normalize(encode_text_trimmed(model, tokenize(texts, model.context_length)), dim=-1)
         loss = text_separation_loss(text_emb, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -112,7 +114,7 @@ def warm_up_text_tower(model, names, steps: int, lr: float, rng: np.random.Gener
 
 def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_size: int, lr: float, seed: int,
                    captions_per_category: int = 2, warmup: int = 50, text_lr_scale: float = 1.0,
-                   text_warmup_steps: int = 0):
+                   text_warmup_steps: int = 100):
     """AdamW with warm-up and cosine decay; fresh crops, random flips and colour-channel orders every step
     (the category is the shape, never the colour); returns the per-step losses."""
     torch.manual_seed(seed)
@@ -142,7 +144,7 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
         texts, text_labels = caption_batch(len(names), names, rng, captions_per_category)
         tokens = tokenize(texts, model.context_length)
         image_emb = F.normalize(model.encode_image(pixels), dim=-1)
-        text_emb = F.normalize(model.encode_text(tokens), dim=-1)
+        text_emb = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
         loss = multi_positive_clip_loss(image_emb, text_emb, labels, text_labels,
                                         model.logit_scale.exp().clamp(max=100))
         optimizer.zero_grad(set_to_none=True)
@@ -157,21 +159,28 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
 
 
 def crop_accuracy(teacher, dataset, split, batch_size: int = 256) -> dict:
-    """Top-1 accuracy of the teacher on every ground-truth crop of `dataset` (CLIP's own preprocess on PIL
-    crops), against the prompt-ensembled names of all categories; split into base and novel."""
+    """Top-1 accuracy of the teacher on the ground-truth objects of `dataset`, against the prompt-ensembled
+    names of all categories, base and novel apart, for the crops the pipeline shows it: the 1x box, the
+    1.5x box (clipped to the image), and ViLD's target, the normalised sum of the two embeddings.
+    Crops go through CLIP's own `preprocess` on PIL crops (the reference path)."""
     text = teacher.text_embeddings(dataset.category_names)
-    pixels, truth = [], []
+    pixels_1x, pixels_15x, truth = [], [], []
     for record in tqdm(dataset.images, desc="teacher accuracy", unit="img", disable=None):
         boxes, cat_ids, _ = dataset.annotations_for(record.id)
         if len(boxes):
             image = dataset.open_image(record)
-            pixels += [teacher.preprocess(crop_box_pil(image, box)) for box in boxes]
+            wide = clip_boxes(scale_boxes(boxes, 1.5), record.width, record.height)
+            pixels_1x += [teacher.preprocess(crop_box_pil(image, box)) for box in boxes]
+            pixels_15x += [teacher.preprocess(crop_box_pil(image, box)) for box in wide]
             truth += [dataset.category_index(int(c)) for c in cat_ids]
-    predicted = (teacher.encode_images(torch.stack(pixels), batch_size) @ text.t()).argmax(1).cpu()
     truth = torch.tensor(truth)
-    correct = predicted == truth
-    novel = torch.tensor([split.is_novel(dataset.categories[i].id) for i in truth.tolist()])
-    return {"base": correct[~novel].float().mean().item() if (~novel).any() else math.nan,
-            "novel": correct[novel].float().mean().item() if novel.any() else math.nan,
-            "all": correct.float().mean().item(), "crops": len(truth),
-            "base_crops": int((~novel).sum()), "novel_crops": int(novel.sum())}
+    novel = torch.tensor([split.is_novel(dataset.categories[i].id) for i in truth.tolist()], dtype=torch.bool)
+    emb_1x = teacher.encode_images(torch.stack(pixels_1x), batch_size)
+    emb_15x = teacher.encode_images(torch.stack(pixels_15x), batch_size)
+    result = {"crops": len(truth), "base_crops": int((~novel).sum()), "novel_crops": int(novel.sum())}
+    for name, emb in (("1x", emb_1x), ("1.5x", emb_15x), ("1x+1.5x", F.normalize(emb_1x + emb_15x, dim=-1))):
+        correct = ((emb @ text.t()).argmax(1).cpu() == truth).float()
+        result[name] = {"base": correct[~novel].mean().item() if (~novel).any() else math.nan,
+                        "novel": correct[novel].mean().item() if novel.any() else math.nan,
+                        "all": correct.mean().item()}
+    return result

@@ -27,7 +27,7 @@ def report_path(out) -> Path:
     return out.with_name(out.stem + ".json")
 
 
-def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 3e-3,
+def run(world, out, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False) -> dict:
     world, out = Path(world), Path(out)
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -60,6 +60,8 @@ def run(world, out, steps: int = 600, batch_size: int = 128, lr: float = 3e-3,
     tmp = report_file.with_name(report_file.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, report_file)
-    log.info("teacher %s: val crop top-1 base %.3f, novel %.3f (%d crops), %.0f s", out, accuracy["base"],
-             accuracy["novel"], accuracy["crops"], report["seconds"])
+    figures = "; ".join(f"{crop} {accuracy[crop]['base']:.3f} / {accuracy[crop]['novel']:.3f}"
+                        for crop in ("1x+1.5x", "1x", "1.5x"))
+    log.info("teacher %s: val crop top-1, base / novel: %s (%d objects); %.0f s", out, figures,
+             accuracy["crops"], report["seconds"])
     return report

@@ -38,13 +38,14 @@ from vild_pipe.pipeline.checkpoint import (
     save_training_state,
 )
 from vild_pipe.pipeline.detector import (
-    INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, file_sha256, load_detector,
+    INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, load_detector,
     resolve_detector_file, save_final_model, set_sampling_seeds,
 )
 from vild_pipe.pipeline.distributed import (
     all_reduce_mean, cleanup_distributed, init_distributed, is_main, pick_device, seed_everything, wrap_ddp,
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
+from vild_pipe.pipeline.shards import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     if out is not None and Path(out).is_file():
         previous = json.loads(Path(out).read_text())
         file = resolve_detector_file(detector_path)
-        if previous.get("settings") == settings and previous.get("detector", {}).get("sha256") == file_sha256(file):
+        if previous.get("settings") == settings and previous.get("detector", {}).get("sha256") == sha256_file(file):
             log.info("recall (from %s): %s", out, format_recall(previous["recall"]))
             return previous
     run_device = pick_device(device)
@@ -235,7 +236,7 @@ def _check_settings(hyper: dict[str, Any], scale_jitter: Sequence[float], checkp
 
 def _data_identity(train_set: CocoDataset) -> dict[str, Any]:
     """What the training data is, by content: a run resumed on other data would train a model of neither."""
-    return {"annotations_sha256": file_sha256(train_set.path), "images": len(train_set),
+    return {"annotations_sha256": sha256_file(train_set.path), "images": len(train_set),
             "base_boxes": train_set.num_boxes, "split": train_set.split.to_json()}
 
 

@@ -1,0 +1,38 @@
+import json
+
+from click.testing import CliRunner
+
+from vild_pipe import __version__
+from vild_pipe.cli import main
+
+
+def test_help_lists_only_the_built_stages():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("make-synthetic", "fit-teacher", "train-rpn", "recall", "dump-proposals", "demo"):
+        assert command in result.output
+    assert CliRunner().invoke(main, ["--version"]).output.strip().endswith(__version__)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "train.json"
+    bad.write_text("{not json")
+    result = CliRunner().invoke(main, ["train-rpn", str(bad), str(tmp_path / "run")])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "train.json" in lines[0]
+
+
+def test_quick_demo_runs_every_built_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    first = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "| fit-teacher |" in first.output and "recall@0.5" in first.output
+    for path in ("world/train.json", "teacher.pt", "teacher.json", "rpn/model.pt", "rpn/recall.json",
+                 "proposals/train/manifest.json", "proposals/val/manifest.json"):
+        assert (out / path).is_file(), path
+    assert json.loads((out / "proposals/train/manifest.json").read_text())["stage"] == "dump-proposals"
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in {".pt", ".h5"}}
+    second = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
+    assert second.exit_code == 0, second.output
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a rerun must resume, not redo"

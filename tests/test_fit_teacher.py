@@ -1,0 +1,53 @@
+import json
+
+import numpy as np
+import pytest
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.errors import VildError
+from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher
+from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, fit_small_clip
+from vild_pipe.stages import fit_teacher, make_synthetic
+
+TINY = SmallClipConfig(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=8,
+                       transformer_width=64, transformer_layers=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    make_synthetic.run(out, seed=1, train_images=8, val_images=4, image_size=96, workers=1)
+    return out
+
+
+def test_fit_teacher_writes_a_file_clip_load_reads_and_a_report(world, tmp_path):
+    out = tmp_path / "teacher.pt"
+    report = fit_teacher.run(world, out, steps=4, batch_size=16, model=TINY)
+    teacher = load_teacher(str(out))
+    assert teacher.embed_dim == 32 and teacher.identity["sha256"] == report["teacher"]["sha256"]
+    saved = json.loads((tmp_path / "teacher.json").read_text())
+    accuracy = saved["val_crop_accuracy"]
+    assert accuracy["crops"] == accuracy["base_crops"] + accuracy["novel_crops"] > 0
+    assert all(0.0 <= accuracy[crop]["base"] <= 1.0 for crop in ("1x", "1.5x", "1x+1.5x"))
+
+    before = out.stat().st_mtime_ns
+    assert fit_teacher.run(world, out, steps=4, batch_size=16, model=TINY) == saved  # rerun: nothing to do
+    assert out.stat().st_mtime_ns == before
+    with pytest.raises(VildError, match="teacher.pt: a teacher fitted with another config"):
+        fit_teacher.run(world, out, steps=5, batch_size=16, model=TINY)
+
+
+def test_caption_crops_cover_every_category_novel_included(world):
+    train = CocoDataset.load(world / "train.json")
+    sampler = CaptionCropSampler(train, 32)
+    crops, labels = sampler.sample(64, np.random.default_rng(0))
+    assert crops.shape == (64, 3, 32, 32) and str(crops.dtype) == "torch.uint8"
+    novel = {train.category_index(c.id) for c in train.categories if c.split == "novel"}
+    assert novel & {label for _, _, label in sampler.objects}, "novel objects must reach the teacher"
+
+
+def test_fitting_lowers_the_contrastive_loss(world):
+    train = CocoDataset.load(world / "train.json")
+    losses = fit_small_clip(TINY.build(), CaptionCropSampler(train, 32), train.category_names, steps=40,
+                            batch_size=32, lr=3e-3, seed=0, text_warmup_steps=10)
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]) - 0.1
