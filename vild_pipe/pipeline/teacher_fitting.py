@@ -25,10 +25,11 @@ class CaptionCropSampler:
     """Draws fresh "web images" every step: a jittered crop around a random object of a training image.
 
     The training images stay decoded in memory (the synthetic world is small); each draw picks an object,
-    a scale in `scale_range` (covering the 1x and 1.5x boxes the teacher is later shown), a shifted centre
-    and a slightly changed aspect, and cuts it with CLIP's preprocess geometry (shorter side, centre crop),
-    the same as the reference crop path. A fixed set of crops let the model memorise the few thousand
-    objects (train loss near zero, val accuracy stuck near 70%); endless fresh views do not."""
+    one of `scales` (the 1x and 1.5x boxes the pipeline will show the teacher) times a small jitter, a
+    shifted centre and a slightly changed aspect, and cuts it with CLIP's preprocess geometry (shorter side,
+    centre crop), the same as the reference crop path. A fixed set of crops let the model memorise the few
+    thousand objects (train loss near zero, val accuracy stuck near 70%); endless fresh views do not. Drawing
+    the two scales the teacher is tested on, rather than a uniform 1.0-1.7, raised 1x accuracy by 7 points."""
 
     def __init__(self, dataset, resolution: int, scales=(1.0, 1.5), scale_jitter=(0.95, 1.12), shift: float = 0.06):
         self.resolution, self.scales, self.scale_jitter, self.shift = resolution, scales, scale_jitter, shift
