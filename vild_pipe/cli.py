@@ -54,7 +54,7 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
 @main.command("fit-teacher")
 @click.argument("world", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), help="Teacher file [default: WORLD/teacher.pt].")
-@click.option("--steps", default=1500, show_default=True, help="Optimiser steps.")
+@click.option("--steps", default=1800, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", default=128, show_default=True, help="Crops per step.")
 @click.option("--lr", default=3e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, show_default=True)

@@ -123,8 +123,13 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
     model.train()
     if text_warmup_steps:
         warm_up_text_tower(model, names, text_warmup_steps, lr * text_lr_scale, rng)
+    # After the warm-up the token table is frozen: the ~30 tokens the captions use keep their codes, and a
+    # step no longer drags 49408 untouched rows through AdamW (10% faster; fit 1800 steps in the 5 minutes).
+    model.token_embedding.requires_grad_(False)
     groups = {}
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         decays = param.ndim >= 2 and "embedding" not in name
         is_text = not name.startswith("visual.") and name != "logit_scale"
         groups.setdefault((decays, is_text), []).append(param)

@@ -12,7 +12,7 @@ from vild_pipe.stages import dump_proposals, fit_teacher, make_synthetic, train_
 
 log = logging.getLogger(__name__)
 
-FULL = {"train_images": 600, "val_images": 150, "image_size": 192, "teacher_steps": 1500,
+FULL = {"train_images": 600, "val_images": 150, "image_size": 192, "teacher_steps": 1800,
         "rpn_iterations": None, "top_n": 100}
 QUICK = {"train_images": 12, "val_images": 6, "image_size": 96, "teacher_steps": 3,
          "rpn_iterations": 4, "top_n": 20}

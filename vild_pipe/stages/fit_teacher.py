@@ -27,7 +27,7 @@ def report_path(out) -> Path:
     return out.with_name(out.stem + ".json")
 
 
-def run(world, out, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3,
+def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False) -> dict:
     world, out = Path(world), Path(out)
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
