@@ -245,6 +245,15 @@ def _write_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def write_json_atomically(path: str | os.PathLike, record: Any, **dump_options: Any) -> None:
+    """Publish `record` as JSON at `path` (temp file, fsync, rename): a JSON file that exists is complete.
+
+    Every stage writes its small result files (manifests aside) through this; raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _publish_atomically(path, json.dumps(record, **dump_options).encode())
+
+
 def _publish_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
     """Write `path` so that readers see the old file or the whole new one; raises OSError.
 

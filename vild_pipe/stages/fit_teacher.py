@@ -7,7 +7,6 @@ and measures its crop classification accuracy on WORLD/val.json, base and novel 
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
 from vild_pipe.errors import VildError
+from vild_pipe.pipeline.shards import write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
 
@@ -57,9 +57,7 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
     accuracy = crop_accuracy(teacher, val, split)
     report = {"config": config, "teacher": teacher.identity, "val_crop_accuracy": accuracy,
               "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - started, 1)}
-    tmp = report_file.with_name(report_file.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, report_file)
+    write_json_atomically(report_file, report, indent=2)
     figures = "; ".join(f"{crop} {accuracy[crop]['base']:.3f} / {accuracy[crop]['novel']:.3f}"
                         for crop in ("1x+1.5x", "1x", "1.5x"))
     log.info("teacher %s: val crop top-1, base / novel: %s (%d objects); %.0f s", out, figures,

@@ -25,6 +25,9 @@ from tqdm import tqdm
 
 from vild_pipe.data.synthetic import BASE_IDS, WORLD_VERSION, coco_categories, image_rng, render_image
 from vild_pipe.errors import VildError
+from vild_pipe.pipeline.shards import write_json_atomically
+
+COMPACT = (",", ":")   # JSON separators of the world files
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +58,11 @@ def run(out_dir: str | os.PathLike, seed: int = 0, train_images: int = 600, val_
 
     finished = all((out / f"{split}.json").is_file() for split in SPLITS)
     if not finished:
-        _write_json(out / PARTS_DIR / "params.json", params)
+        write_json_atomically(out / PARTS_DIR / "params.json", params, separators=COMPACT)
         for split in SPLITS:
             if not (out / f"{split}.json").is_file():
                 _generate_split(out, split, params, workers)
-                _write_json(out / f"{split}.json", _merge_parts(out, split, params))
+                write_json_atomically(out / f"{split}.json", _merge_parts(out, split, params), separators=COMPACT)
         shutil.rmtree(out / PARTS_DIR)
 
     summary = _summarise(out, params, reused=finished, seconds=time.perf_counter() - started)
@@ -153,7 +156,8 @@ def _make_chunk(out_dir: str, split: str, start: int, stop: int, seed: int, imag
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
         annotations += [{"image_id": image_id, "category_id": obj.category_id, "bbox": list(obj.bbox),
                          "area": float(obj.area), "iscrowd": 0} for obj in objects]
-    _write_json(_part_path(out, split, start), {"images": images, "annotations": annotations})
+    write_json_atomically(_part_path(out, split, start), {"images": images, "annotations": annotations},
+                          separators=COMPACT)
 
 
 def _merge_parts(out: Path, split: str, params: dict) -> dict:
@@ -168,15 +172,6 @@ def _merge_parts(out: Path, split: str, params: dict) -> dict:
     info = {"description": "vild-pipe synthetic open-vocabulary world (shapes; base and novel categories)",
             "split": split, "params": params}
     return {"info": info, "images": images, "annotations": annotations, "categories": coco_categories()}
-
-
-def _write_json(path: Path, record: dict) -> None:
-    """Temp file + rename: a JSON file that exists is complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "w") as f:
-        json.dump(record, f, separators=(",", ":"))
-    os.replace(temp, path)
 
 
 def _summarise(out: Path, params: dict, reused: bool, seconds: float) -> dict:

@@ -45,7 +45,7 @@ from vild_pipe.pipeline.distributed import (
     all_reduce_mean, cleanup_distributed, init_distributed, is_main, pick_device, seed_everything, wrap_ddp,
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
-from vild_pipe.pipeline.shards import sha256_file
+from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     log.info("recall of %s on %s (%s): %s", identity["checkpoint"], os.fspath(annotations), source,
              format_recall(recall))
     if out is not None:
-        _write_json(Path(out), result)
+        write_json_atomically(out, result, indent=2)
     return result
 
 
@@ -426,10 +426,3 @@ def _make_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise VildError(f"{run_dir}: exists and is not a folder; pick another run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _write_json(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
