@@ -121,6 +121,107 @@ def dump_proposals(detector, annotations, out, **options):
     stage.run(detector, annotations, out, **options)
 
 
+@main.command("cache-embeddings")
+@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--clip", "clip_model", required=True,
+              help="CLIP model: a name such as ViT-B/32 (downloads once) or a local file for clip.load.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder [default: the annotation file's folder].")
+@click.option("--crop-method", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
+              help="fast: one batched roi_align on the device; reference: CLIP's own preprocess per PIL crop.")
+@click.option("--ensemble-only", is_flag=True, help="Store only the 1x+1.5x target `emb` (a third of the size).")
+@click.option("--batch-size", type=int, help="Crops per encoder batch [default: 1024 on CUDA, 256 on the CPU].")
+@click.option("--images-per-batch", default=8, show_default=True, help="Images decoded and cropped together.")
+@click.option("--decode", type=click.Choice(["auto", "pil", "torchvision"]), default="auto", show_default=True,
+              help="pil: in the loader workers; torchvision: batched on the device (nvJPEG on CUDA); auto picks "
+                   "torchvision on CUDA.")
+@click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for reference, cropping).")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made with another config, model or proposal cache.")
+def cache_embeddings(proposals, annotations, out, clip_model, **options):
+    """CLIP embeddings of every box of the proposal cache PROPOSALS, at 1x and 1.5x → sharded HDF5 cache OUT.
+
+    ANNOTATIONS is the file the proposal cache was made from (its images are read once more). Per box:
+    emb_1x, emb_15x and emb = normalise(emb_1x + emb_15x), the ViLD-image target, fp16, row-aligned with
+    the proposal shards. Resumable and shardable like dump-proposals; a cache of another CLIP model or
+    proposal cache is refused, never mixed.
+    """
+    from vild_pipe.stages import cache_embeddings as stage
+    stage.run(proposals, annotations, out, clip_model, **options)
+
+
+@main.command("embed-text")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--clip", "clip", required=True,
+              help="CLIP model: a local file (e.g. the fitted teacher.pt) or a CLIP model name.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="Take every category name of this COCO/LVIS annotation file (base and novel, id order).")
+@click.option("--vocab", help="Comma-separated category names instead, e.g. 'kite,zebra,hollow square'.")
+@click.option("--vocab-file", type=click.Path(exists=True, dir_okay=False),
+              help="A file of category names instead, one per line (# comments and blank lines skipped).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def embed_text(out, **options):
+    """Category names → ViLD prompt-ensembled CLIP text embeddings (63 templates) in the file OUT.
+
+    Give the names one way: --annotations, --vocab or --vocab-file. OUT keeps the names and the CLIP
+    model's identity; rerunning with the same model and names reuses it, anything else recomputes it.
+    Empty or duplicate names are refused.
+    """
+    from vild_pipe.stages import embed_text as stage
+    stage.run(out, **options)
+
+
+@main.command("train-head")
+@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
+@click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+              help="embed-text file holding every base category name (its other names are ignored).")
+@click.option("--clip", help="Or: CLIP model (file or name) to compute the base text embeddings → RUN_DIR/text_base.pt.")
+@click.option("--losses", type=click.Choice(["text", "image", "text+image"]), default="text+image", show_default=True,
+              help="ViLD-text, ViLD-image or both (ViLD): the ablation from the same caches.")
+@click.option("--split", help="Category split [default: the one recorded in the proposal cache].")
+@click.option("--iterations", default=20000, show_default=True, help="Training steps.")
+@click.option("--batch-size", default=16, show_default=True, help="Images per global step, split over torchrun processes.")
+@click.option("--lr", default=0.02, show_default=True, help="Peak learning rate.")
+@click.option("--warmup", default=500, show_default=True, help="Linear warm-up steps.")
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--momentum", default=0.9, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--clip-grad-norm", default=1.0, show_default=True, help="Clip the gradient norm (0: off).")
+@click.option("--representation-size", default=1024, show_default=True, help="Width of the box head's two FC layers.")
+@click.option("--image-weight", default=0.5, show_default=True, help="Weight w of the ViLD-image loss.")
+@click.option("--image-rois", default=300, show_default=True, help="Top-M proposals per image for ViLD-image.")
+@click.option("--sample-rois", default=512, show_default=True, help="RoIs sampled per image for ViLD-text (0: all rows).")
+@click.option("--foreground-fraction", default=0.25, show_default=True, help="At most this share of them foreground.")
+@click.option("--block-images", default=16, show_default=True, help="Images read together (one sequential slice).")
+@click.option("--buffer-blocks", default=8, show_default=True, help="Blocks shuffled together in memory.")
+@click.option("--checkpoint-every", default=500, show_default=True, help="Save RUN_DIR/last.pt every N steps.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=2, show_default=True, help="Loader processes reading the caches.")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+def train_head(proposals, embeddings, annotations, run_dir, sample_rois, clip_grad_norm, **options):
+    """Train the ViLD head from the caches alone: PROPOSALS (dump-proposals of the train split), EMBEDDINGS
+    (cache-embeddings of it), ANNOTATIONS (the annotation file the proposals came from) → RUN_DIR/head.pt.
+
+    ViLD-text: cosine logits against [learned background, base category texts] / 0.01, labels from
+    IoU >= 0.5 with base boxes (novel categories never enter). ViLD-image: L1 to the cached 1x+1.5x CLIP
+    embedding of the top proposals. Refuses caches and text embeddings that do not belong together.
+    Checkpoints every N steps and on SIGTERM; rerunning the same command resumes to the same weights;
+    under torchrun it trains with DDP on the same global batch.
+    """
+    from vild_pipe.stages import train_head as stage
+    stage.run(proposals, embeddings, annotations, run_dir, sample_rois=sample_rois or None,
+              clip_grad_norm=clip_grad_norm or None, **options)
+
+
 @main.command("train-rpn")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
 @click.argument("run_dir", type=click.Path(file_okay=False))

@@ -21,13 +21,9 @@ the same cache as one uninterrupted process on the same kind of device and preci
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import logging
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,24 +33,28 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import load_detector
-from vild_pipe.pipeline.distributed import cleanup_distributed, init_distributed
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.shard_work import (
+    BackgroundPublisher,
+    ClaimingSampler,
+    OpenShard,
+    cache_summary,
+    joined_process_group,
+    log_measured_cost,
+)
 from vild_pipe.pipeline.shards import (
     CacheFolder,
     RowField,
-    ShardLock,
-    ShardWriter,
     bytes_per_row,
     effective_worker,
     estimate_cache_bytes,
     format_bytes,
     parse_shard_option,
     shard_image_ranges,
-    shard_name,
     sha256_file,
     shards_for_worker,
-    try_lock_shard,
 )
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run(
     skip_bad_images: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    """Fill the proposal cache `out` for every image of `annotations`; returns a summary (see `_summary`).
+    """Fill the proposal cache `out` for every image of `annotations`; returns a summary (see `shard_work.cache_summary`).
 
     `detector` is a train-rpn run folder or checkpoint; `images` the image folder (default: the annotation
     file's folder); `split` the category split (data.splits spec) whose base boxes `add_gt` appends.
@@ -121,7 +121,7 @@ def run(
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
     if threads:
         torch.set_num_threads(threads)
-    with _joined_process_group(device) as info:
+    with joined_process_group(device) as info:
         started = time.monotonic()
         main_process = info.rank == 0
         dataset = CocoDataset.load(annotations, images)
@@ -171,21 +171,9 @@ def run(
             log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
 
         complete = folder.finalize()
-        summary = _summary(folder, written, complete, time.monotonic() - started)
-        _log_measured_cost(folder, summary)
+        summary = cache_summary(folder, written, complete, time.monotonic() - started)
+        log_measured_cost(folder, summary)
         return summary
-
-
-@contextlib.contextmanager
-def _joined_process_group(device: str):
-    """This process's place in a torchrun job (or a job of one); leaves the process group it joined at the end."""
-    was_distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    info = init_distributed(device)
-    try:
-        yield info
-    finally:
-        if not was_distributed:
-            cleanup_distributed()
 
 
 def _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ranges) -> None:
@@ -207,41 +195,11 @@ def _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ra
     )
 
 
-def _log_measured_cost(folder: CacheFolder, summary: dict) -> None:
-    if summary["images"]:
-        log.info("%s: %d of %d shards complete, %d images, %d rows, %s measured (%s per image)%s", folder.path,
-                 summary["complete_shards"], summary["num_shards"], summary["images"], summary["rows"],
-                 format_bytes(summary["bytes"]), format_bytes(summary["bytes_per_image"]),
-                 "" if summary["complete"] else "; other workers are still writing theirs")
-    if summary["skipped_images"]:
-        log.warning("%d images were skipped as unreadable; they are listed in the shard markers and, once the"
-                    " cache is complete, in %s", len(summary["skipped_images"]), folder.path / "manifest.json")
-
-
-def _summary(folder: CacheFolder, written: list[int], complete: bool, seconds: float) -> dict:
-    """Totals over the cache's complete shards, and what this process wrote."""
-    totals = folder.manifest_summary()
-    images = totals["images"]
-    return {
-        "out": os.fspath(folder.path),
-        "complete": complete,
-        "num_shards": totals["num_shards"],
-        "complete_shards": totals["complete_shards"],
-        "shards_written": written,
-        "images": images,
-        "rows": totals["rows"],
-        "bytes": totals["bytes"],
-        "bytes_per_image": totals["bytes"] / images if images else 0.0,
-        "skipped_images": totals["skipped_images"],
-        "seconds": round(seconds, 2),
-    }
-
-
 # ---------------------------------------------------------------------------------------------- the shard loop
 
 
 class _DecodedImages(Dataset):
-    """Decodes images in DataLoader workers: (position, image id, uint8 CHW tensor or None, error or None).
+    """Decodes images in DataLoader workers: (shard, position, image id, uint8 CHW tensor or None, error or None).
 
     A bad image is returned as its one-line DataError message instead of raised: DataLoader would wrap the
     error in a multi-line traceback, and the main process decides whether to stop or to skip it.
@@ -253,111 +211,45 @@ class _DecodedImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, position: int):
+    def __getitem__(self, key: tuple[int, int]):
+        shard_index, position = key
         record = self.dataset.images[position]
         try:
-            image = self.dataset.open_image(record)
+            pixels = pil_to_uint8_chw(self.dataset.open_image(record))
         except DataError as err:
-            return position, record.id, None, str(err)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
-        return position, record.id, pixels, None
-
-
-class _ClaimingSampler:
-    """Yields the image positions of the worker's shards, locking each shard as its first image is queued.
-
-    The DataLoader pulls positions a few batches ahead of the model, so a shard is claimed shortly before it
-    is computed rather than all at the start; a shard another live run holds (or finished meanwhile) is
-    passed over. Claimed shards queue up in `claimed`, in order, for the main loop.
-    """
-
-    def __init__(self, folder: CacheFolder, shard_indices: list[int], ranges: list[range]):
-        self.folder = folder
-        self.shard_indices = shard_indices
-        self.ranges = ranges
-        self.claimed: collections.deque[tuple[int, ShardLock]] = collections.deque()
-
-    def __iter__(self):
-        for index in self.shard_indices:
-            lock = try_lock_shard(self.folder, index)
-            if lock is None:
-                continue
-            self.claimed.append((index, lock))
-            yield from self.ranges[index]
-
-    def release_unstarted(self) -> None:
-        while self.claimed:
-            self.claimed.popleft()[1].release()
-
-
-@dataclass
-class _OpenShard:
-    index: int
-    lock: ShardLock
-    writer: ShardWriter
-
-
-class _BackgroundPublisher:
-    """Publishes finished shards on one background thread, at most one at a time (bounded memory)."""
-
-    def __init__(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._in_flight: Future | None = None
-
-    def submit(self, shard: _OpenShard) -> None:
-        self.wait()
-        self._in_flight = self._executor.submit(self._publish, shard)
-
-    @staticmethod
-    def _publish(shard: _OpenShard) -> dict:
-        try:
-            return shard.writer.close()
-        finally:
-            shard.lock.release()
-
-    def wait(self) -> None:
-        """Block until the shard in flight is published; re-raises its error (disk full...)."""
-        in_flight, self._in_flight = self._in_flight, None
-        if in_flight is not None:
-            in_flight.result()
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=True)
+            return shard_index, position, record.id, None, str(err)
+        return shard_index, position, record.id, pixels, None
 
 
 def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config, batch_size, workers, device,
                   skip_bad_images, show_progress) -> list[int]:
     """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
-    sampler = _ClaimingSampler(folder, pending, ranges)
+    sampler = ClaimingSampler(folder, pending, lambda index: ranges[index])
     loader = DataLoader(
         _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=list, pin_memory=device.type == "cuda",
     )
-    images_per_shard = folder.images_per_shard
-    publisher = _BackgroundPublisher()
-    written: list[int] = []
-    current: _OpenShard | None = None
+    publisher = BackgroundPublisher()
+    current: OpenShard | None = None
     total = sum(len(ranges[i]) for i in pending)
     progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)
     try:
         for batch in loader:
-            decoded = [item for item in batch if item[2] is not None]
+            decoded = [item for item in batch if item[3] is not None]
             extra = None
             if ground_truth is not None:
-                extra = [_gt_boxes(ground_truth, image_id) for _, image_id, _, _ in decoded]
+                extra = [_gt_boxes(ground_truth, item[2]) for item in decoded]
             proposals = propose_with_features(
-                model, [pixels for _, _, pixels, _ in decoded], top_n=config["top_n"],
+                model, [item[3] for item in decoded], top_n=config["top_n"],
                 min_box_side=config["min_box_side"], nms_threshold=config["nms_threshold"], extra_boxes=extra,
                 fp16=config["precision"] == "fp16-autocast",
             )
-            by_position = {item[0]: (k, result) for k, (item, result) in enumerate(zip(decoded, proposals))}
-            for position, image_id, _, error in batch:
-                shard_index = position // images_per_shard
+            by_position = {item[1]: (k, result) for k, (item, result) in enumerate(zip(decoded, proposals))}
+            for shard_index, position, image_id, _, error in batch:
                 if current is None or current.index != shard_index:
                     if current is not None:
                         publisher.submit(current)
-                        written.append(current.index)
-                    current = _open_shard(folder, sampler, shard_index)
+                    current = sampler.open_next(shard_index)
                 if error is not None:
                     if not skip_bad_images:
                         raise DataError(f"{error} (--skip-bad-images records such images and goes on)")
@@ -369,32 +261,18 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
                 progress.update(1)
         if current is not None:
             publisher.submit(current)
-            written.append(current.index)
             current = None
         publisher.wait()
     except BaseException:
         if current is not None:
-            current.writer.abort()
-            current.lock.release()
+            current.abort()
         sampler.release_unstarted()
-        # Let the shard being published finish (it is complete) before the error goes up; an error of its
-        # own is secondary to the one already raised.
-        try:
-            publisher.wait()
-        except Exception as publish_error:
-            log.error("while stopping: %s", publish_error)
+        publisher.stop_after_error()
         raise
     finally:
         publisher.shutdown()
         progress.close()
-    return written
-
-
-def _open_shard(folder: CacheFolder, sampler: _ClaimingSampler, shard_index: int) -> _OpenShard:
-    index, lock = sampler.claimed.popleft()
-    if index != shard_index:
-        raise RuntimeError(f"images of {shard_name(shard_index)} arrived while {shard_name(index)} was expected")
-    return _OpenShard(index, lock, ShardWriter(folder, index))
+    return publisher.published
 
 
 def _gt_boxes(ground_truth: CocoDataset, image_id: int) -> torch.Tensor:

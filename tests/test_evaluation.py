@@ -1,0 +1,315 @@
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import batched_nms
+
+from vild_pipe.errors import DataError
+from vild_pipe.pipeline.evaluation import (
+    coco_results,
+    crop_probabilities,
+    detections_from_scores,
+    ensemble_probabilities,
+    evaluate_coco,
+    head_probabilities,
+    load_ground_truth,
+    metrics_table,
+)
+
+# id: (name, split, LVIS frequency). "yak" has no ground truth; "kite" is outside the split.
+CATEGORIES = {1: ("cat", "base", "f"), 2: ("dog", "base", "c"), 3: ("zebra", "novel", "r"),
+              4: ("yak", "novel", "r"), 5: ("kite", None, "f")}
+BASE_IDS, NOVEL_IDS = [1, 2], [3, 4]
+# image id -> [(category id, [x, y, w, h])]
+GROUND_TRUTH = {
+    1: [(1, [10, 10, 40, 30]), (2, [60, 50, 30, 40]), (3, [5, 60, 25, 25])],
+    2: [(1, [20, 20, 50, 50]), (1, [100, 100, 40, 60]), (5, [0, 0, 30, 30])],
+    3: [(2, [30, 40, 60, 60]), (3, [120, 10, 50, 40])],
+}
+
+
+def gt_dataset(with_area: bool = True) -> dict:
+    annotations = []
+    for image_id, objects in GROUND_TRUTH.items():
+        for category_id, bbox in objects:
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id, "bbox": bbox}
+            if with_area:
+                ann.update(area=bbox[2] * bbox[3], iscrowd=0)
+            annotations.append(ann)
+    return {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": 192, "height": 192} for i in GROUND_TRUTH],
+        "annotations": annotations,
+        "categories": [{"id": cid, "name": name, "split": split, "frequency": freq}
+                       for cid, (name, split, freq) in CATEGORIES.items()],
+    }
+
+
+@pytest.fixture
+def gt_file(tmp_path):
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt_dataset()))
+    return path
+
+
+def perfect_results(category_ids) -> list[dict]:
+    return [{"image_id": image_id, "category_id": cid, "bbox": bbox, "score": 0.9}
+            for image_id, objects in GROUND_TRUTH.items() for cid, bbox in objects if cid in category_ids]
+
+
+def noisy_results(seed: int = 0) -> list[dict]:
+    """Jittered true boxes with random scores, some wrong labels, and random false positives."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for image_id, objects in GROUND_TRUTH.items():
+        for cid, bbox in objects:
+            for _ in range(3):
+                jitter = rng.normal(0, 4, 4) * [1, 1, 0.5, 0.5]
+                label = cid if rng.random() < 0.8 else int(rng.integers(1, 6))
+                results.append({"image_id": image_id, "category_id": label,
+                                "bbox": np.maximum(np.array(bbox, float) + jitter, 1).round(2).tolist(),
+                                "score": float(rng.random())})
+        for _ in range(6):
+            x, y = rng.uniform(0, 150, 2)
+            results.append({"image_id": image_id, "category_id": int(rng.integers(1, 6)),
+                            "bbox": [round(x, 2), round(y, 2), 30.0, 30.0], "score": float(rng.random() * 0.5)})
+    return results
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def unit(rows: np.ndarray) -> np.ndarray:
+    return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
+
+
+def test_crop_probabilities_softmax_of_cosines_over_all_categories():
+    rng = np.random.default_rng(1)
+    crops, texts = rng.normal(size=(6, 8)) * 3.0, rng.normal(size=(4, 8)) * 0.5  # not unit length
+    probs = crop_probabilities(crops.astype(np.float16), torch.tensor(texts, dtype=torch.float32), temperature=0.1)
+    expected = softmax(unit(crops.astype(np.float16).astype(np.float64)) @ unit(texts).T / 0.1)
+    assert probs.shape == (6, 4)
+    np.testing.assert_allclose(probs.numpy(), expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(dim=1).numpy(), 1.0, rtol=1e-5)
+
+
+def test_crop_probabilities_pick_the_nearest_text():
+    texts = torch.eye(3, 5)
+    crops = texts[[2, 0, 1]] + 0.05
+    assert crop_probabilities(crops, texts).argmax(dim=1).tolist() == [2, 0, 1]
+
+
+def test_head_probabilities_drop_the_background_column():
+    rng = np.random.default_rng(2)
+    regions, texts, background = rng.normal(size=(5, 8)), rng.normal(size=(3, 8)), rng.normal(size=8)
+    probs = head_probabilities(regions, texts, background, temperature=0.2).numpy()
+    classifier = unit(np.vstack([background, texts]))
+    full = softmax(unit(regions) @ classifier.T / 0.2)
+    np.testing.assert_allclose(probs, full[:, 1:], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(probs.sum(axis=1) + full[:, 0], 1.0, rtol=1e-5)
+    assert (probs.sum(axis=1) < 1.0).all()
+
+
+def test_head_probabilities_are_low_for_a_region_on_the_background():
+    texts, background = torch.eye(3, 6), torch.eye(6)[5]
+    regions = torch.stack([background, texts[1]])
+    probs = head_probabilities(regions, texts, background)
+    assert probs[0].max() < 1e-6
+    assert probs[1, 1] > 0.99
+
+
+def test_ensemble_follows_the_geometric_formula():
+    head = torch.tensor([[0.6, 0.2, 0.1], [0.05, 0.5, 0.4]])
+    crop = torch.tensor([[0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+    is_novel = [False, True, True]
+    scores = ensemble_probabilities(head, crop, is_novel).numpy()
+    expected = np.empty((2, 3))
+    for k, novel in enumerate(is_novel):
+        weight = 1 / 3 if novel else 2 / 3
+        expected[:, k] = head[:, k].numpy() ** weight * crop[:, k].numpy() ** (1 - weight)
+    np.testing.assert_allclose(scores, expected, rtol=1e-6)
+    assert scores[0, 0] == pytest.approx(0.6 ** (2 / 3) * 0.3 ** (1 / 3), rel=1e-6)
+    assert scores[1, 2] == pytest.approx(0.4 ** (1 / 3) * 0.6 ** (2 / 3), rel=1e-6)
+    custom = ensemble_probabilities(head, crop, np.array(is_novel), base_text_weight=1.0, novel_text_weight=0.0)
+    np.testing.assert_allclose(custom.numpy(), [[0.6, 0.3, 0.4], [0.05, 0.2, 0.6]], rtol=1e-6)
+
+
+def test_ensemble_rejects_bad_weights_and_shapes():
+    probs = torch.full((2, 3), 1 / 3)
+    with pytest.raises(ValueError, match="base_text_weight"):
+        ensemble_probabilities(probs, probs, [False] * 3, base_text_weight=1.5)
+    with pytest.raises(ValueError, match="is_novel"):
+        ensemble_probabilities(probs, probs, [False] * 2)
+    with pytest.raises(ValueError, match="differ"):
+        ensemble_probabilities(probs, probs[:1], [False] * 3)
+
+
+# ------------------------------------------------------------------------------------------ detections
+
+
+def test_nms_is_per_class():
+    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [50, 50, 60, 60]], dtype=torch.float32)
+    probs = torch.tensor([[0.9, 0.0], [0.0, 0.8], [0.0, 0.0]])
+    kept_boxes, scores, classes = detections_from_scores(boxes, probs)
+    assert classes.tolist() == [0, 1]  # overlapping boxes of different classes both survive
+    assert scores.tolist() == pytest.approx([0.9, 0.8])
+    assert kept_boxes.tolist() == boxes[:2].tolist()
+
+    same_class = torch.tensor([[0.9, 0.0], [0.8, 0.0], [0.7, 0.0]])
+    _, scores, classes = detections_from_scores(boxes, same_class)
+    assert scores.tolist() == pytest.approx([0.9, 0.7])  # box 1 (IoU 0.82 with box 0) suppressed
+    assert classes.tolist() == [0, 0]
+
+
+def test_detections_cap_threshold_and_empty_input():
+    rng = np.random.default_rng(3)
+    corners = rng.uniform(0, 500, (40, 2))
+    boxes = np.hstack([corners, corners + rng.uniform(5, 40, (40, 2))])
+    probs = rng.uniform(0.01, 1.0, (40, 5))
+    _, scores, _ = detections_from_scores(boxes, probs, max_detections=7)
+    assert len(scores) == 7
+    assert (np.diff(scores.numpy()) <= 0).all()
+    _, scores, _ = detections_from_scores(boxes, probs, score_threshold=0.5)
+    assert len(scores) > 0 and scores.min() > 0.5
+    kept_boxes, scores, classes = detections_from_scores(np.zeros((0, 4)), np.zeros((0, 5)))
+    assert kept_boxes.shape == (0, 4) and len(scores) == 0 and len(classes) == 0
+    _, scores, _ = detections_from_scores(boxes, np.zeros((40, 5)))
+    assert len(scores) == 0  # zero scores are not above the default threshold 0
+
+
+def test_top_k_nms_equals_nms_over_every_candidate():
+    rng = np.random.default_rng(4)
+    corners = rng.uniform(0, 200, (300, 2))
+    boxes = torch.tensor(np.hstack([corners, corners + rng.uniform(10, 80, (300, 2))]), dtype=torch.float32)
+    probs = torch.softmax(torch.tensor(rng.normal(size=(300, 12)) * 3, dtype=torch.float32), dim=1)
+    for max_detections in (5, 100, 3000):
+        kept_boxes, scores, classes = detections_from_scores(boxes, probs, max_detections=max_detections)
+        box_index, class_index = torch.meshgrid(torch.arange(300), torch.arange(12), indexing="ij")
+        keep = batched_nms(boxes[box_index.reshape(-1)], probs.reshape(-1), class_index.reshape(-1), 0.5)
+        keep = keep[:max_detections]
+        assert scores.tolist() == probs.reshape(-1)[keep].tolist()
+        assert classes.tolist() == class_index.reshape(-1)[keep].tolist()
+        assert kept_boxes.tolist() == boxes[box_index.reshape(-1)[keep]].tolist()
+
+
+def test_coco_results_records():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 5.5, 4.25]])
+    records = coco_results(7, boxes, torch.tensor([0.75, 0.5]), torch.tensor([2, 0]), category_ids=[11, 12, 13])
+    assert records == [
+        {"image_id": 7, "category_id": 13, "bbox": [10.0, 20.0, 40.0, 60.0], "score": 0.75},
+        {"image_id": 7, "category_id": 11, "bbox": [0.0, 0.0, 5.5, 4.25], "score": 0.5},
+    ]
+    assert json.loads(json.dumps(records)) == records
+    assert coco_results(1, np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int), [1]) == []
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_perfect_base_detections_and_a_missed_novel_class(gt_file, capsys):
+    metrics = evaluate_coco(gt_file, perfect_results({1, 2}), BASE_IDS, NOVEL_IDS)
+    assert capsys.readouterr().out == ""  # pycocotools kept quiet
+    assert metrics["AP50_base"] == pytest.approx(1.0)
+    assert metrics["AP_base"] == pytest.approx(1.0)
+    assert metrics["AP50_novel"] == 0.0  # zebra has ground truth and no detection; yak has none: left out
+    assert metrics["AP50"] == pytest.approx(2 / 3)  # cat, dog, zebra; kite is outside the split
+    by_name = {row["name"]: row for row in metrics["per_category"]}
+    assert set(by_name) == {"cat", "dog", "zebra", "yak"}
+    assert by_name["yak"]["AP"] is None and by_name["yak"]["num_gt"] == 0
+    assert by_name["cat"]["num_gt"] == 3 and by_name["cat"]["split"] == "base"
+    assert (metrics["AP_f"], metrics["AP_c"], metrics["AP_r"]) == (pytest.approx(1.0), pytest.approx(1.0), 0.0)
+    assert metrics["num_categories"] == 4 and metrics["num_categories_with_gt"] == 3
+    assert metrics["num_detections"] == 5 and metrics["num_images"] == 3
+    json.dumps(metrics)
+
+
+def test_no_detections_at_all(gt_file):
+    metrics = evaluate_coco(gt_file, [], BASE_IDS, NOVEL_IDS, frequencies={})
+    assert metrics["AP"] == 0.0 and metrics["AP50_base"] == 0.0 and metrics["AP50_novel"] == 0.0
+    assert metrics["num_detections"] == 0
+    assert "AP_r" not in metrics
+
+
+def test_without_a_split_every_category_counts(gt_file):
+    metrics = evaluate_coco(gt_file, perfect_results({1, 2, 3, 5}), frequencies={})
+    assert metrics["AP"] == pytest.approx(1.0)
+    assert metrics["num_categories"] == 5 and "AP50_novel" not in metrics
+
+
+def test_numbers_equal_a_fresh_cocoeval_on_the_results_file(gt_file, tmp_path):
+    results = noisy_results()
+    results_file = tmp_path / "results.json"
+    results_file.write_text(json.dumps(results))
+    metrics = evaluate_coco(gt_file, json.loads(results_file.read_text()), BASE_IDS, NOVEL_IDS)
+
+    def fresh_stats(category_ids):
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt = COCO(str(gt_file))
+            evaluator = COCOeval(gt, gt.loadRes(str(results_file)), iouType="bbox")
+            evaluator.params.catIds = category_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return evaluator.stats
+
+    everything = fresh_stats(BASE_IDS + NOVEL_IDS)
+    assert 0.05 < metrics["AP50"] < 0.95  # a real, non-trivial case
+    assert metrics["AP"] == pytest.approx(everything[0], rel=1e-12)
+    assert metrics["AP50"] == pytest.approx(everything[1], rel=1e-12)
+    assert metrics["AP75"] == pytest.approx(everything[2], rel=1e-12)
+    base, novel = fresh_stats(BASE_IDS), fresh_stats(NOVEL_IDS)
+    assert metrics["AP50_base"] == pytest.approx(base[1], rel=1e-12)
+    assert metrics["AP_base"] == pytest.approx(base[0], rel=1e-12)
+    assert metrics["AP50_novel"] == pytest.approx(novel[1], rel=1e-12)
+    assert metrics["AP_r"] == pytest.approx(fresh_stats([3, 4])[0], rel=1e-12)
+    assert metrics["AP_f"] == pytest.approx(fresh_stats([1])[0], rel=1e-12)
+    assert metrics["AP_c"] == pytest.approx(fresh_stats([2])[0], rel=1e-12)
+
+
+def test_ground_truth_without_area_or_iscrowd():
+    dataset = gt_dataset(with_area=False)
+    gt = load_ground_truth(dataset)
+    assert all(ann["area"] > 0 and ann["iscrowd"] == 0 for ann in gt.dataset["annotations"])
+    assert "area" not in dataset["annotations"][0]  # the caller's dict is untouched
+    metrics = evaluate_coco(dataset, perfect_results({1, 2, 3}), BASE_IDS, NOVEL_IDS)
+    assert metrics["AP"] == pytest.approx(1.0)
+
+
+def test_evaluation_does_not_change_the_results_records(gt_file):
+    results = perfect_results({1})
+    before = json.dumps(results)
+    evaluate_coco(gt_file, results, BASE_IDS, NOVEL_IDS)
+    assert json.dumps(results) == before
+
+
+def test_bad_inputs_are_one_line_errors(gt_file, tmp_path):
+    with pytest.raises(DataError, match="image ids absent"):
+        evaluate_coco(gt_file, [{"image_id": 99, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 1.0}])
+    with pytest.raises(DataError, match=r"split category ids \[42\]"):
+        evaluate_coco(gt_file, [], base_ids=[1, 42])
+    missing = tmp_path / "missing.json"
+    with pytest.raises(DataError, match="missing.json"):
+        evaluate_coco(missing, [])
+
+
+def test_metrics_table():
+    table = metrics_table({
+        "ViLD": {"AP50_novel": 0.276, "AP50_base": 0.595, "AP50": 0.513, "AP": 0.3},
+        "CLIP-on-crops": {"AP50_novel": None, "AP50_base": 0.1, "AP50": 0.05, "AP": 0.02},
+    })
+    lines = table.strip().splitlines()
+    assert lines[0] == "| mode | novel AP50 | base AP50 | AP50 | AP |"
+    assert lines[2] == "| ViLD | 27.6 | 59.5 | 51.3 | 30.0 |"
+    assert lines[3] == "| CLIP-on-crops | – | 10.0 | 5.0 | 2.0 |"
+    assert len(lines) == 4
+    only = metrics_table({"ViLD": {"AP_r": 0.161, "AP": 0.225}}, metrics=["AP_r", "AP"])
+    assert only.splitlines()[2] == "| ViLD | 16.1 | 22.5 |"

@@ -1,0 +1,256 @@
+"""train-head on a tiny synthetic cache pair: both losses fall, --losses switches terms off, refusals, exact
+resume after SIGKILL, torchrun with two processes trains what one process trains, and the loader's order."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.cache_loader import CacheIndex, RowSelection, StepLoader, StepOrder
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vild_pipe.pipeline.embedding_cache import embedding_fields
+from vild_pipe.pipeline.head import HEAD_NAME, load_head
+from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
+from vild_pipe.pipeline.text_embeddings import TextEmbeddings
+from vild_pipe.stages import train_head
+from vild_pipe.stages.dump_proposals import proposal_fields
+
+IMAGES, PROPOSALS, CHANNELS, DIM, PER_SHARD = 24, 10, 4, 16, 5
+CLIP = {"model": "tiny-clip", "sha256": "a" * 64, "embed_dim": DIM, "input_resolution": 32}
+SPLIT = {"spec": "field", "base_ids": [1, 2, 3], "novel_ids": [4]}
+
+DRIVER = '''
+import json, sys
+from vild_pipe.pipeline.checkpoint import TrainingStopped
+from vild_pipe.stages import train_head
+try:
+    train_head.run(**json.loads(sys.argv[1]))
+except TrainingStopped as stopped:
+    print("STOPPED", stopped.step, flush=True)
+    sys.exit(3)
+'''
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_world(folder, seed=0):
+    """Annotations, a proposal cache with GT rows, its embedding cache and text embeddings, where the features
+    carry the class of the object under the box and the CLIP target is a fixed function of the features."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    patterns = rng.standard_normal((5, CHANNELS, 7, 7))          # background, 3 base, 1 novel
+    projection = rng.standard_normal((CHANNELS * 49, DIM))
+    images, annotations, per_image = [], [], []
+    for image_id in range(1, IMAGES + 1):
+        xy = rng.uniform(0, 60, (3, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(15, 30, (3, 2))], 1)
+        classes = rng.integers(1, 5, 3)                            # class 4 is novel
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 100, "height": 100})
+        for box, label in zip(boxes, classes):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "iscrowd": 0})
+        picks = rng.integers(0, 3, PROPOSALS)
+        proposal_boxes = boxes[picks] + rng.normal(0, 2, (PROPOSALS, 4))
+        proposal_classes = classes[picks].copy()
+        proposal_boxes[-3:] = [[80, 80, 95, 95]] * 3              # background boxes
+        proposal_classes[-3:] = 0
+        base = classes != 4
+        rows_boxes = np.concatenate([proposal_boxes, boxes[base]]).astype(np.float32)
+        rows_classes = np.concatenate([proposal_classes, classes[base]])
+        features = patterns[rows_classes] + 0.3 * rng.standard_normal((len(rows_classes), CHANNELS, 7, 7))
+        emb = features.reshape(len(features), -1) @ projection
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        is_gt = np.arange(len(rows_classes)) >= PROPOSALS
+        per_image.append((image_id, rows_boxes, is_gt, features.astype(np.float16), emb.astype(np.float16)))
+    categories = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "star"},
+                  {"id": 4, "name": "moon"}]
+    annotation_file = folder / "train.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    shards = -(-IMAGES // PER_SHARD)
+    proposals = CacheFolder.open_or_create(
+        folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": True, "split": SPLIT},
+        inputs={"annotations": {"file": "train.json", "sha256": sha256_file(annotation_file)}},
+        fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)
+    embeddings = CacheFolder.open_or_create(
+        folder / "embeddings", stage="cache-embeddings", config={},
+        inputs={"clip": CLIP, "proposals": {"path": str(proposals.path), "fingerprint": proposals.fingerprint}},
+        fields=embedding_fields(DIM), num_shards=shards, images_per_shard=PER_SHARD)
+    for shard in range(shards):
+        with ShardWriter(proposals, shard) as pw, ShardWriter(embeddings, shard) as ew:
+            for image_id, boxes, is_gt, features, emb in per_image[shard * PER_SHARD:(shard + 1) * PER_SHARD]:
+                pw.add_image(image_id, boxes=boxes, scores=np.linspace(1, 0, len(boxes), dtype=np.float32),
+                             is_gt=is_gt, features=features)
+                ew.add_image(image_id, emb_1x=emb, emb_15x=emb, emb=emb)
+    proposals.finalize()
+    embeddings.finalize()
+    texts = torch.nn.functional.normalize(torch.randn(4, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+    TextEmbeddings([c["name"] for c in categories], texts, CLIP).save(folder / "text.pt")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return write_world(tmp_path_factory.mktemp("cache"))
+
+
+def settings(world, run_dir, **overrides):
+    return {"proposals": str(world / "proposals"), "embeddings": str(world / "embeddings"),
+            "annotations": str(world / "train.json"), "run_dir": str(run_dir), "text": str(world / "text.pt"),
+            "iterations": 40, "batch_size": 4, "lr": 0.05, "warmup": 2, "representation_size": 32,
+            "image_rois": 6, "sample_rois": 8, "block_images": 2, "buffer_blocks": 2, "checkpoint_every": 4,
+            "workers": 0, "threads": 1, "seed": 0, "device": "cpu", **overrides}
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / train_head.METRICS_NAME).read_text().splitlines()]
+
+
+def head_weights(run_dir):
+    return torch.load(run_dir / HEAD_NAME, weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("reference")
+    return run_dir, train_head.run(**settings(world, run_dir))
+
+
+def test_both_losses_fall_and_the_head_is_saved_with_its_identities(world, reference):
+    run_dir, summary = reference
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    first, last = records[:4], records[-4:]
+    for term in ("text", "image"):
+        assert np.mean([r[term] for r in last]) < 0.8 * np.mean([r[term] for r in first]), term
+    head, info = load_head(run_dir)
+    assert info["losses"] == "text+image" and info["clip"] == CLIP and info["embed_dim"] == DIM
+    assert info["step"] == 40 and info["base_names"] == ["circle", "square", "star"]
+    assert info["proposals"]["fingerprint"] == CacheFolder.open(world / "proposals").fingerprint
+    assert info["embeddings"]["fingerprint"] == CacheFolder.open(world / "embeddings").fingerprint
+    assert info["config"]["data"]["text"]["names"] == ["circle", "square", "star"]   # the novel name never enters
+    assert summary["steps"] == 40 and summary["trained_steps"] == 40
+
+
+def test_losses_option_switches_each_term_off(world, tmp_path):
+    text_only = train_head.run(**settings(world, tmp_path / "text", losses="text", embeddings=None, iterations=6))
+    image_only = train_head.run(**settings(world, tmp_path / "image", losses="image", text=None, iterations=6))
+    assert all(r["image"] is None and r["text"] > 0 for r in metrics(tmp_path / "text"))
+    assert all(r["text"] is None and r["image"] > 0 for r in metrics(tmp_path / "image"))
+    assert text_only["losses"] == "text" and load_head(tmp_path / "image")[1]["losses"] == "image"
+    with pytest.raises(VildError, match="embedding cache"):
+        train_head.run(**settings(world, tmp_path / "bad", losses="image", embeddings=None))
+    with pytest.raises(VildError, match="--losses"):
+        train_head.run(**settings(world, tmp_path / "bad", losses="both"))
+
+
+def test_rerun_is_a_no_op_and_a_config_change_is_refused(world, reference):
+    run_dir, _ = reference
+    before = head_weights(run_dir)
+    assert train_head.run(**settings(world, run_dir))["trained_steps"] == 0
+    assert all(torch.equal(before[k], v) for k, v in head_weights(run_dir).items())
+    with pytest.raises(VildError, match="another config"):
+        train_head.run(**settings(world, run_dir, lr=0.1))
+
+
+def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):
+    other = write_world(tmp_path / "other", seed=1)
+    with pytest.raises(DataError, match="another proposal cache") as err:
+        train_head.run(**settings(world, tmp_path / "run", embeddings=str(other / "embeddings")))
+    assert "\n" not in str(err.value)
+    names = ["circle", "square", "star", "moon"]
+    TextEmbeddings(names, torch.eye(4, DIM), {**CLIP, "sha256": "b" * 64}).save(tmp_path / "other_clip.pt")
+    with pytest.raises(DataError, match="use one model"):
+        train_head.run(**settings(world, tmp_path / "run", text=str(tmp_path / "other_clip.pt")))
+    with pytest.raises(DataError, match="another annotation file"):
+        train_head.run(**settings(world, tmp_path / "run", annotations=str(other / "train.json")))
+
+
+def test_order_is_a_function_of_seed_and_step_and_covers_each_epoch(world):
+    from vild_pipe.pipeline.shards import CacheFolder as Folder
+    index = CacheIndex.build(Folder.open(world / "proposals"))
+    order = StepOrder(index, 4, seed=0, block_images=2, buffer_blocks=2)
+    epoch = np.concatenate([order.global_images(step) for step in range(IMAGES // 4)])
+    assert sorted(epoch.tolist()) == list(range(IMAGES))
+    assert not np.array_equal(epoch, np.arange(IMAGES))
+    again = StepOrder(index, 4, seed=0, block_images=2, buffer_blocks=2)
+    assert np.array_equal(again.global_images(9), order.global_images(9))
+    assert not np.array_equal(StepOrder(index, 4, seed=1).global_images(0), order.global_images(0))
+    halves = [StepOrder(index, 4, 0, 2, 2, rank=r, world_size=2) for r in range(2)]
+    selection = RowSelection(text=True, image=False, sample_rois=None)
+    ground_truth = {int(i): (np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for i in index.image_ids}
+    single = [b.features for b in StepLoader(order, selection, ground_truth, 3, 8, workers=0)]
+    for workers in (0, 2):
+        parts = [[b.features for b in StepLoader(h, selection, ground_truth, 3, 8, workers=workers)] for h in halves]
+        assert all(torch.equal(torch.cat([a, b]), s) for a, b, s in zip(*parts, single))
+
+
+def start_driver(tmp_path, arguments):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    return subprocess.Popen([sys.executable, str(script), json.dumps(arguments)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            start_new_session=True)
+
+
+def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(world, reference, tmp_path):
+    run_dir = tmp_path / "killed"
+    process = start_driver(tmp_path, settings(world, run_dir, workers=1))
+    deadline = time.monotonic() + 60
+    path = run_dir / train_head.METRICS_NAME
+    while not (path.is_file() and len(path.read_text().splitlines()) >= 10):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no step 10 within 60 s"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+    saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
+    assert saved is not None and 8 <= saved["step"] < 40
+    summary = train_head.run(**settings(world, run_dir))
+    assert summary["trained_steps"] == 40 - saved["step"]
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, 41))
+    expected = head_weights(reference[0])
+    assert all(torch.equal(expected[k], v) for k, v in head_weights(run_dir).items())
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):
+    short = dict(iterations=6)
+    train_head.run(**settings(world, tmp_path / "single", **short))
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script), json.dumps(settings(world, tmp_path / "ddp", **short))]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun hung:\n{process.communicate()[0]}")
+    assert process.returncode == 0, output
+    expected = head_weights(tmp_path / "single")
+    for name, tensor in head_weights(tmp_path / "ddp").items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    ddp, single = metrics(tmp_path / "ddp"), metrics(tmp_path / "single")
+    assert [r["step"] for r in ddp] == list(range(1, 7))
+    assert [r["rois"] for r in ddp] == [r["rois"] for r in single]

@@ -1,0 +1,331 @@
+"""Feeding the head's training from the proposal and embedding caches, in an order that is a function of (seed, step).
+
+Order of one epoch (`epoch_order`, from the shard index alone, no data read): shards in a random order; each
+shard cut into blocks of `block_images` consecutive images (whole HDF5 chunks, read with one sequential
+slice per dataset) taken in a random order; `buffer_blocks` consecutive blocks form a window, the in-memory
+shuffle buffer, whose images are shuffled together. Epochs follow each other as one stream of images; global
+step s trains on stream positions [s*B, (s+1)*B), and torchrun rank r of W on the r-th W-th of them, so W
+processes train on what one would, and a resumed run on what an uninterrupted one would.
+
+The loader (`StepLoader`) hands whole windows to DataLoader workers round-robin (each worker opens its own
+HDF5 files); a worker reads the window's blocks, keeps this rank's images and selects their rows:
+  - text rows: labels by IoU with the image's base GT boxes (`assign_labels`), optionally a balanced sample
+    (`sample_rois`, its random stream a function of (seed, stream position));
+  - image rows: the top `image_rois` proposals (stored by decreasing score; GT rows excluded).
+The main process cuts the windows' images into step batches. Under torchrun each rank reads the blocks of
+its own images, which, the window being shuffled, is most of every window.
+"""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.head import assign_labels, sample_rois
+from vild_pipe.pipeline.shards import CacheFolder
+
+ORDER_PURPOSE, SAMPLE_PURPOSE = 21, 22   # keep the order's and the RoI sampling's random streams apart
+NO_LABEL = -1                            # a row that is not in the ViLD-text sample
+
+
+@dataclass
+class CacheIndex:
+    """Where every image of a cache lives: shard, position in it, its rows; read from the shards' index datasets."""
+
+    proposals: CacheFolder
+    embeddings: CacheFolder | None
+    image_ids: np.ndarray            # (N,) in shard order
+    shard: np.ndarray                # (N,) shard index of each image
+    position: np.ndarray             # (N,) position of the image in its shard
+    row_starts: list[np.ndarray]     # per shard, (n + 1,)
+
+    @classmethod
+    def build(cls, proposals: CacheFolder, embeddings: CacheFolder | None = None) -> "CacheIndex":
+        ids, shards, positions, row_starts = [], [], [], []
+        for index in range(proposals.num_shards):
+            with proposals.read_shard(index) as reader:
+                image_ids, row_start = reader.image_ids, reader.row_start
+            if embeddings is not None:
+                with embeddings.read_shard(index) as reader:
+                    if not (np.array_equal(reader.image_ids, image_ids) and np.array_equal(reader.row_start, row_start)):
+                        raise DataError(f"{embeddings.shard_path(index)}: images or rows differ from"
+                                        f" {proposals.shard_path(index)}; rebuild the embedding cache")
+            ids.append(image_ids)
+            shards.append(np.full(len(image_ids), index, dtype=np.int64))
+            positions.append(np.arange(len(image_ids), dtype=np.int64))
+            row_starts.append(row_start)
+        image_ids = np.concatenate(ids) if ids else np.empty(0, dtype=np.int64)
+        if not len(image_ids):
+            raise DataError(f"{proposals.path}: the cache holds no images")
+        return cls(proposals, embeddings, image_ids, np.concatenate(shards), np.concatenate(positions), row_starts)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def rows(self, image: int) -> int:
+        start = self.row_starts[self.shard[image]]
+        return int(start[self.position[image] + 1] - start[self.position[image]])
+
+    @property
+    def num_rows(self) -> int:
+        return int(sum(start[-1] for start in self.row_starts))
+
+
+@dataclass(frozen=True)
+class Window:
+    """One shuffle buffer of an epoch: its blocks (shard, first, stop image positions) and its images in order."""
+
+    epoch: int
+    start: int                                  # offset of its first image in the epoch's order
+    blocks: tuple[tuple[int, int, int], ...]
+    images: np.ndarray = field(compare=False)   # global image indices, shuffled
+
+
+def epoch_windows(index: CacheIndex, seed: int, epoch: int, block_images: int, buffer_blocks: int) -> list[Window]:
+    """The windows of one epoch: a pure function of (seed, epoch) and the cache's index."""
+    rng = np.random.default_rng([seed, epoch, ORDER_PURPOSE])
+    first_image = np.concatenate([[0], np.cumsum([len(start) - 1 for start in index.row_starts])])
+    blocks = []
+    for shard in rng.permutation(len(index.row_starts)):
+        count = len(index.row_starts[shard]) - 1
+        starts = np.arange(0, count, block_images)
+        for start in starts[rng.permutation(len(starts))]:
+            blocks.append((int(shard), int(start), int(min(start + block_images, count))))
+    windows, offset = [], 0
+    for first in range(0, len(blocks), buffer_blocks):
+        group = tuple(blocks[first:first + buffer_blocks])
+        images = np.concatenate([np.arange(first_image[s] + a, first_image[s] + b) for s, a, b in group])
+        windows.append(Window(epoch, offset, group, images[rng.permutation(len(images))]))
+        offset += len(images)
+    return windows
+
+
+class StepOrder:
+    """Which images global step s trains on, on which rank: stream positions [s*B, (s+1)*B) over the epochs."""
+
+    def __init__(self, index: CacheIndex, global_batch: int, seed: int, block_images: int = 16,
+                 buffer_blocks: int = 8, rank: int = 0, world_size: int = 1):
+        if global_batch < 1 or global_batch % world_size:
+            raise VildError(f"batch size {global_batch} must be a positive multiple of the number of processes"
+                            f" ({world_size})")
+        if block_images < 1 or buffer_blocks < 1:
+            raise VildError(f"block images and buffer blocks must be positive (got {block_images}, {buffer_blocks})")
+        self.index, self.global_batch, self.seed = index, global_batch, seed
+        self.block_images, self.buffer_blocks = block_images, buffer_blocks
+        self.rank, self.world_size = rank, world_size
+        self._cache: dict[int, list[Window]] = {}
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.world_size
+
+    def windows(self, epoch: int) -> list[Window]:
+        if epoch not in self._cache:
+            self._cache = {epoch: epoch_windows(self.index, self.seed, epoch, self.block_images, self.buffer_blocks)}
+        return self._cache[epoch]
+
+    def image_at(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self.index))
+        windows = self.windows(epoch)
+        starts = [window.start for window in windows]
+        window = windows[int(np.searchsorted(starts, offset, side="right")) - 1]
+        return int(window.images[offset - window.start])
+
+    def global_images(self, step: int) -> np.ndarray:
+        """Global image indices of step `step`, across all ranks (a test and benchmark aid)."""
+        return np.array([self.image_at(p) for p in range(step * self.global_batch, (step + 1) * self.global_batch)])
+
+    def is_mine(self, positions: np.ndarray) -> np.ndarray:
+        """Whether each stream position belongs to this rank's part of its step."""
+        return (positions % self.global_batch) // self.local_batch == self.rank
+
+    def windows_between(self, first_step: int, stop_step: int) -> Iterator[tuple[Window, int]]:
+        """(window, stream position of its first image) for every window touching steps [first_step, stop_step)."""
+        first, stop = first_step * self.global_batch, stop_step * self.global_batch
+        if stop <= first:
+            return
+        size = len(self.index)
+        for epoch in range(first // size, (stop - 1) // size + 1):
+            for window in self.windows(epoch):
+                begin = epoch * size + window.start
+                if begin + len(window.images) > first and begin < stop:
+                    yield window, begin
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which rows of an image train which loss, and where the GT of the images is."""
+
+    text: bool
+    image: bool
+    image_rois: int = 300             # top-M proposals for ViLD-image
+    sample_rois: int | None = 512     # RoIs sampled per image for ViLD-text; None: every row
+    foreground_fraction: float = 0.25
+    seed: int = 0
+
+
+def select_rows(rows: dict[str, np.ndarray], gt: tuple[np.ndarray, np.ndarray] | None, selection: RowSelection,
+                position: int) -> dict[str, np.ndarray]:
+    """The rows of one image that train something: features, text label (NO_LABEL if none), image target."""
+    count = len(rows["is_gt"])
+    labels = np.full(count, NO_LABEL, dtype=np.int64)
+    if selection.text:
+        assigned = assign_labels(rows["boxes"], *gt).numpy() if gt is not None else np.zeros(count, dtype=np.int64)
+        if selection.sample_rois is None:
+            labels = assigned
+        else:
+            rng = np.random.default_rng([selection.seed, position, SAMPLE_PURPOSE])
+            chosen = sample_rois(assigned, selection.sample_rois, selection.foreground_fraction, rng)
+            labels[chosen] = assigned[chosen]
+    image_mask = np.zeros(count, dtype=bool)
+    if selection.image:
+        image_mask[np.flatnonzero(~rows["is_gt"])[:selection.image_rois]] = True
+    keep = (labels != NO_LABEL) | image_mask
+    selected = {"features": rows["features"][keep], "labels": labels[keep], "image_mask": image_mask[keep]}
+    if selection.image:
+        selected["emb"] = rows["emb"][keep]
+    return selected
+
+
+class _ShardFiles:
+    """HDF5 handles of this process (a forked worker must not use its parent's)."""
+
+    def __init__(self):
+        self._handles: dict[str, h5py.File] = {}
+
+    def get(self, folder: CacheFolder, shard: int) -> h5py.File:
+        path = str(folder.shard_path(shard))
+        if path not in self._handles:
+            try:
+                self._handles[path] = h5py.File(path, "r")
+            except OSError as err:
+                raise DataError(f"{path}: cannot open the cache shard ({err})") from err
+        return self._handles[path]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+
+class WindowReader(IterableDataset):
+    """Yields, per window of steps [first_step, stop_step), this rank's images in stream order with their rows.
+
+    Worker w of n takes windows w, w+n, ...; DataLoader returns items round-robin, so in window order.
+    An item is (positions (k,), row counts (k,), dict of row arrays concatenated over the k images).
+    """
+
+    def __init__(self, order: StepOrder, selection: RowSelection, ground_truth: dict[int, tuple[np.ndarray, np.ndarray]],
+                 first_step: int, stop_step: int):
+        self.order, self.selection, self.ground_truth = order, selection, ground_truth
+        self.first_step, self.stop_step = first_step, stop_step
+        self.fields = ["boxes", "is_gt", "features"]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        files = _ShardFiles()
+        first, stop = self.first_step * self.order.global_batch, self.stop_step * self.order.global_batch
+        try:
+            for number, (window, begin) in enumerate(self.order.windows_between(self.first_step, self.stop_step)):
+                if number % workers != worker_id:
+                    continue
+                positions = begin + np.arange(len(window.images))
+                wanted = (positions >= first) & (positions < stop) & self.order.is_mine(positions)
+                yield self._read_window(files, window, positions[wanted], window.images[wanted])
+        finally:
+            files.close()
+
+    def _read_window(self, files: _ShardFiles, window: Window, positions: np.ndarray, images: np.ndarray):
+        index = self.order.index
+        blocks = {}
+        for shard, first, stop in window.blocks:
+            row_start = index.row_starts[shard]
+            rows = slice(int(row_start[first]), int(row_start[stop]))
+            h5 = files.get(index.proposals, shard)
+            arrays = {name: h5[name][rows] for name in self.fields}
+            if self.selection.image:
+                arrays["emb"] = files.get(index.embeddings, shard)["emb"][rows]
+            blocks[shard, first] = (row_start[first:stop + 1] - row_start[first], arrays)
+        per_image = []
+        for image, position in zip(images, positions):
+            shard, at = int(index.shard[image]), int(index.position[image])
+            first = at - (at % self.order.block_images)
+            offsets, arrays = blocks[shard, first]
+            rows = slice(int(offsets[at - first]), int(offsets[at - first + 1]))
+            image_rows = {name: array[rows] for name, array in arrays.items()}
+            gt = self.ground_truth.get(int(index.image_ids[image]))
+            per_image.append(select_rows(image_rows, gt, self.selection, int(position)))
+        counts = np.array([len(item["labels"]) for item in per_image], dtype=np.int64)
+        names = per_image[0].keys() if per_image else ()
+        joined = {name: np.concatenate([item[name] for item in per_image]) for name in names}
+        return positions, counts, joined
+
+
+@dataclass
+class StepBatch:
+    """This rank's part of one global step: the selected rows of its images, concatenated."""
+
+    step: int
+    images: int
+    features: torch.Tensor        # (u, C, 7, 7) float16
+    labels: torch.Tensor          # (u,) int64, NO_LABEL for rows outside the ViLD-text sample
+    image_mask: torch.Tensor      # (u,) bool, rows with a ViLD-image target
+    emb: torch.Tensor | None      # (u, D) float16 CLIP targets (rows outside image_mask unused)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then stops them."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StepLoader:
+    """Iterates StepBatch for steps [first_step, stop_step) of this rank, read by `workers` processes."""
+
+    def __init__(self, order: StepOrder, selection: RowSelection, ground_truth: dict[int, tuple[np.ndarray, np.ndarray]],
+                 first_step: int, stop_step: int, workers: int = 2, prefetch: int = 2):
+        self.order, self.first_step, self.stop_step = order, first_step, stop_step
+        self.reader = WindowReader(order, selection, ground_truth, first_step, stop_step)
+        options: dict[str, Any] = {}
+        if workers > 0:
+            options = {"prefetch_factor": prefetch, "worker_init_fn": _ignore_stop_signals,
+                       "persistent_workers": False}
+        self.loader = DataLoader(self.reader, batch_size=None, num_workers=max(0, workers), **options)
+
+    def __len__(self) -> int:
+        return max(0, self.stop_step - self.first_step)
+
+    def __iter__(self) -> Iterator[StepBatch]:
+        pending: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []   # (counts, arrays) of the current step
+        have, step = 0, self.first_step
+        local = self.order.local_batch
+        for positions, counts, arrays in self.loader:
+            positions, counts = np.asarray(positions), np.asarray(counts)
+            arrays = {name: np.asarray(value) for name, value in arrays.items()}
+            row_edges = np.concatenate([[0], np.cumsum(counts)])
+            taken = 0
+            while taken < len(positions):
+                need = local - have
+                part = slice(taken, min(len(positions), taken + need))
+                rows = slice(int(row_edges[part.start]), int(row_edges[part.stop]))
+                pending.append({name: value[rows] for name, value in arrays.items()})
+                have += part.stop - part.start
+                taken = part.stop
+                if have == local:
+                    yield self._batch(step, pending)
+                    pending, have, step = [], 0, step + 1
+        if step != self.stop_step:
+            raise VildError(f"the cache loader ended at step {step}, expected {self.stop_step}")
+
+    def _batch(self, step: int, parts: list[dict[str, np.ndarray]]) -> StepBatch:
+        joined = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        emb = torch.from_numpy(joined["emb"]) if "emb" in joined else None
+        return StepBatch(step, self.order.local_batch, torch.from_numpy(joined["features"]),
+                         torch.from_numpy(joined["labels"]), torch.from_numpy(joined["image_mask"]), emb)

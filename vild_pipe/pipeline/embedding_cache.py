@@ -1,0 +1,61 @@
+"""The embedding cache's schema and the rule that ties it to its proposal cache.
+
+An embedding cache (stage `cache-embeddings`) has the same shards as the proposal cache it was made from:
+shard `shard-00012.h5` of both holds the same images, in the same order, with the same `row_start`, so row
+r of one is the box of row r of the other. Its manifest names the proposal cache's fingerprint and the CLIP
+model's identity; `open_cache_pair` refuses a pair that does not belong together.
+"""
+from __future__ import annotations
+
+import os
+
+from vild_pipe.errors import DataError
+from vild_pipe.pipeline.shards import CacheFolder, RowField
+
+STAGE = "cache-embeddings"
+PROPOSAL_STAGE = "dump-proposals"
+
+ENSEMBLE_FIELD = "emb"
+
+
+def embedding_fields(dim: int, ensemble_only: bool = False) -> dict[str, RowField]:
+    """The per-row datasets of an embedding shard; `ensemble_only` keeps just the ViLD-image target."""
+    fields = {
+        "emb_1x": RowField("float16", (dim,), "L2-normalised CLIP image embedding of the box's crop"),
+        "emb_15x": RowField("float16", (dim,), "L2-normalised CLIP image embedding of the 1.5x box's crop"),
+        ENSEMBLE_FIELD: RowField("float16", (dim,), "normalise(emb_1x + emb_15x): the ViLD-image target"),
+    }
+    return {ENSEMBLE_FIELD: fields[ENSEMBLE_FIELD]} if ensemble_only else fields
+
+
+def embedding_dim(embeddings: CacheFolder) -> int:
+    return int(embeddings.fields[ENSEMBLE_FIELD].shape[0])
+
+
+def clip_identity(embeddings: CacheFolder) -> dict:
+    """The CLIP model an embedding cache was computed with (`Teacher.identity`)."""
+    return embeddings.inputs["clip"]
+
+
+def belongs_to(embeddings: CacheFolder, proposals: CacheFolder) -> bool:
+    source = embeddings.inputs.get("proposals", {})
+    return source.get("fingerprint") == proposals.fingerprint and embeddings.num_shards == proposals.num_shards
+
+
+def open_cache_pair(
+    proposals: str | os.PathLike, embeddings: str | os.PathLike, require_complete: bool = True
+) -> tuple[CacheFolder, CacheFolder]:
+    """The proposal cache and the embedding cache made from it; DataError if they do not belong together."""
+    proposal_folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
+    embedding_folder = CacheFolder.open(embeddings, stage=STAGE)
+    if not belongs_to(embedding_folder, proposal_folder):
+        made_from = embedding_folder.inputs.get("proposals", {})
+        raise DataError(
+            f"{embedding_folder.path}: embedding cache was made from another proposal cache"
+            f" ({made_from.get('path')}, fingerprint {made_from.get('fingerprint')}), not from"
+            f" {proposal_folder.path} (fingerprint {proposal_folder.fingerprint}); rerun cache-embeddings on it"
+        )
+    if require_complete:
+        proposal_folder.require_complete()
+        embedding_folder.require_complete()
+    return proposal_folder, embedding_folder

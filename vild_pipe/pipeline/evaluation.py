@@ -1,0 +1,419 @@
+"""Scoring regions against a vocabulary, turning scores into detections, and COCO/LVIS-style box metrics.
+
+Scoring (one image's boxes at a time; torch in, torch out, numpy accepted; every embedding is L2-normalised
+here in float32, so float16 cache rows give true cosines):
+
+- CLIP-on-crops: softmax over the categories of cos(crop embedding, text embedding) / tau.
+- Head modes (ViLD-text, ViLD-image, ViLD): softmax over [background, categories] of cos / tau with the
+  head's learned background embedding, background column dropped (not renormalised), as the official
+  `GenericDetectionGenerator` does.
+- ViLD-ensemble: per category, text^w * image^(1 - w), w = 2/3 on base and 1/3 on novel categories
+  (DESIGN.md section 2). The product is used as it is, NOT renormalised over the categories: the official
+  code (`projects/vild/ops/postprocess_ops.py`) takes `pow(text * image * third, 1/3)` and hands it
+  straight to NMS, and renormalising each row would change how boxes rank against each other within a
+  category, which is all that AP measures. (There the image side is a second distilled head branch, and
+  its `rare_mask` formula, read literally, gives rare categories text^(2/3); the weights here follow the
+  paper and DESIGN.md, and are parameters.)
+
+Detections: per-class NMS (torchvision `batched_nms`, IoU 0.5) over every (box, category) pair scoring
+above the threshold, best `max_detections` kept per image; computed exactly on a top-k subset (see
+`detections_from_scores`) so a 1203-category vocabulary costs no more than a small one.
+
+Metrics: pycocotools' COCOeval (bbox), run once over the evaluated categories; every reported number is a
+mean of `eval['precision']` entries that are not -1, exactly as `COCOeval.summarize` and LVIS'
+`_summarize` take them, so categories without ground truth in the evaluated images drop out of every mean.
+Numbers are fractions in [0, 1]; None where a group has no category with ground truth.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import batched_nms
+
+from vild_pipe.errors import DataError
+from vild_pipe.pipeline.head import TEMPERATURE
+
+log = logging.getLogger(__name__)
+
+BASE_TEXT_WEIGHT = 2.0 / 3.0
+NOVEL_TEXT_WEIGHT = 1.0 / 3.0
+NMS_IOU_THRESHOLD = 0.5
+MAX_DETECTIONS = 300
+COCO_MAX_DETS = 100
+"""COCOeval's standard detections-per-image for AP (its `maxDets[-1]`); see `evaluate_coco`."""
+
+LVIS_FREQUENCIES = ("r", "c", "f")
+
+METRIC_LABELS: dict[str, str] = {
+    "AP50_novel": "novel AP50",
+    "AP50_base": "base AP50",
+    "AP50": "AP50",
+    "AP": "AP",
+    "AP_novel": "novel AP",
+    "AP_base": "base AP",
+    "AP_r": "AP_r",
+    "AP_c": "AP_c",
+    "AP_f": "AP_f",
+}
+"""Headline metrics in table order, with their column headings."""
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def _normalised(embeddings: torch.Tensor | np.ndarray, device: torch.device | None = None) -> torch.Tensor:
+    tensor = torch.as_tensor(embeddings)
+    if device is not None:
+        tensor = tensor.to(device)
+    return torch.nn.functional.normalize(tensor.float(), dim=-1)
+
+
+def crop_probabilities(crop_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor | np.ndarray,
+                       temperature: float = TEMPERATURE) -> torch.Tensor:
+    """(R, K) class probabilities of CLIP crop embeddings (R, D) over all K categories; rows sum to 1."""
+    crops = _normalised(crop_emb)
+    texts = _normalised(text_emb, crops.device)
+    return torch.softmax(crops @ texts.T / temperature, dim=1)
+
+
+def head_probabilities(region_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor | np.ndarray,
+                       background_emb: torch.Tensor | np.ndarray, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """(R, K) text-branch probabilities: softmax over [background, K categories], background column dropped.
+
+    Rows sum to 1 - p(background), so a box the head calls background scores low for every category.
+    """
+    regions = _normalised(region_emb)
+    classifier = torch.cat([_normalised(background_emb, regions.device).reshape(1, -1),
+                            _normalised(text_emb, regions.device)])
+    return torch.softmax(regions @ classifier.T / temperature, dim=1)[:, 1:]
+
+
+def ensemble_probabilities(head_probs: torch.Tensor | np.ndarray, crop_probs: torch.Tensor | np.ndarray,
+                           is_novel: torch.Tensor | np.ndarray | Sequence[bool],
+                           base_text_weight: float = BASE_TEXT_WEIGHT,
+                           novel_text_weight: float = NOVEL_TEXT_WEIGHT) -> torch.Tensor:
+    """ViLD-ensemble scores (R, K): head^w * crop^(1 - w), w per category from `is_novel` (K,); not renormalised.
+
+    Categories outside the split (neither base nor novel) take the base weights.
+    """
+    for name, weight in (("base_text_weight", base_text_weight), ("novel_text_weight", novel_text_weight)):
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {weight}")
+    head = torch.as_tensor(head_probs).float()
+    crop = torch.as_tensor(crop_probs).to(head.device).float()
+    if head.shape != crop.shape:
+        raise ValueError(f"head probabilities {tuple(head.shape)} and crop probabilities {tuple(crop.shape)} differ")
+    novel = torch.as_tensor(np.asarray(is_novel, dtype=bool)).to(head.device)
+    if novel.shape != head.shape[1:]:
+        raise ValueError(f"is_novel has shape {tuple(novel.shape)}, expected ({head.shape[1]},)")
+    text_weight = torch.where(novel, novel_text_weight, base_text_weight).to(head.dtype)
+    return head.pow(text_weight) * crop.pow(1.0 - text_weight)
+
+
+# ---------------------------------------------------------------------------------------------- detections
+
+
+def detections_from_scores(boxes: torch.Tensor | np.ndarray, probs: torch.Tensor | np.ndarray,
+                           iou_threshold: float = NMS_IOU_THRESHOLD, max_detections: int = MAX_DETECTIONS,
+                           score_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class NMS over every (box, category) pair with score > `score_threshold`; best `max_detections`.
+
+    boxes (R, 4) xyxy, probs (R, K). Returns (boxes (N, 4) float32, scores (N,), class_index (N,) int64),
+    best first, N <= max_detections. Every box competes in every category (ViLD boxes are class-agnostic),
+    so boxes that overlap may both survive under different categories.
+
+    Greedy NMS keeps or drops a candidate looking only at higher-scoring candidates of its category, so NMS
+    run on the top-k candidates by score keeps exactly the full run's survivors among them; k doubles until
+    `max_detections` survive or every candidate is in, which keeps 1000 boxes x 1203 categories cheap.
+    """
+    if max_detections < 1:
+        raise ValueError(f"max_detections must be positive, got {max_detections}")
+    probs = torch.as_tensor(probs).float()
+    boxes = torch.as_tensor(boxes).to(probs.device).float().reshape(-1, 4)
+    if probs.ndim != 2 or probs.shape[0] != boxes.shape[0]:
+        raise ValueError(f"probabilities {tuple(probs.shape)} do not match {boxes.shape[0]} boxes")
+    flat_scores = probs.reshape(-1)
+    candidates = torch.nonzero(flat_scores > score_threshold).squeeze(1)
+    candidate_scores = flat_scores[candidates]
+    num_classes = probs.shape[1]
+    take = min(len(candidates), 4 * max_detections)
+    while True:
+        top_scores, order = torch.topk(candidate_scores, take)
+        chosen = candidates[order]
+        box_index, class_index = chosen // num_classes, chosen % num_classes
+        keep = batched_nms(boxes[box_index], top_scores, class_index, iou_threshold)
+        if len(keep) >= max_detections or take == len(candidates):
+            break
+        take = min(len(candidates), 2 * take)
+    keep = keep[:max_detections]
+    return boxes[box_index[keep]], top_scores[keep], class_index[keep]
+
+
+def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) [x1, y1, x2, y2] -> COCO [x, y, width, height]."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def _numpy(values: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def coco_results(image_id: int, boxes: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,
+                 class_index: torch.Tensor | np.ndarray, category_ids: Sequence[int]) -> list[dict]:
+    """COCO results records {image_id, category_id, bbox [x, y, w, h], score} for one image's detections.
+
+    `category_ids[i]` is the category id of class index i. Plain Python numbers, ready for json and loadRes;
+    bbox rounded to 1/100 pixel (no effect on IoU worth measuring, a third off the file size).
+    """
+    xywh = np.round(xyxy_to_xywh(_numpy(boxes)), 2).tolist()
+    ids = np.asarray(category_ids, dtype=np.int64)[_numpy(class_index).astype(np.int64)].tolist()
+    score_list = _numpy(scores).astype(np.float64).tolist()
+    return [{"image_id": int(image_id), "category_id": cat, "bbox": box, "score": score}
+            for cat, box, score in zip(ids, xywh, score_list)]
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _quiet(verbose: bool):
+    """pycocotools prints progress on stdout; swallow it unless asked for."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+
+
+def load_ground_truth(gt: str | os.PathLike | Mapping | COCO, verbose: bool = False) -> COCO:
+    """A pycocotools COCO over `gt` (annotation file, parsed JSON, or COCO), with `area` and `iscrowd` filled
+    in where annotations lack them (COCOeval needs both; files written by hand or by tools often omit them).
+
+    A COCO passed in is used as is when complete, else copied; the caller's data is never changed.
+    """
+    if isinstance(gt, COCO):
+        dataset = gt.dataset
+    elif isinstance(gt, Mapping):
+        dataset = gt
+    else:
+        where = os.fspath(gt)
+        try:
+            with open(where, encoding="utf-8") as f:
+                dataset = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{where}: cannot read ground-truth annotation file ({exc})") from exc
+    annotations = dataset.get("annotations", [])
+    complete = all("area" in ann and "iscrowd" in ann for ann in annotations)
+    if isinstance(gt, COCO) and complete:
+        return gt
+    dataset = dict(dataset, annotations=[_with_area(ann) for ann in annotations])
+    coco = COCO()
+    coco.dataset = dataset
+    with _quiet(verbose):
+        coco.createIndex()
+    return coco
+
+
+def _with_area(ann: dict) -> dict:
+    if "area" in ann and "iscrowd" in ann:
+        return ann
+    ann = dict(ann)
+    ann.setdefault("iscrowd", 0)
+    ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+    return ann
+
+
+def load_results(gt: COCO, results: Sequence[dict], verbose: bool = False) -> COCO:
+    """pycocotools results object for `results` (copied: loadRes writes into the records).
+
+    An empty list gives a results object with no detections (loadRes itself fails on one); a record on an
+    image that the ground truth does not have is a DataError.
+    """
+    unknown = {int(r["image_id"]) for r in results} - set(gt.getImgIds())
+    if unknown:
+        raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
+                        f"(first: {sorted(unknown)[:5]})")
+    if not results:
+        detections = COCO()
+        detections.dataset = {"images": list(gt.dataset["images"]),
+                              "categories": copy.deepcopy(gt.dataset["categories"]), "annotations": []}
+        with _quiet(verbose):
+            detections.createIndex()
+        return detections
+    with _quiet(verbose):
+        return gt.loadRes([dict(r) for r in results])
+
+
+def run_cocoeval(gt: COCO, detections: COCO, category_ids: Sequence[int], image_ids: Sequence[int] | None = None,
+                 max_dets: int = COCO_MAX_DETS, verbose: bool = False) -> COCOeval:
+    """COCOeval (bbox) over `category_ids`, evaluated and accumulated, for the area range "all" only.
+
+    The small/medium/large ranges are not reported and would cost three quarters of the run time (COCOeval
+    matches every image x category x area); "all" gives the same numbers as a default COCOeval's.
+    """
+    evaluator = COCOeval(gt, detections, iouType="bbox")
+    evaluator.params.catIds = sorted(int(c) for c in category_ids)
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+    evaluator.params.maxDets = [1, 10, max_dets]
+    evaluator.params.areaRng = [[0.0, 1e10]]
+    evaluator.params.areaRngLbl = ["all"]
+    with _quiet(verbose):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
+
+
+def mean_precision(evaluator: COCOeval, category_ids: Sequence[int] | None = None,
+                   iou: float | None = None) -> float | None:
+    """Mean of COCOeval's precision over `category_ids` (None: all evaluated), area "all", the last maxDets,
+    at IoU `iou` (None: every threshold .50:.95), -1 entries (no ground truth) left out; None if nothing left.
+
+    The same number `COCOeval.summarize` prints for AP / AP50 with params.catIds restricted to those ids.
+    """
+    precision = evaluator.eval["precision"]  # (T IoUs, R recalls, K categories, A areas, M maxDets)
+    params = evaluator.params
+    if category_ids is None:
+        positions = list(range(len(params.catIds)))
+    else:
+        where = {cat: k for k, cat in enumerate(params.catIds)}
+        missing = [c for c in category_ids if int(c) not in where]
+        if missing:
+            raise ValueError(f"categories {missing[:5]} were not evaluated")
+        positions = [where[int(c)] for c in category_ids]
+    values = precision[:, :, positions, params.areaRngLbl.index("all"), -1]
+    if iou is not None:
+        thresholds = np.flatnonzero(np.isclose(params.iouThrs, iou))
+        if thresholds.size == 0:
+            raise ValueError(f"IoU {iou} is not among the evaluated thresholds {params.iouThrs.tolist()}")
+        values = values[thresholds]
+    values = values[values > -1]
+    return float(values.mean()) if values.size else None
+
+
+def _frequencies_from_gt(gt: COCO) -> dict[int, str]:
+    return {int(c["id"]): c["frequency"] for c in gt.dataset["categories"] if c.get("frequency") in LVIS_FREQUENCIES}
+
+
+def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Sequence[dict],
+                  base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
+                  frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
+                  max_dets: int = COCO_MAX_DETS, verbose: bool = False) -> dict[str, Any]:
+    """Box metrics of `results` (COCO results records) against the ground truth `gt`.
+
+    Evaluated categories: base + novel when a split is given (the COCO open-vocabulary protocol leaves the
+    other 15 COCO categories out of "all"), else every category of `gt`. `frequencies` (id -> "r"/"c"/"f")
+    default to the categories' LVIS `frequency` fields; pass {} for none. `image_ids` restricts the images
+    (default: all of `gt`'s). `max_dets` is COCOeval's detections per image and category for AP (COCO's
+    standard 100; LVIS counts 300 per image across categories, which pycocotools cannot express).
+
+    Returns plain JSON-ready values: AP, AP50, AP75 (all evaluated categories), AP50_base / AP_base,
+    AP50_novel / AP_novel, AP_r / AP_c / AP_f (only with frequencies), counts, and "per_category" rows
+    {id, name, split, frequency, num_gt, AP, AP50}. A metric is None when its group has no ground truth.
+    AP_r etc. follow LVIS: the mean, over the categories of that frequency with ground truth, of each
+    category's AP at IoU .50:.95 (LVIS' federated negatives and 300-per-image cap are not modelled).
+    pycocotools' own prints are swallowed unless `verbose`.
+    """
+    gt = load_ground_truth(gt, verbose=verbose)
+    base_ids = [int(c) for c in base_ids]
+    novel_ids = [int(c) for c in novel_ids]
+    known = set(gt.getCatIds())
+    unknown = sorted(set(base_ids + novel_ids) - known)
+    if unknown:
+        raise DataError(f"split category ids {unknown[:5]} are not among the ground truth's categories")
+    evaluated = sorted(set(base_ids + novel_ids)) if (base_ids or novel_ids) else sorted(known)
+    evaluated_set = set(evaluated)
+    if frequencies is None:
+        frequencies = _frequencies_from_gt(gt)
+    frequencies = {int(c): f for c, f in frequencies.items() if int(c) in evaluated_set}
+
+    detections = load_results(gt, results, verbose=verbose)
+    evaluator = run_cocoeval(gt, detections, evaluated, image_ids=image_ids, max_dets=max_dets, verbose=verbose)
+
+    metrics: dict[str, Any] = {
+        "AP": mean_precision(evaluator),
+        "AP50": mean_precision(evaluator, iou=0.5),
+        "AP75": mean_precision(evaluator, iou=0.75),
+    }
+    for group, ids in (("base", base_ids), ("novel", novel_ids)):
+        if ids:
+            metrics[f"AP50_{group}"] = mean_precision(evaluator, ids, iou=0.5)
+            metrics[f"AP_{group}"] = mean_precision(evaluator, ids)
+    per_category = _per_category(evaluator, gt, set(base_ids), set(novel_ids), frequencies)
+    if frequencies:
+        for frequency in LVIS_FREQUENCIES:
+            aps = [row["AP"] for row in per_category if row["frequency"] == frequency and row["AP"] is not None]
+            metrics[f"AP_{frequency}"] = float(np.mean(aps)) if aps else None
+    detections_by_category = _count_by_category(detections, evaluator.params.imgIds)
+    metrics.update({
+        "num_images": len(evaluator.params.imgIds),
+        "num_detections": sum(detections_by_category.get(cat, 0) for cat in evaluated),
+        "num_categories": len(evaluated),
+        "num_categories_with_gt": sum(row["num_gt"] > 0 for row in per_category),
+        "max_dets": max_dets,
+        "per_category": per_category,
+    })
+    log.info("evaluated %d detections on %d images, %d categories (%d with ground truth): AP50 %s",
+             metrics["num_detections"], metrics["num_images"], len(evaluated), metrics["num_categories_with_gt"],
+             _percent(metrics["AP50"]))
+    return metrics
+
+
+def _per_category(evaluator: COCOeval, gt: COCO, base: set[int], novel: set[int],
+                  frequencies: Mapping[int, str]) -> list[dict[str, Any]]:
+    num_gt = _count_by_category(gt, evaluator.params.imgIds, count_crowd=False)
+    category_ids = [int(cat) for cat in evaluator.params.catIds]  # COCOeval turns them into numpy ints
+    return [{
+        "id": cat,
+        "name": gt.cats[cat]["name"],
+        "split": "base" if cat in base else "novel" if cat in novel else None,
+        "frequency": frequencies.get(cat),
+        "num_gt": num_gt.get(cat, 0),
+        "AP": mean_precision(evaluator, [cat]),
+        "AP50": mean_precision(evaluator, [cat], iou=0.5),
+    } for cat in category_ids]
+
+
+def _count_by_category(coco: COCO, image_ids: Sequence[int], count_crowd: bool = True) -> dict[int, int]:
+    """Annotations per category on `image_ids`, in one pass (getAnnIds per category is quadratic on LVIS)."""
+    counts: dict[int, int] = {}
+    for image_id in image_ids:
+        for ann in coco.imgToAnns.get(int(image_id), ()):
+            if count_crowd or not ann.get("iscrowd", 0):
+                counts[ann["category_id"]] = counts.get(ann["category_id"], 0) + 1
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- reporting
+
+
+def metrics_table(rows: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None) -> str:
+    """Markdown table, one row per mode, metrics as percentages with one decimal ("–" where undefined).
+
+    `metrics` picks and orders the columns (keys of the metrics dicts); default: the headline metrics of
+    METRIC_LABELS that at least one row has.
+    """
+    if metrics is None:
+        metrics = [key for key in METRIC_LABELS if any(key in row for row in rows.values())]
+    header = "| mode | " + " | ".join(METRIC_LABELS.get(key, key) for key in metrics) + " |"
+    rule = "|---|" + "---:|" * len(metrics)
+    lines = [header, rule]
+    for mode, row in rows.items():
+        cells = [_percent(row.get(key)) for key in metrics]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _percent(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100.0 * float(value):.1f}"

@@ -1,0 +1,400 @@
+"""vild-pipe cache-embeddings: the CLIP teacher's embedding of every cached box, at 1x and 1.5x, into a cache.
+
+Reads a complete proposal cache and the images it was made from, and writes the embedding cache of
+DESIGN.md §5: shard by shard, row-aligned with the proposal shard of the same name, the L2-normalised CLIP
+image embedding of each box's 1x crop (`emb_1x`), of its 1.5x crop (`emb_15x`, the box enlarged about its
+centre and clipped to the image) and of their normalised sum (`emb`, the ViLD-image target), fp16.
+
+Crops. The fast path (default) decodes each image once and resamples every box of a batch of images with
+one `roi_align` call on the teacher's device (`pipeline.crops.crop_squares`): the central square of the
+box, which is what CLIP's `preprocess` keeps of a crop. The reference path (`crop_method="reference"`)
+runs CLIP's own `preprocess` on a PIL crop of each box, in the loader workers; it is the exact, slow
+path the fast one is checked against (tests/test_cache_embeddings.py measures their agreement).
+
+Speed. Decoding runs ahead in DataLoader workers (or batched on the GPU with nvJPEG: `decode="torchvision"`,
+the default on CUDA); the fast crops are made on the GPU, or in the workers on a CPU; the encoder sees `batch_size` crops at a time (fp16 on CUDA, as `clip.load` gives),
+and a finished shard is written by a background thread while the next is computed.
+
+Determinism. Crops are batched within a shard only, so every shard's arrays are a function of the shard's
+images and the model: a killed-and-resumed run, a torchrun run and a `--shard` run fill the same cache as
+one uninterrupted process on the same device.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from vild_pipe.data.coco import CocoDataset, ImageRecord
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.crops import crop_squares, enlarged_boxes, pil_to_uint8_chw, reference_crops
+from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, STAGE, embedding_fields
+from vild_pipe.pipeline.shard_work import (
+    BackgroundPublisher,
+    ClaimingSampler,
+    OpenShard,
+    cache_summary,
+    joined_process_group,
+    log_measured_cost,
+)
+from vild_pipe.pipeline.shards import (
+    CacheFolder,
+    bytes_per_row,
+    effective_worker,
+    format_bytes,
+    parse_shard_option,
+    sha256_file,
+    shards_for_worker,
+)
+from vild_pipe.pipeline.teacher import Teacher, load_teacher
+
+log = logging.getLogger(__name__)
+
+CROP_SCALES = (1.0, 1.5)
+CROP_METHODS = ("fast", "reference")
+DECODERS = ("auto", "pil", "torchvision")
+
+
+def run(
+    proposals: str | os.PathLike,
+    annotations: str | os.PathLike,
+    out: str | os.PathLike,
+    clip: str,
+    images: str | os.PathLike | None = None,
+    crop_method: str = "fast",
+    ensemble_only: bool = False,
+    batch_size: int | None = None,
+    images_per_batch: int = 8,
+    decode: str = "auto",
+    shard: str | tuple[int, int] | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    threads: int = 0,
+    overwrite: bool = False,
+) -> dict:
+    """Fill the embedding cache `out` for every box of the proposal cache `proposals`; returns a summary.
+
+    `annotations` is the file the proposal cache was made from (its images are read again; the file's hash
+    must match); `clip` a CLIP model name or file for `clip.load`. `batch_size` is in crops (default 1024
+    on CUDA, 256 on the CPU); `images_per_batch` images are decoded and cropped together. `ensemble_only`
+    stores just `emb`, a third of the size. `shard` "i/n" takes this job's part of the shards (with
+    torchrun, split again between the ranks). The crop method and the precision make the cache's config:
+    a rerun with another one is refused unless `overwrite`.
+    """
+    if crop_method not in CROP_METHODS:
+        raise VildError(f"--crop-method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
+    if decode not in DECODERS:
+        raise VildError(f"--decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    if batch_size is not None and batch_size < 1:
+        raise VildError(f"--batch-size must be at least 1 crop, got {batch_size}")
+    if images_per_batch < 1:
+        raise VildError(f"--images-per-batch must be at least 1, got {images_per_batch}")
+    if workers < 0:
+        raise VildError(f"--workers must be >= 0, got {workers}")
+    shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
+    if threads:
+        torch.set_num_threads(threads)
+    with joined_process_group(device) as info:
+        started = time.monotonic()
+        proposal_folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
+        proposal_folder.require_complete()
+        dataset = _dataset_of(proposal_folder, annotations, images)
+
+        teacher = load_teacher(clip, info.device)
+        if batch_size is None:
+            batch_size = 1024 if info.device.type == "cuda" else 256
+        if decode == "auto":
+            decode = "torchvision" if info.device.type == "cuda" else "pil"
+        fields = embedding_fields(teacher.embed_dim, ensemble_only)
+        config = {
+            "crop_method": crop_method,
+            "crop_scales": list(CROP_SCALES),
+            "precision": "fp16" if teacher.dtype == torch.float16 else "fp32",
+            "ensemble_only": bool(ensemble_only),
+        }
+        inputs = {"clip": teacher.identity, "proposals": {"fingerprint": proposal_folder.fingerprint}}
+        folder = CacheFolder.open_or_create(
+            out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=proposal_folder.num_shards,
+            images_per_shard=proposal_folder.images_per_shard, overwrite=overwrite,
+        )
+        worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
+        pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
+        if info.rank == 0:
+            _log_expected_cost(folder, proposal_folder, pending, teacher.embed_dim)
+
+        if pending:
+            log.info("worker %d of %d: %d shards to write on %s (%s crops, %s, batch %d crops, %s decode)",
+                     worker, num_workers, len(pending), info.device, crop_method, config["precision"],
+                     batch_size, decode)
+            written = _write_shards(
+                teacher, dataset, proposal_folder, folder, pending, crop_method, decode, batch_size,
+                images_per_batch, workers, show_progress=info.rank == 0,
+            )
+        else:
+            written = []
+            log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
+
+        complete = folder.finalize()
+        summary = cache_summary(folder, written, complete, time.monotonic() - started)
+        summary["crops"] = 2 * sum(proposal_folder.read_marker(i)["rows"] for i in written)
+        log_measured_cost(folder, summary)
+        return summary
+
+
+def _dataset_of(proposal_folder: CacheFolder, annotations, images) -> CocoDataset:
+    """The annotation file the proposal cache was made from (checked by hash), for its image paths."""
+    made_from = proposal_folder.inputs["annotations"]
+    if sha256_file(annotations) != made_from["sha256"]:
+        raise DataError(
+            f"{os.fspath(annotations)}: not the annotation file the proposal cache {proposal_folder.path} was made"
+            f" from ({made_from['file']}, sha256 {made_from['sha256'][:12]}...)"
+        )
+    return CocoDataset.load(annotations, images)
+
+
+def _log_expected_cost(folder: CacheFolder, proposal_folder: CacheFolder, pending: list[int], dim: int) -> None:
+    """What the cache will take on disk, known exactly from the proposal cache's row counts, before writing."""
+    totals = proposal_folder.manifest_summary()
+    row_bytes = bytes_per_row(folder.fields)
+    images = max(totals["images"], 1)
+    pending_rows = sum(proposal_folder.read_marker(i)["rows"] for i in pending)
+    log.info(
+        "embedding cache %s: %s per image (%.1f boxes x %d vectors x %d dims x 2 bytes), %s for %d images in %d"
+        " shards; this worker has %d shards (%d crops) to compute", folder.path,
+        format_bytes(totals["rows"] * row_bytes / images), totals["rows"] / images, len(folder.fields), dim,
+        format_bytes(totals["rows"] * row_bytes), totals["images"], folder.num_shards, len(pending), 2 * pending_rows,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the shard loop
+
+
+class _LoadedImage(NamedTuple):
+    shard: int
+    image_id: int
+    boxes: np.ndarray
+    payload: torch.Tensor | None
+    error: str | None
+
+
+class _ImagesToCrop(Dataset):
+    """What a loader worker hands over for one image of a shard, as a `_LoadedImage`.
+
+    The payload is the decoded uint8 image (decode "pil") or the file's bytes (decode "torchvision") for
+    cropping on the device in the main process, or the finished crops themselves: always for the
+    reference path, and for the fast path when `crop_size` is given (on the CPU, where the workers are the
+    parallel hardware). A bad image comes back as its one-line error instead of an exception (DataLoader
+    would bury it in a traceback).
+    """
+
+    def __init__(self, dataset: CocoDataset, crop_method: str, decode: str, preprocess, crop_size: int | None):
+        self.dataset = dataset
+        self.crop_method = crop_method
+        self.decode = decode
+        self.preprocess = preprocess
+        self.crop_size = crop_size
+        self.positions = {record.id: k for k, record in enumerate(dataset.images)}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key) -> _LoadedImage:
+        shard_index, (image_id, boxes) = key
+        record = self.dataset.images[self.positions[image_id]]
+        try:
+            if self.crop_method == "reference":
+                payload = reference_crops(self.dataset.open_image(record), _crop_boxes(boxes, record),
+                                          self.preprocess)
+            elif self.decode == "torchvision" and _is_jpeg(record.path):
+                payload = torch.frombuffer(bytearray(record.path.read_bytes()), dtype=torch.uint8)
+            else:
+                payload = pil_to_uint8_chw(self.dataset.open_image(record))
+                if self.crop_size is not None:
+                    payload = crop_squares([payload], [torch.from_numpy(_crop_boxes(boxes, record))], self.crop_size)
+        except (DataError, OSError) as err:
+            return _LoadedImage(shard_index, image_id, boxes, None, str(err))
+        return _LoadedImage(shard_index, image_id, boxes, payload, None)
+
+
+def _is_jpeg(path: Path) -> bool:
+    """A JPEG by its magic bytes; an unreadable file is left to the PIL path, which names the problem."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+    except OSError:
+        return False
+
+
+def _crop_boxes(boxes: np.ndarray, record: ImageRecord) -> np.ndarray:
+    """Every crop's box, per image: the R 1x boxes, then the R 1.5x boxes (clipped to the image)."""
+    return np.concatenate([enlarged_boxes(boxes, scale, record.width, record.height) for scale in CROP_SCALES])
+
+
+class _CropEncoder:
+    """Encodes crops in batches of exactly `batch_size` as they come; `finish` encodes the rest.
+
+    Batches never span two shards (the stage calls `finish` at each shard's end), so a shard's embeddings
+    do not depend on which shard came before it.
+    """
+
+    def __init__(self, teacher: Teacher, batch_size: int):
+        self.teacher = teacher
+        self.batch_size = batch_size
+        self._waiting: list[torch.Tensor] = []
+        self._num_waiting = 0
+        self._encoded: list[torch.Tensor] = []
+
+    def add(self, crops: torch.Tensor) -> None:
+        self._waiting.append(crops)
+        self._num_waiting += len(crops)
+        while self._num_waiting >= self.batch_size:
+            waiting = torch.cat(self._waiting)
+            self._encode(waiting[:self.batch_size])
+            self._waiting = [waiting[self.batch_size:]]
+            self._num_waiting = len(self._waiting[0])
+
+    def _encode(self, crops: torch.Tensor) -> None:
+        if len(crops):
+            self._encoded.append(self.teacher.encode_images(crops, batch_size=self.batch_size))
+
+    def finish(self) -> np.ndarray:
+        """Every embedding since the last `finish`, in order, as float32 (N, D) on the CPU."""
+        if self._waiting:
+            self._encode(torch.cat(self._waiting))
+        if self._encoded:
+            encoded = torch.cat(self._encoded).cpu().numpy()
+        else:
+            encoded = np.zeros((0, self.teacher.embed_dim), np.float32)
+        self._waiting, self._num_waiting, self._encoded = [], 0, []
+        return encoded
+
+
+def _write_shards(teacher, dataset, proposal_folder, folder, pending, crop_method, decode, batch_size,
+                  images_per_batch, workers, show_progress) -> list[int]:
+    """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
+    def images_of(index: int) -> list[tuple[int, np.ndarray]]:
+        with proposal_folder.read_shard(index) as reader:
+            boxes = reader.arrays(["boxes"])["boxes"]
+            starts = reader.row_start
+            return [(int(image_id), boxes[starts[k]:starts[k + 1]]) for k, image_id in enumerate(reader.image_ids)]
+
+    sampler = ClaimingSampler(folder, pending, images_of)
+    loader = DataLoader(
+        _ImagesToCrop(dataset, crop_method, decode, teacher.preprocess,
+                      crop_size=teacher.input_resolution if teacher.device.type == "cpu" and workers else None),
+        batch_size=images_per_batch,
+        sampler=sampler, num_workers=workers, collate_fn=list, pin_memory=teacher.device.type == "cuda",
+    )
+    records = {record.id: record for record in dataset.images}
+    encoder = _CropEncoder(teacher, batch_size)
+    publisher = BackgroundPublisher()
+    current: OpenShard | None = None
+    shard_images: list[tuple[int, int]] = []
+    total = 2 * sum(proposal_folder.read_marker(i)["rows"] for i in pending)
+    progress = tqdm(total=total, desc="cache-embeddings", unit="crop", unit_scale=True,
+                    disable=None if show_progress else True)
+
+    def publish_current() -> None:
+        for image_id, rows in _image_rows(encoder.finish(), shard_images, folder.fields):
+            current.writer.add_image(image_id, **rows)
+        publisher.submit(current)
+
+    try:
+        for batch in loader:
+            for item in batch:
+                if item.error is not None:
+                    raise DataError(f"{item.error} (image {item.image_id} has rows in the proposal cache, so it"
+                                    " cannot be skipped here; restore the file)")
+            for shard_index, group in _by_shard(batch):
+                if current is None or current.index != shard_index:
+                    if current is not None:
+                        publish_current()
+                    current, shard_images = sampler.open_next(shard_index), []
+                encoder.add(_crops_of(group, records, crop_method, teacher))
+                shard_images += [(item.image_id, len(item.boxes)) for item in group]
+                progress.update(2 * sum(len(item.boxes) for item in group))
+        if current is not None:
+            publish_current()
+            current = None
+        publisher.wait()
+    except BaseException:
+        if current is not None:
+            current.abort()
+        sampler.release_unstarted()
+        publisher.stop_after_error()
+        raise
+    finally:
+        publisher.shutdown()
+        progress.close()
+    return publisher.published
+
+
+def _by_shard(batch: list[_LoadedImage]) -> list[tuple[int, list[_LoadedImage]]]:
+    """Consecutive runs of a loader batch that belong to one shard."""
+    groups: list[tuple[int, list[_LoadedImage]]] = []
+    for item in batch:
+        if not groups or groups[-1][0] != item.shard:
+            groups.append((item.shard, []))
+        groups[-1][1].append(item)
+    return groups
+
+
+def _crops_of(group: list[_LoadedImage], records: dict, crop_method: str, teacher: Teacher) -> torch.Tensor:
+    """The normalised crops of every box of a group of images: per image its 1x crops, then its 1.5x crops."""
+    size = teacher.input_resolution
+    if crop_method == "reference" or group[0].payload.ndim == 4:  # cropped in the loader workers
+        return torch.cat([torch.zeros(0, 3, size, size)] + [item.payload for item in group if len(item.boxes)])
+    images = _decode(group, records, teacher.device)
+    boxes = [torch.from_numpy(_crop_boxes(item.boxes, records[item.image_id])) for item in group]
+    dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
+    return crop_squares(images, boxes, size, dtype=dtype)
+
+
+def _decode(group: list[_LoadedImage], records: dict, device: torch.device) -> list[torch.Tensor]:
+    """The group's images as uint8 (3, H, W) on `device`: JPEG bytes decoded in one batched call there
+    (nvJPEG on CUDA), images the workers decoded moved over as they are."""
+    images: list[torch.Tensor | None] = [None] * len(group)
+    encoded = [k for k, item in enumerate(group) if item.payload.ndim == 1]
+    for k, item in enumerate(group):
+        if item.payload.ndim == 3:
+            images[k] = item.payload.to(device, non_blocking=True)
+    if encoded:
+        data = [group[k].payload for k in encoded]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+                decoded = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        except RuntimeError as err:
+            paths = ", ".join(os.fspath(records[group[k].image_id].path) for k in encoded)
+            raise DataError(f"{paths}: cannot decode JPEG ({' '.join(str(err).split())[:200]})") from err
+        for k, pixels in zip(encoded, decoded):
+            record = records[group[k].image_id]
+            if tuple(pixels.shape[1:]) != (record.height, record.width):
+                raise DataError(f"{os.fspath(record.path)}: image is {pixels.shape[2]}x{pixels.shape[1]} pixels but"
+                                f" the annotation file says {record.width}x{record.height} for image id {record.id}")
+            images[k] = pixels
+    return images
+
+
+def _image_rows(embeddings: np.ndarray, images: list[tuple[int, int]], fields) -> list[tuple[int, dict]]:
+    """Split a shard's embeddings (per image: R 1x rows then R 1.5x rows) into each image's cache rows."""
+    out, offset = [], 0
+    for image_id, num_boxes in images:
+        one = torch.from_numpy(embeddings[offset:offset + num_boxes])
+        enlarged = torch.from_numpy(embeddings[offset + num_boxes:offset + 2 * num_boxes])
+        offset += 2 * num_boxes
+        rows = {"emb_1x": one, "emb_15x": enlarged, "emb": F.normalize(one + enlarged, dim=-1)}
+        out.append((image_id, {name: rows[name].numpy().astype(np.float16) for name in fields}))
+    if offset != len(embeddings):
+        raise RuntimeError(f"{len(embeddings)} embeddings for {offset} crops")
+    return out
