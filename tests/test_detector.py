@@ -84,6 +84,35 @@ def test_small_detector_is_class_agnostic_and_trains(one_thread):
     assert pooled.shape == (1, 16, 7, 7)
 
 
+def test_base_class_box_head_learns_categories_and_answers_object_vs_background(one_thread):
+    config = DetectorConfig.preset("small", **TINY, box_classes=3)
+    torch.manual_seed(0)
+    model = build_detector(config)
+    predictor = model.roi_heads.box_predictor
+    assert predictor.cls_score.out_features == 4                                # background + 3 base categories
+    images, targets = tiny_batch()
+    for target in targets:
+        target["labels"] = torch.tensor([1, 3])
+    set_sampling_seeds(model, seed=0, step=0, positions=[0, 1])
+    losses = model(images, targets)                                             # trains on 4 classes
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg"}
+
+    features = torch.randn(5, config.representation_size)
+    predictor.train()
+    logits, deltas = predictor(features)
+    assert logits.shape == (5, 4) and deltas.shape == (5, 16)
+    assert torch.equal(deltas[:, :4], deltas[:, 12:])                          # one regression for every class
+    predictor.eval()
+    agnostic, agnostic_deltas = predictor(features)
+    assert agnostic.shape == (5, 2) and agnostic_deltas.shape == (5, 8)
+    object_probability = agnostic.softmax(1)[:, 1]
+    torch.testing.assert_close(object_probability, 1 - logits.softmax(1)[:, 0])
+
+    model.eval()
+    boxes, scores = predict_boxes(model, [torch.rand(3, 96, 96)])[0]
+    assert len(boxes) == len(scores) and (scores <= 1).all()
+
+
 def test_resnet50_fpn_matches_torchvision_layout_and_loads_a_local_backbone_file(tmp_path, one_thread):
     config = DetectorConfig(min_size=64, max_size=64)
     scratch = build_detector(config)

@@ -124,6 +124,15 @@ def test_training_targets_hold_base_boxes_only_all_labelled_object(world):
         np.testing.assert_allclose(target["boxes"].numpy(), boxes[base], atol=1e-4)
     assert novel_seen > 0   # the world has novel objects in these images; none reached a target
 
+    by_category = TrainingImages(view, min_size=96, max_size=96, seed=0, scale_jitter=(1.0, 1.0), hflip=False,
+                                 box_classes=len(view.split.base_ids))
+    base_index = {c: k for k, c in enumerate(view.split.base_ids)}
+    for sample, record in enumerate(view.images[:5]):
+        _, target, _ = by_category[(0, 0, sample)]
+        boxes, categories, _ = full.annotations_for(record.id)
+        expected = [1 + base_index[int(c)] for c in categories[full.split.base_mask(categories)]]
+        assert target["labels"].tolist() == expected
+
 
 def test_flip_and_scale_are_functions_of_seed_step_and_position(world):
     view = CocoDataset.load(world / "train.json").training_view("auto")

@@ -222,6 +222,88 @@ def train_head(proposals, embeddings, annotations, run_dir, sample_rois, clip_gr
               clip_grad_norm=clip_grad_norm or None, **options)
 
 
+EVALUATION_MODES = ["CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble"]
+
+
+@main.command()
+@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--embeddings", type=click.Path(exists=True, file_okay=False),
+              help="cache-embeddings of PROPOSALS: enables CLIP-on-crops and ViLD-ensemble.")
+@click.option("--head-text", type=click.Path(exists=True),
+              help="train-head run folder (or head.pt) trained with --losses text → ViLD-text.")
+@click.option("--head-image", type=click.Path(exists=True),
+              help="Head trained with --losses image → ViLD-image.")
+@click.option("--head-vild", type=click.Path(exists=True),
+              help="Head trained with --losses text+image → ViLD (and, with --embeddings, ViLD-ensemble).")
+@click.option("--clip", help="CLIP model (file or name) to embed every category of ANNOTATIONS → OUT/text_all.pt.")
+@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+              help="Or: an embed-text file holding every category name of ANNOTATIONS.")
+@click.option("--mode", "modes", multiple=True, type=click.Choice(EVALUATION_MODES),
+              help="Evaluate only this mode (repeatable) [default: every mode whose inputs are given].")
+@click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
+@click.option("--ensemble-head", type=click.Choice(["ViLD", "ViLD-text", "ViLD-image"]), default="ViLD",
+              show_default=True, help="Which head's probabilities ViLD-ensemble combines with CLIP's.")
+@click.option("--base-text-weight", default=2 / 3, show_default="2/3",
+              help="Ensemble: score = head^w * clip^(1-w) with this w on base categories.")
+@click.option("--novel-text-weight", default=1 / 3, show_default="1/3", help="Ensemble: w on novel categories.")
+@click.option("--max-detections", default=300, show_default=True, help="Detections kept per image after NMS.")
+@click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the per-class NMS.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+def evaluate(proposals, annotations, out, embeddings, head_text, head_image, head_vild, modes, **options):
+    """Box AP50 on base and novel categories of every ViLD variant, on the val caches PROPOSALS (and
+    --embeddings) of ANNOTATIONS → OUT/results-<mode>.json, OUT/metrics.json, OUT/metrics.md.
+
+    Every box is classified among ALL the categories of ANNOTATIONS (base and novel), by CLIP on its crop
+    (CLIP-on-crops), by each head (ViLD-text, ViLD-image, ViLD), and by the ViLD head and CLIP together
+    (ViLD-ensemble); a mode whose inputs are not given is skipped. Per-class NMS at IoU 0.5, up to 300
+    detections per image, COCOeval on the written results files. Heads of another CLIP model or detector
+    and caches that do not belong together are refused.
+    """
+    from vild_pipe.pipeline.evaluation import metrics_table
+    from vild_pipe.stages import evaluate as stage
+    heads = {"ViLD-text": head_text, "ViLD-image": head_image, "ViLD": head_vild}
+    results = stage.run(proposals, embeddings, annotations, out, heads=heads, modes=list(modes) or None, **options)
+    click.echo(metrics_table(results), nl=False)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--detector", required=True, type=click.Path(exists=True), help="train-rpn run folder or checkpoint.")
+@click.option("--head", required=True, type=click.Path(exists=True), help="train-head run folder or head.pt.")
+@click.option("--clip", required=True,
+              help="The CLIP model (file or name) the head was trained against; another one is refused.")
+@click.option("--vocab", help="Comma-separated names to detect, e.g. 'zebra, teapot, red car'.")
+@click.option("--vocab-file", type=click.Path(exists=True, dir_okay=False),
+              help="Or: a file of names, one per line (# comments and blank lines skipped).")
+@click.option("--out", default="detections", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for detections.json and one <image stem>.png per image.")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="Combine the head with CLIP's embedding of each box's 1x and 1.5x crops (ViLD-ensemble).")
+@click.option("--score-threshold", default=0.05, show_default=True, help="Keep detections scoring above this.")
+@click.option("--top-k", default=100, show_default=True, help="At most this many detections per image.")
+@click.option("--proposals", default=300, show_default=True, help="Detector boxes scored per image.")
+@click.option("--nms-threshold", default=0.5, show_default=True,
+              help="IoU of the detector's class-agnostic NMS and of the final per-class NMS.")
+@click.option("--base-text-weight", default=2 / 3, show_default="2/3",
+              help="Ensemble: head^w * clip^(1-w), w for the names among the head's base categories.")
+@click.option("--novel-text-weight", default=1 / 3, show_default="1/3", help="Ensemble: w for every other name.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
+def detect(images, **options):
+    """Detect any named objects in IMAGES: boxes, names and scores → OUT/detections.json (COCO format)
+    and OUT/<image stem>.png with the detections drawn.
+
+    Give the names with --vocab or --vocab-file; names among the categories the head was trained on count
+    as base in the ensemble, every other name as novel. Runs on the CPU or a GPU.
+    """
+    from vild_pipe.stages import detect as stage
+    summary = stage.run(list(images), **options)
+    click.echo(f"{summary['detections']} detections on {summary['images']} image(s) → {summary['json']}")
+
+
 @main.command("train-rpn")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
 @click.argument("run_dir", type=click.Path(file_okay=False))
@@ -232,6 +314,10 @@ def train_head(proposals, embeddings, annotations, run_dir, sample_rois, clip_gr
               help="Detector preset; `small` trains in minutes on a CPU (the demo's).")
 @click.option("--backbone-init", default="none", show_default=True,
               help="none, imagenet (torchvision's weights, downloads) or a local state-dict file.")
+@click.option("--box-classes", type=click.Choice(["object", "base"]), default="object", show_default=True,
+              help="What the box head learns: object vs background, or the base categories (gives a backbone "
+                   "trained from scratch category features, as ViLD's end-to-end training does); the boxes "
+                   "it outputs are class-agnostic either way.")
 @click.option("--min-size", type=int, help="Image shorter side, pixels [preset: small 192, resnet50-fpn 800].")
 @click.option("--max-size", type=int, help="Longer-side cap, pixels [preset: small 320, resnet50-fpn 1333].")
 @click.option("--iterations", type=int, help="Training steps [preset: small 600, resnet50-fpn 90000].")

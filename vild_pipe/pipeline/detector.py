@@ -94,6 +94,7 @@ class DetectorConfig:
     box_score_thresh: float = 0.0
     box_nms_thresh: float = 0.7              # class-agnostic: the head applies its own per-class NMS 0.5 later
     box_detections_per_img: int = 100
+    box_classes: int = 1                     # classes the box head learns: 1 (object) or the K base categories
 
     def __post_init__(self) -> None:
         # Accept lists (JSON) and store tuples, so configs compare and hash alike however they were made.
@@ -114,6 +115,8 @@ class DetectorConfig:
             raise VildError(f"small_widths must give 4 stage widths, got {list(self.small_widths)}")
         if self.min_size < 32 or self.max_size < self.min_size:
             raise VildError(f"image sizes must satisfy 32 <= min_size <= max_size (got {self.min_size}, {self.max_size})")
+        if self.box_classes < 1:
+            raise VildError(f"box_classes must be at least 1, got {self.box_classes}")
         if not 0 <= self.trainable_backbone_layers <= 5:
             raise VildError(f"trainable_backbone_layers must be 0-5, got {self.trainable_backbone_layers}")
 
@@ -389,6 +392,39 @@ def set_sampling_seeds(model: nn.Module, seed: int, step: int, positions: Sequen
                                   for p in positions]
 
 
+class BaseClassPredictor(nn.Module):
+    """A box classifier that learns the K base categories and answers class-agnostically.
+
+    ViLD trains its detector end to end with the ViLD losses, so its backbone learns what tells the base
+    categories apart. Here the head trains on cached features of a frozen detector, so the detector must
+    learn that itself: in training this predictor classifies [background, K base categories] (novel boxes
+    are still never seen) with one box regression shared by all classes; in eval mode it returns two
+    classes, background and object, with the object logit logsumexp(category logits), so softmax gives
+    p(object) = 1 - p(background) and every consumer of a class-agnostic detector works unchanged.
+    """
+
+    def __init__(self, in_channels: int, num_base_classes: int):
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, 1 + num_base_classes)
+        self.bbox_pred = nn.Linear(in_channels, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.flatten(start_dim=1)
+        logits = self.cls_score(x)
+        deltas = self.bbox_pred(x)
+        if self.training:
+            return logits, deltas.repeat(1, logits.shape[1])
+        agnostic = torch.stack([logits[:, 0], torch.logsumexp(logits[:, 1:], dim=1)], dim=1)
+        return agnostic, deltas.repeat(1, NUM_CLASSES)
+
+
+def box_predictor(config: DetectorConfig) -> nn.Module:
+    """torchvision's 2-class predictor (object vs background), or the base-category one (`box_classes` > 1)."""
+    if config.box_classes == 1:
+        return FastRCNNPredictor(config.representation_size, NUM_CLASSES)
+    return BaseClassPredictor(config.representation_size, config.box_classes)
+
+
 def build_detector(config: DetectorConfig, init_backbone: bool = True) -> FasterRCNN:
     """A class-agnostic Faster R-CNN (num_classes=2) for `config`, in training mode.
 
@@ -420,7 +456,7 @@ def build_detector(config: DetectorConfig, init_backbone: bool = True) -> Faster
         rpn_positive_fraction=config.rpn_positive_fraction,
         box_roi_pool=roi_pool,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(config.representation_size, NUM_CLASSES),
+        box_predictor=box_predictor(config),
         box_score_thresh=config.box_score_thresh,
         box_nms_thresh=config.box_nms_thresh,
         box_detections_per_img=config.box_detections_per_img,

@@ -213,14 +213,14 @@ class _ImagesToCrop(Dataset):
         record = self.dataset.images[self.positions[image_id]]
         try:
             if self.crop_method == "reference":
-                payload = reference_crops(self.dataset.open_image(record), _crop_boxes(boxes, record),
+                payload = reference_crops(self.dataset.open_image(record), crop_boxes_1x_15x(boxes, record),
                                           self.preprocess)
             elif self.decode == "torchvision" and _is_jpeg(record.path):
                 payload = torch.frombuffer(bytearray(record.path.read_bytes()), dtype=torch.uint8)
             else:
                 payload = pil_to_uint8_chw(self.dataset.open_image(record))
                 if self.crop_size is not None:
-                    payload = crop_squares([payload], [torch.from_numpy(_crop_boxes(boxes, record))], self.crop_size)
+                    payload = crop_squares([payload], [torch.from_numpy(crop_boxes_1x_15x(boxes, record))], self.crop_size)
         except (DataError, OSError) as err:
             return _LoadedImage(shard_index, image_id, boxes, None, str(err))
         return _LoadedImage(shard_index, image_id, boxes, payload, None)
@@ -235,7 +235,7 @@ def _is_jpeg(path: Path) -> bool:
         return False
 
 
-def _crop_boxes(boxes: np.ndarray, record: ImageRecord) -> np.ndarray:
+def crop_boxes_1x_15x(boxes: np.ndarray, record: ImageRecord) -> np.ndarray:
     """Every crop's box, per image: the R 1x boxes, then the R 1.5x boxes (clipped to the image)."""
     return np.concatenate([enlarged_boxes(boxes, scale, record.width, record.height) for scale in CROP_SCALES])
 
@@ -305,7 +305,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending, crop_metho
                     disable=None if show_progress else True)
 
     def publish_current() -> None:
-        for image_id, rows in _image_rows(encoder.finish(), shard_images, folder.fields):
+        for image_id, rows in image_embedding_rows(encoder.finish(), shard_images, folder.fields):
             current.writer.add_image(image_id, **rows)
         publisher.submit(current)
 
@@ -355,7 +355,7 @@ def _crops_of(group: list[_LoadedImage], records: dict, crop_method: str, teache
     if crop_method == "reference" or group[0].payload.ndim == 4:  # cropped in the loader workers
         return torch.cat([torch.zeros(0, 3, size, size)] + [item.payload for item in group if len(item.boxes)])
     images = _decode(group, records, teacher.device)
-    boxes = [torch.from_numpy(_crop_boxes(item.boxes, records[item.image_id])) for item in group]
+    boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, records[item.image_id])) for item in group]
     dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
     return crop_squares(images, boxes, size, dtype=dtype)
 
@@ -386,7 +386,7 @@ def _decode(group: list[_LoadedImage], records: dict, device: torch.device) -> l
     return images
 
 
-def _image_rows(embeddings: np.ndarray, images: list[tuple[int, int]], fields) -> list[tuple[int, dict]]:
+def image_embedding_rows(embeddings: np.ndarray, images: list[tuple[int, int]], fields) -> list[tuple[int, dict]]:
     """Split a shard's embeddings (per image: R 1x rows then R 1.5x rows) into each image's cache rows."""
     out, offset = [], 0
     for image_id, num_boxes in images:

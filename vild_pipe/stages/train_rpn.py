@@ -60,6 +60,7 @@ TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "small": {"iterations": 600, "batch_size": 4, "lr": 0.02, "warmup": 100, "schedule": "cosine"},
     "resnet50-fpn": {"iterations": 90000, "batch_size": 16, "lr": 0.02, "warmup": 1000, "schedule": "step"},
 }
+BOX_CLASSES = ("object", "base")
 SCHEDULES = ("cosine", "step")
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
 STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
@@ -75,8 +76,15 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
         scale_jitter: tuple[float, float] = (0.75, 1.25), hflip: bool = True, checkpoint_every: int = 200,
         seed: int = 0, device: str = "auto", workers: int = 2, amp: bool = True,
         val: str | os.PathLike | None = None, val_images: str | os.PathLike | None = None, top_k: int = 100,
-        threads: int = 0, detector_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume, or find finished) the detector in `run_dir`; returns a summary of the run."""
+        threads: int = 0, box_classes: str = "object", detector_options: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
+    """Train (or resume, or find finished) the detector in `run_dir`; returns a summary of the run.
+
+    `box_classes`: "object" trains the box head on object vs background (DESIGN.md's class-agnostic
+    detector); "base" trains it on the base categories (`BaseClassPredictor`), which teaches a backbone
+    trained from scratch the category features ViLD's end-to-end training gives it. Either way only base
+    boxes are seen and the detector's outputs are class-agnostic.
+    """
     started = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -84,10 +92,15 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     info = init_distributed(device)
     owns_process_group = info.is_distributed
 
+    if box_classes not in BOX_CLASSES:
+        raise VildError(f"--box-classes must be one of {', '.join(BOX_CLASSES)}, got {box_classes!r}")
+    train_set = CocoDataset.load(annotations, images).training_view(split)
+    detector_options = dict(detector_options or {})
+    if box_classes == "base":
+        detector_options["box_classes"] = len(train_set.split.base_ids)
     detector = _detector_config(backbone, backbone_init, min_size, max_size, detector_options)
     hyper = _training_settings(detector.backbone, iterations, batch_size, lr, warmup, schedule)
     _check_settings(hyper, scale_jitter, checkpoint_every, top_k)
-    train_set = CocoDataset.load(annotations, images).training_view(split)
     use_amp = bool(amp) and info.device.type == "cuda"
     config = {
         "detector": detector.to_dict(),
@@ -275,13 +288,19 @@ def image_flip(seed: int, step: int, position: int) -> bool:
 class TrainingImages(Dataset):
     """Item (step, position, sample): the image resized to the step's scale, maybe flipped, with its target.
 
-    Target boxes are the image's non-crowd boxes of the training view, all labelled 1 (object); crowd boxes
+    Target boxes are the image's non-crowd boxes of the training view, labelled 1 (object) or 1 + their base
+    category's index (`box_classes` > 1); crowd boxes
     are left out (torchvision's Faster R-CNN has no ignore regions).
     """
 
     def __init__(self, dataset: CocoDataset, min_size: int, max_size: int, seed: int,
-                 scale_jitter: Sequence[float], hflip: bool):
+                 scale_jitter: Sequence[float], hflip: bool, box_classes: int = 1):
         self.dataset = dataset
+        self.base_index = {int(c): k for k, c in enumerate(sorted(dataset.split.base_ids))}
+        if box_classes not in (1, len(self.base_index)):
+            raise VildError(f"the detector's box head learns {box_classes} classes but the split has"
+                            f" {len(self.base_index)} base categories")
+        self.box_classes = box_classes
         self.min_size, self.max_size = min_size, max_size
         self.seed = seed
         self.scale_jitter = tuple(scale_jitter)
@@ -290,10 +309,16 @@ class TrainingImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def box_labels(self, category_ids: np.ndarray) -> np.ndarray:
+        """1 (object) for every box, or 1 + the base category's index when the box head learns the categories."""
+        if self.box_classes == 1:
+            return np.ones(len(category_ids), dtype=np.int64)
+        return np.array([1 + self.base_index[int(c)] for c in category_ids], dtype=np.int64)
+
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         step, position, sample = key
         record = self.dataset.images[sample]
-        boxes, _, crowd = self.dataset.annotations_for(record.id)
+        boxes, categories, crowd = self.dataset.annotations_for(record.id)
         image = pil_to_tensor(self.dataset.open_image(record)).float().div_(255)
         boxes = torch.from_numpy(boxes[~crowd])
         image, boxes = resize_for_training(image, boxes, self.min_size, self.max_size,
@@ -302,7 +327,7 @@ class TrainingImages(Dataset):
             image = image.flip(-1)
             boxes = torch.stack([image.shape[-1] - boxes[:, 2], boxes[:, 1], image.shape[-1] - boxes[:, 0],
                                  boxes[:, 3]], dim=1)
-        target = {"boxes": boxes, "labels": torch.ones(len(boxes), dtype=torch.int64)}
+        target = {"boxes": boxes, "labels": torch.from_numpy(self.box_labels(categories[~crowd]))}
         return image, target, position
 
 
@@ -350,7 +375,7 @@ def _step_loader(train_set: CocoDataset, sampler: StepSampler, config: dict[str,
                  workers: int, device: torch.device) -> DataLoader:
     detector = config["detector"]
     dataset = TrainingImages(train_set, detector["min_size"], detector["max_size"], config["seed"],
-                             config["scale_jitter"], config["hflip"])
+                             config["scale_jitter"], config["hflip"], detector.get("box_classes", 1))
     return DataLoader(dataset, batch_sampler=_StepBatches(sampler, first_step, config["iterations"]),
                       num_workers=max(0, workers), collate_fn=_collate, pin_memory=device.type == "cuda",
                       worker_init_fn=_ignore_stop_signals if workers > 0 else None)

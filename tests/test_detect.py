@@ -1,0 +1,164 @@
+"""detect on a real photograph (scikit-image's astronaut) with a free-text vocabulary, a tiny detector, a tiny
+CLIP and an untrained head: the COCO JSON and the drawings, the ensemble's crop embeddings equal to what
+cache-embeddings stores for the same boxes, and one-line errors for bad vocabularies, images and models."""
+import json
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
+from vild_pipe.pipeline.evaluation import detections_from_scores, head_probabilities
+from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
+from vild_pipe.pipeline.proposals import propose_with_features
+from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
+from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
+from vild_pipe.stages import cache_embeddings, detect
+from vild_pipe.stages.dump_proposals import proposal_fields
+
+TINY_DETECTOR = dict(small_widths=(8, 16, 16, 32), fpn_channels=16, min_size=96, max_size=96,
+                     rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, representation_size=64)
+TINY_CLIP = SmallClipConfig(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=8,
+                            transformer_width=64, transformer_layers=1)
+VOCAB = "astronaut, american flag, red car, zebra"
+NAMES = ["astronaut", "american flag", "red car", "zebra"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny detector, a tiny CLIP, an untrained head matching both (base names: zebra and a category
+    outside the vocabulary), and the astronaut photograph as JPEG."""
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    config = DetectorConfig.preset("small", **TINY_DETECTOR)
+    save_final_model(folder / "rpn", build_detector(config), config, step=0)
+    clip_file = folder / "tiny-clip.pt"
+    save_clip(TINY_CLIP.build(), clip_file)
+    clip = {"model": clip_file.name, "sha256": sha256_file(clip_file), "embed_dim": 32, "input_resolution": 32}
+    head = ViLDHead(HeadConfig(in_channels=16, representation_size=32, embed_dim=32))
+    save_head(folder / "head.pt", head, {"losses": "text+image", "clip": clip, "embed_dim": 32, "step": 0,
+                                         "base_names": ["Zebra", "kite"], "temperature": 0.01, "config": {}})
+    photo = folder / "astronaut.jpg"
+    Image.fromarray(skimage.data.astronaut()).save(photo, quality=90)
+    return {"folder": folder, "detector": folder / "rpn", "clip": str(clip_file), "head": folder / "head.pt",
+            "photo": photo}
+
+
+def detect_kwargs(models, out, **overrides):
+    return {"images": [models["photo"]], "detector": models["detector"], "head": models["head"], "out": out,
+            "vocab": VOCAB, "clip": models["clip"], "score_threshold": 0.0, "top_k": 25, "device": "cpu",
+            **overrides}
+
+
+def test_detections_json_and_drawings_of_a_photograph(models, tmp_path):
+    second = tmp_path / "copy" / "astronaut.jpg"
+    second.parent.mkdir()
+    second.write_bytes(models["photo"].read_bytes())
+    out = tmp_path / "out"
+    summary = detect.run(**detect_kwargs(models, out, images=[models["photo"], second]))
+
+    coco = COCO(str(out / "detections.json"))
+    assert [coco.cats[k]["name"] for k in sorted(coco.cats)] == NAMES
+    assert [image["file_name"] for image in coco.dataset["images"]] == [str(models["photo"]), str(second)]
+    annotations = coco.dataset["annotations"]
+    assert summary["detections"] == len(annotations) == 2 * 25  # threshold 0: every image fills its top-k
+    boxes = np.array([a["bbox"] for a in annotations])
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, :2] + boxes[:, 2:] <= 512 + 1e-6).all()
+    assert all(a["category_name"] == NAMES[a["category_id"] - 1] and 0 <= a["score"] <= 1 for a in annotations)
+    first_image = [a for a in annotations if a["image_id"] == 1]
+    second_image = [a for a in annotations if a["image_id"] == 2]
+    assert [a["score"] for a in first_image] == [a["score"] for a in second_image]  # the same pixels
+
+    assert sorted(p.name for p in out.glob("*.png")) == ["astronaut-2.png", "astronaut.png"]
+    photo = np.asarray(Image.open(models["photo"]).convert("RGB")).astype(int)
+    drawn = np.asarray(Image.open(out / "astronaut.png").convert("RGB")).astype(int)
+    assert drawn.shape == photo.shape
+    best = max(first_image, key=lambda a: a["score"])  # drawn last: nothing covers its box
+    x, y, width, height = best["bbox"]
+    edge = (int(round(y + height / 2)), int(np.clip(round(x), 0, 511)))
+    assert np.abs(drawn[edge] - photo[edge]).max() > 0
+    assert np.abs(drawn - photo).max(axis=2).astype(bool).mean() < 0.9  # boxes drawn, not the picture replaced
+
+
+def test_head_only_scores_are_the_heads_probabilities(models, tmp_path):
+    summary = detect.run(**detect_kwargs(models, tmp_path, ensemble=False, top_k=10))
+    assert not summary["ensemble"] and summary["detections"] == 10
+
+    model, _, _ = load_detector(models["detector"])
+    head, _ = load_head(models["head"])
+    texts = load_teacher(models["clip"]).text_embeddings(NAMES)
+    pixels = torch.from_numpy(np.asarray(Image.open(models["photo"]).convert("RGB")).copy()).permute(2, 0, 1)
+    proposed = propose_with_features(model, [pixels])[0]
+    with torch.no_grad():
+        probs = head_probabilities(head(proposed.features), texts, head.background_embedding())
+    _, scores, classes = detections_from_scores(proposed.boxes, probs, max_detections=10)
+    written = json.loads((tmp_path / "detections.json").read_text())["annotations"]
+    assert [a["score"] for a in written] == pytest.approx(scores.tolist(), rel=1e-5)
+    assert [a["category_id"] - 1 for a in written] == classes.tolist()
+
+
+def test_ensemble_crops_are_what_cache_embeddings_stores_and_zebra_is_base(models, tmp_path):
+    """The same boxes through cache-embeddings (a hand-written one-image proposal cache) give the same `emb`."""
+    model, _, _ = load_detector(models["detector"])
+    pixels = torch.from_numpy(np.asarray(Image.open(models["photo"]).convert("RGB")).copy()).permute(2, 0, 1)
+    boxes = propose_with_features(model, [pixels], top_n=40)[0].boxes.numpy()
+    annotation_file = tmp_path / "one.json"
+    annotation_file.write_text(json.dumps({
+        "images": [{"id": 3, "file_name": str(models["photo"]), "width": 512, "height": 512}],
+        "annotations": [], "categories": [{"id": 1, "name": "astronaut"}]}))
+    proposals = CacheFolder.open_or_create(
+        tmp_path / "proposals", stage="dump-proposals", config={},
+        inputs={"annotations": {"file": "one.json", "sha256": sha256_file(annotation_file)}},
+        fields=proposal_fields((16, 7, 7)), num_shards=1, images_per_shard=1)
+    with ShardWriter(proposals, 0) as writer:
+        writer.add_image(3, boxes=boxes, scores=np.ones(len(boxes), np.float32), is_gt=np.zeros(len(boxes), bool),
+                         features=np.zeros((len(boxes), 16, 7, 7), np.float16))
+    proposals.finalize()
+    cache_embeddings.run(proposals.path, annotation_file, tmp_path / "embeddings", models["clip"], device="cpu",
+                         workers=0)
+    with CacheFolder.open(tmp_path / "embeddings").read_shard(0) as reader:
+        cached = reader.rows_for(3)["emb"]
+
+    teacher = load_teacher(models["clip"])
+    computed = detect.crop_embeddings(teacher, pixels, boxes, models["photo"])
+    assert computed.dtype == torch.float16
+    np.testing.assert_array_equal(computed.numpy(), cached)
+    assert detect._novel_names(["zebra", "red car", " ZEBRA "], {"base_names": ["Zebra"]}).tolist() == [
+        False, True, False]
+
+
+def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path):
+    def error(exception, **overrides):
+        with pytest.raises(exception) as raised:
+            detect.run(**detect_kwargs(models, tmp_path / "out", **overrides))
+        message = str(raised.value)
+        assert "\n" not in message
+        return message
+
+    assert "empty category name" in error(VildError, vocab="")
+    assert "duplicate category name 'zebra'" in error(VildError, vocab="zebra, red car, zebra")
+    assert "give the category names one way" in error(VildError, vocab=None)
+    missing = tmp_path / "nowhere" / "missing.jpg"
+    assert error(VildError, images=[models["photo"], missing]) == f"{missing}: no such image file"
+    assert "--clip is required" in error(VildError, clip=None)
+    other_clip = tmp_path / "other-clip.pt"
+    torch.manual_seed(1)
+    save_clip(TINY_CLIP.build(), other_clip)
+    assert "was trained against CLIP tiny-clip.pt" in error(DataError, clip=str(other_clip))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    assert error(DataError, images=[tmp_path / "broken.jpg"]).startswith(f"{tmp_path / 'broken.jpg'}: cannot decode")
+    assert not (tmp_path / "out" / "detections.json").exists()

@@ -1,0 +1,205 @@
+"""vild-pipe detect: open-vocabulary detection on your own images, with any list of category names.
+
+Per image (DESIGN.md §2, inference): the class-agnostic detector's top boxes and their RoIAlign features
+(`propose_with_features`, as dump-proposals stores them) -> the ViLD head's region embeddings -> softmax over
+[the head's background, the vocabulary's CLIP text embeddings] / τ, background dropped. Unless the ensemble
+is switched off, the teacher also embeds each box's 1x and 1.5x crops exactly as cache-embeddings does
+(normalise(e1x + e1.5x), the same crops and fp16 rounding) and the two are combined geometrically
+(`ensemble_probabilities`): a name among the head's base categories is weighted like a base category, every
+other name like a novel one. Per-class NMS, a score threshold and a cap per image give the detections.
+
+Writes OUT/detections.json (COCO format: the vocabulary as categories, detections as annotations with a
+`score`) and OUT/<image stem>.png, the image with its detections drawn.
+
+The text embeddings come from `clip`, which must be the CLIP model the head was trained against (its
+recorded identity is checked): a head's region embeddings live in its own teacher's space.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vild_pipe.data.coco import ImageRecord
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.crops import crop_squares, pil_to_uint8_chw
+from vild_pipe.pipeline.detector import load_detector
+from vild_pipe.pipeline.distributed import pick_device
+from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
+from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields
+from vild_pipe.pipeline.evaluation import (
+    BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
+    ensemble_probabilities, head_probabilities,
+)
+from vild_pipe.pipeline.head import TEMPERATURE, load_head
+from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.teacher import Teacher, load_teacher
+from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
+from vild_pipe.stages.cache_embeddings import crop_boxes_1x_15x, image_embedding_rows
+
+log = logging.getLogger(__name__)
+
+JSON_NAME = "detections.json"
+
+
+def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
+        out: str | os.PathLike, vocab: str | None = None, vocab_file: str | os.PathLike | None = None,
+        clip: str | None = None, ensemble: bool = True, score_threshold: float = 0.05, top_k: int = 100,
+        proposals: int = 300, nms_threshold: float = NMS_IOU_THRESHOLD,
+        base_text_weight: float = BASE_TEXT_WEIGHT, novel_text_weight: float = NOVEL_TEXT_WEIGHT,
+        crop_batch_size: int = 256, device: str = "auto", threads: int = 0) -> dict:
+    """Detect the `vocab` (comma-separated) or `vocab_file` names in `images`; write OUT/detections.json and
+    OUT/<stem>.png per image; return a summary.
+
+    `detector`: a train-rpn run folder or checkpoint; `head`: a train-head run folder or head file; `clip`: the
+    CLIP model (file or name) the head was trained against, required. `proposals` boxes per image are
+    scored; detections above `score_threshold`, at most `top_k` per image after per-class NMS at
+    `nms_threshold`, are kept. `ensemble` False uses the head alone (no CLIP image encoding).
+    """
+    started = time.monotonic()
+    if threads:
+        torch.set_num_threads(threads)
+    names = vocabulary_names(vocab=vocab, vocab_file=vocab_file)
+    _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
+                   novel_text_weight)
+    paths = _image_paths(images)
+    torch_device = pick_device(device)
+
+    vild_head, info = load_head(head, torch_device)
+    head_clip = info.get("clip") or {}
+    if not same_clip(head_clip, clip_file_identity(clip)):
+        raise DataError(f"--clip {clip}: the head {os.fspath(head)} was trained against CLIP {head_clip.get('model')}"
+                        f" ({str(head_clip.get('sha256'))[:12]}); give that model")
+    model, _, detector_identity = load_detector(detector, torch_device)
+    channels, resolution, _ = feature_shape(model)
+    config = vild_head.config
+    if (config.in_channels, config.resolution) != (channels, resolution):
+        raise DataError(f"{os.fspath(head)}: head takes {config.in_channels}x{config.resolution}x{config.resolution}"
+                        f" RoI features, detector {os.fspath(detector)} gives {channels}x{resolution}x{resolution};"
+                        " use the detector the head was trained on")
+    teacher = load_teacher(clip, torch_device)
+    if teacher.embed_dim != config.embed_dim:
+        raise DataError(f"--clip {clip}: embeds in {teacher.embed_dim} dimensions, the head in {config.embed_dim}")
+    texts = teacher.text_embeddings(names).float()
+    is_novel = _novel_names(names, info)
+    temperature = float(info.get("temperature", TEMPERATURE))
+    log.info("detect: %d image(s), %d names (%d among the head's base categories), %s, on %s", len(paths),
+             len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only", torch_device)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    found: list[ImageDetections] = []
+    drawings: list[str] = []
+    for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
+        image = _read_image(path)
+        pixels = pil_to_uint8_chw(image).to(torch_device)
+        proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=nms_threshold)[0]
+        with torch.no_grad():
+            regions = vild_head(proposed.features.to(torch_device))
+            probs = head_probabilities(regions, texts, vild_head.background_embedding(), temperature)
+            if ensemble:
+                crops = crop_embeddings(teacher, pixels, proposed.boxes.numpy(), path, crop_batch_size)
+                probs = ensemble_probabilities(probs, crop_probabilities(crops, texts), is_novel,
+                                               base_text_weight, novel_text_weight)
+            boxes, scores, classes = detections_from_scores(proposed.boxes.to(torch_device), probs, nms_threshold,
+                                                            top_k, score_threshold)
+        detections = ImageDetections(os.fspath(path), image.width, image.height, boxes.cpu().numpy(),
+                                     scores.cpu().numpy(), classes.cpu().numpy())
+        found.append(detections)
+        labels = [names[k] for k in detections.class_index.tolist()]
+        draw_detections(image, detections.boxes, labels, detections.scores).save(out / drawing_name)
+        drawings.append(os.fspath(out / drawing_name))
+
+    write_detections_json(out / JSON_NAME, found, names)
+    total = sum(len(d.scores) for d in found)
+    seconds = time.monotonic() - started
+    log.info("detect: %d detections on %d image(s) in %.1f s -> %s", total, len(found), seconds, out / JSON_NAME)
+    return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": drawings, "names": names,
+            "images": len(found), "detections": total, "per_image": [len(d.scores) for d in found],
+            "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
+            "seconds": round(seconds, 1)}
+
+
+def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, path: Path,
+                    batch_size: int = 256) -> torch.Tensor:
+    """(R, D) normalise(e1x + e1.5x) of one image's boxes, exactly what cache-embeddings stores as `emb`.
+
+    The same crop boxes (`crop_boxes_1x_15x`), the same fast crops (`crop_squares`), the same sum, normalisation
+    and fp16 rounding (`image_embedding_rows`), so detect scores a box as evaluate scores its cached row.
+    """
+    height, width = pixels.shape[-2:]
+    record = ImageRecord(id=0, file_name=path.name, width=int(width), height=int(height), path=path)
+    crop_boxes = torch.from_numpy(crop_boxes_1x_15x(boxes, record))
+    dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
+    crops = crop_squares([pixels.to(teacher.device)], [crop_boxes], teacher.input_resolution, dtype=dtype)
+    encoded = teacher.encode_images(crops, batch_size=batch_size).cpu().numpy()
+    [(_, rows)] = image_embedding_rows(encoded, [(0, len(boxes))], embedding_fields(teacher.embed_dim, ensemble_only=True))
+    return torch.from_numpy(rows[ENSEMBLE_FIELD]).to(pixels.device)
+
+
+def _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
+                   novel_text_weight) -> None:
+    if not clip:
+        raise VildError("--clip is required: the CLIP model (file or name) the head was trained against")
+    if top_k < 1 or proposals < 1 or crop_batch_size < 1:
+        raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
+                        f" {crop_batch_size})")
+    if not 0.0 < nms_threshold <= 1.0 or score_threshold < 0:
+        raise VildError(f"--nms-threshold must be in (0, 1] and --score-threshold >= 0 (got {nms_threshold},"
+                        f" {score_threshold})")
+    if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
+        raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
+
+
+def _image_paths(images: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files, checked before any model is loaded: VildError naming the first that is not a file."""
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    if not images:
+        raise VildError("no images given")
+    paths = [Path(image) for image in images]
+    for path in paths:
+        if not path.is_file():
+            raise VildError(f"{os.fspath(path)}: no such image file")
+    return paths
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{os.fspath(path)}: cannot decode image ({type(err).__name__})") from err
+
+
+def _drawing_names(paths: list[Path]) -> list[str]:
+    """OUT/<stem>.png per image; a name already taken gets -2, -3, ... so no drawing overwrites another."""
+    taken: set[str] = set()
+    names = []
+    for path in paths:
+        name, count = f"{path.stem}.png", 1
+        while name in taken:
+            count += 1
+            name = f"{path.stem}-{count}.png"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def _novel_names(names: list[str], info: dict) -> np.ndarray:
+    """Per vocabulary name: True unless it is one of the head's base categories (compared case- and
+    space-insensitively). With an arbitrary vocabulary there is no split; what the head was trained on is
+    the only base there is."""
+    base = info.get("base_names")
+    if base is None:
+        log.warning("the head records no base categories: every name is weighted as novel in the ensemble")
+        base = []
+    base_keys = {" ".join(name.lower().split()) for name in base}
+    return np.array([" ".join(name.lower().split()) not in base_keys for name in names], dtype=bool)

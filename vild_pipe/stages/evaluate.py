@@ -1,0 +1,409 @@
+"""vild-pipe evaluate: box AP of every ViLD variant on the validation caches, base and novel apart.
+
+Reads the val proposal cache (boxes + RoIAlign features), its embedding cache (the teacher's 1x+1.5x crop
+embedding `emb` of every box) and the annotation file they were made from, and scores every box against the
+text embeddings of ALL the file's categories, base and novel (DESIGN.md §2, §4):
+
+- CLIP-on-crops: the teacher alone, softmax over the categories of cos(crop embedding, text) / τ;
+- ViLD-text, ViLD-image, ViLD: the heads trained with losses text, image and text+image; softmax over
+  [the head's background, categories] of cos(head(features), ·) / τ, background dropped;
+- ViLD-ensemble: one head's probabilities (the ViLD head's by default) and the CLIP-on-crops ones combined
+  geometrically, text-heavy on base and image-heavy on novel categories (`ensemble_probabilities`).
+
+Each mode's detections (per-class NMS at IoU 0.5, at most 300 per image, score threshold 0: AP needs the
+tail) go to OUT/results-<mode>.json, a COCO results file, and are scored by pycocotools' COCOeval on those
+very records (`evaluation.evaluate_coco`), so the printed numbers are what COCOeval gives on the file.
+OUT/metrics.json holds every number per mode with the inputs that made them; OUT/metrics.md the table.
+
+The caches are read once for all modes, one image at a time (a shard's features are never all in memory);
+the detections are kept as arrays and turned into COCO records one mode at a time, which bounds the memory
+of COCO- and LVIS-sized runs. Ground-truth rows (`is_gt`, only in training caches) are never scored.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.splits import CategorySplit
+from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.distributed import pick_device
+from vild_pipe.pipeline.embedding_cache import (
+    ENSEMBLE_FIELD, PROPOSAL_STAGE, clip_identity, embedding_dim, open_cache_pair,
+)
+from vild_pipe.pipeline.evaluation import (
+    BASE_TEXT_WEIGHT, COCO_MAX_DETS, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, coco_results,
+    crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
+    load_ground_truth, metrics_table,
+)
+from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
+from vild_pipe.pipeline.shards import CacheFolder, sha256_file, write_json_atomically
+from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
+
+log = logging.getLogger(__name__)
+
+CLIP_ON_CROPS = "CLIP-on-crops"
+ENSEMBLE = "ViLD-ensemble"
+HEAD_MODES = {"ViLD-text": "text", "ViLD-image": "image", "ViLD": "text+image"}
+"""Each head mode and the losses its head is expected to have been trained with."""
+MODES = (CLIP_ON_CROPS, *HEAD_MODES, ENSEMBLE)
+TEXT_NAME = "text_all.pt"
+METRICS_NAME = "metrics.json"
+TABLE_NAME = "metrics.md"
+
+
+def results_name(mode: str) -> str:
+    return f"results-{mode}.json"
+
+
+@dataclass
+class _LoadedHead:
+    head: ViLDHead
+    info: dict[str, Any]
+    file: Path
+
+    @property
+    def temperature(self) -> float:
+        return float(self.info.get("temperature", TEMPERATURE))
+
+
+def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, annotations: str | os.PathLike,
+        out: str | os.PathLike, heads: Mapping[str, str | os.PathLike | None] | None = None, clip: str | None = None,
+        text: str | os.PathLike | None = None, modes: Sequence[str] | None = None,
+        split: str | CategorySplit = "auto",
+        ensemble_head: str = "ViLD", base_text_weight: float = BASE_TEXT_WEIGHT,
+        novel_text_weight: float = NOVEL_TEXT_WEIGHT, max_detections: int = MAX_DETECTIONS,
+        nms_threshold: float = NMS_IOU_THRESHOLD, max_dets: int = COCO_MAX_DETS, device: str = "auto",
+        threads: int = 0) -> dict[str, dict[str, Any]]:
+    """Score the val caches in every mode whose inputs are given; write OUT/results-<mode>.json,
+    OUT/metrics.json and OUT/metrics.md; return {mode: metrics} (see `evaluation.evaluate_coco`).
+
+    `heads` maps "ViLD-text", "ViLD-image", "ViLD" to a train-head run folder or head file; `embeddings`
+    (the embedding cache of `proposals`) feeds CLIP-on-crops and the ensemble, which combines it with the
+    head of mode `ensemble_head`. Text embeddings of every category of `annotations` come from `text` (an
+    embed-text file holding them all) or are computed with `clip` into OUT/text_all.pt. `modes` picks modes
+    (default: all); a mode whose inputs are missing is skipped with one log line. `split` is the
+    base/novel split of `annotations` (a data.splits spec or a CategorySplit); categories outside it are
+    neither classified nor evaluated. `max_dets` is COCOeval's detections per image
+    and category for AP; `max_detections` the detections kept per image.
+    """
+    started = time.monotonic()
+    if threads:
+        torch.set_num_threads(threads)
+    heads = {mode: path for mode, path in (heads or {}).items() if path is not None}
+    wanted = _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections,
+                            nms_threshold, max_dets)
+    torch_device = pick_device(device)
+    out = Path(out)
+
+    proposal_folder, embedding_folder = _open_caches(proposals, embeddings)
+    dataset = _annotations_of(proposal_folder, annotations)
+    category_split = dataset.resolve_split(split)
+    active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
+
+    out.mkdir(parents=True, exist_ok=True)
+    texts = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
+    loaded = _load_heads(heads, active, ensemble_head, texts, proposal_folder, category_split, dataset, torch_device)
+    if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
+        _check_embedding_clip(embedding_folder, texts)
+    log.info("evaluate: %s on %s (%d categories: %d base, %d novel), on %s", ", ".join(active),
+             proposal_folder.path, len(dataset.categories), len(category_split.base_ids),
+             len(category_split.novel_ids), torch_device)
+
+    category_ids = _classified_categories(dataset, category_split)
+    classifier = texts.embeddings[dataset.category_indices(np.array(category_ids))].to(torch_device)
+    scorer = _Scorer(active, loaded, classifier, category_split.novel_mask(category_ids), ensemble_head,
+                     base_text_weight, novel_text_weight, max_detections, nms_threshold)
+    detections, image_ids = _score_caches(proposal_folder, embedding_folder, scorer, torch_device)
+    missing = sorted({record.id for record in dataset.images} - set(image_ids))
+    if missing:
+        log.warning("%s: %d of its images are not in the proposal cache (skipped when it was made?): they are"
+                    " left out of the evaluation", os.fspath(annotations), len(missing))
+
+    ground_truth = load_ground_truth(annotations)
+    results: dict[str, dict[str, Any]] = {}
+    for mode in active:
+        records = [record for image_id, boxes, scores, classes in detections[mode]
+                   for record in coco_results(image_id, boxes, scores, classes, category_ids)]
+        write_json_atomically(out / results_name(mode), records)
+        log.info("%s: %d detections -> %s", mode, len(records), out / results_name(mode))
+        results[mode] = evaluate_coco(ground_truth, records, category_split.base_ids, category_split.novel_ids,
+                                      image_ids=image_ids, max_dets=max_dets)
+        del records
+        detections[mode] = []
+
+    table = metrics_table(results)
+    document = {
+        "annotations": {"path": os.fspath(annotations), "sha256": sha256_file(annotations)},
+        "split": category_split.to_json(),
+        "proposals": {"path": os.fspath(proposal_folder.path), "fingerprint": proposal_folder.fingerprint},
+        "embeddings": ({"path": os.fspath(embedding_folder.path), "fingerprint": embedding_folder.fingerprint}
+                       if embedding_folder is not None else None),
+        "text": {"names": texts.names, "clip": texts.clip},
+        "heads": {mode: {"path": os.fspath(head.file), "losses": head.info.get("losses"),
+                         "step": head.info.get("step")} for mode, head in loaded.items()},
+        "settings": {"ensemble_head": ensemble_head, "base_text_weight": base_text_weight,
+                     "novel_text_weight": novel_text_weight, "max_detections": max_detections,
+                     "nms_threshold": nms_threshold, "max_dets": max_dets},
+        "images_not_in_cache": missing,
+        "seconds": round(time.monotonic() - started, 1),
+        "modes": results,
+    }
+    write_json_atomically(out / METRICS_NAME, document, indent=1)
+    (out / TABLE_NAME).write_text(table)
+    log.info("evaluate: %d images, %d modes in %.0f s -> %s and %s", len(image_ids), len(results), document["seconds"],
+             out / METRICS_NAME, out / TABLE_NAME)
+    return results
+
+
+# --------------------------------------------------------------------------- inputs and their identities
+
+def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections, nms_threshold,
+                   max_dets) -> list[str]:
+    """The modes asked for, in table order; VildError for unknown modes, head keys or bad numbers."""
+    wanted = list(MODES) if modes is None else list(dict.fromkeys(modes))
+    unknown = [mode for mode in wanted if mode not in MODES]
+    if unknown or not wanted:
+        raise VildError(f"unknown evaluation mode {unknown[0] if unknown else '(none)'}: use {', '.join(MODES)}")
+    unknown_heads = [mode for mode in heads if mode not in HEAD_MODES]
+    if unknown_heads:
+        raise VildError(f"a head for {unknown_heads[0]!r}: heads are given for {', '.join(HEAD_MODES)}")
+    if ensemble_head not in HEAD_MODES:
+        raise VildError(f"--ensemble-head {ensemble_head}: use one of {', '.join(HEAD_MODES)}")
+    if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
+        raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
+    if max_detections < 1 or max_dets < 1 or not 0.0 < nms_threshold <= 1.0:
+        raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
+                        f" {max_dets}, {nms_threshold})")
+    return [mode for mode in MODES if mode in wanted]
+
+
+def _open_caches(proposals, embeddings) -> tuple[CacheFolder, CacheFolder | None]:
+    if embeddings is not None:
+        return open_cache_pair(proposals, embeddings)
+    folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
+    folder.require_complete()
+    return folder, None
+
+
+def _annotations_of(proposal_folder: CacheFolder, annotations) -> CocoDataset:
+    """The annotation file the proposal cache was made from (checked by hash): its boxes are the ground truth."""
+    made_from = proposal_folder.inputs.get("annotations", {})
+    if made_from.get("sha256") not in (None, sha256_file(annotations)):
+        raise DataError(f"{os.fspath(annotations)}: not the annotation file the proposal cache {proposal_folder.path}"
+                        f" was made from ({made_from.get('file')})")
+    return CocoDataset.load(annotations)
+
+
+def _active_modes(wanted: list[str], heads: Mapping[str, Any], have_embeddings: bool,
+                  ensemble_head: str) -> list[str]:
+    """The wanted modes whose inputs are there; one info line for each one that is not."""
+    needs = {CLIP_ON_CROPS: [] if have_embeddings else ["the embedding cache"],
+             ENSEMBLE: ([] if have_embeddings else ["the embedding cache"])
+             + ([] if ensemble_head in heads else [f"a {ensemble_head} head"])}
+    for mode in HEAD_MODES:
+        needs[mode] = [] if mode in heads else [f"a {mode} head"]
+    active = []
+    for mode in wanted:
+        if needs[mode]:
+            log.info("%s: skipped (needs %s)", mode, " and ".join(needs[mode]))
+        else:
+            active.append(mode)
+    if not active:
+        raise VildError("nothing to evaluate: no mode asked for has its inputs (CLIP-on-crops needs the embedding"
+                        " cache, ViLD-text, ViLD-image and ViLD their heads)")
+    return active
+
+
+def _classified_categories(dataset: CocoDataset, category_split: CategorySplit) -> list[int]:
+    """The categories boxes are classified among: base and novel, in id order. A split that leaves some out
+    (COCO's 48/17 leaves 15) leaves them out of the classifier too, as the protocol's evaluation does."""
+    category_ids = sorted(category_split.base_ids + category_split.novel_ids)
+    if len(category_ids) < len(dataset.categories):
+        log.info("%d categories of %s are outside split %r: neither classified nor evaluated",
+                 len(dataset.categories) - len(category_ids), os.fspath(dataset.path), category_split.spec)
+    return category_ids
+
+
+def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device: torch.device) -> TextEmbeddings:
+    """Text embeddings of every category, rows in the annotation file's category (id) order."""
+    if text is not None and clip is not None:
+        raise VildError("give either --text (an embed-text file) or --clip (to compute the text embeddings), not both")
+    if text is None and clip is None:
+        raise VildError("the categories' text embeddings are needed: give --clip (the CLIP model) or --text")
+    if text is None:
+        return embed_text(clip, names, out=out / TEXT_NAME, device=str(device))
+    loaded = load_text_embeddings(text)
+    missing = [name for name in names if name not in loaded.names]
+    if missing:
+        raise DataError(f"{os.fspath(text)}: lacks the categories {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; rerun embed-text with --annotations")
+    rows = [loaded.names.index(name) for name in names]
+    return TextEmbeddings(names, loaded.embeddings[rows], loaded.clip, loaded.templates)
+
+
+def _describe_clip(identity: Mapping[str, Any]) -> str:
+    return f"{identity.get('model')} ({str(identity.get('sha256'))[:12]}, dim {identity.get('embed_dim')})"
+
+
+def _load_heads(heads: Mapping[str, Any], active: list[str], ensemble_head: str, texts: TextEmbeddings,
+                proposals: CacheFolder, category_split: CategorySplit, dataset: CocoDataset,
+                device: torch.device) -> dict[str, _LoadedHead]:
+    """Each needed head, loaded once per file and checked against the text embeddings and the features."""
+    needed = {mode for mode in active if mode in HEAD_MODES}
+    if ENSEMBLE in active:
+        needed.add(ensemble_head)
+    by_file: dict[Path, _LoadedHead] = {}
+    loaded = {}
+    for mode in (mode for mode in HEAD_MODES if mode in needed):
+        file = resolve_head_file(heads[mode])
+        if file not in by_file:
+            head, info = load_head(file, device)
+            by_file[file] = _LoadedHead(head, info, file)
+            _check_head(by_file[file], texts, proposals)
+        loaded[mode] = by_file[file]
+        losses = loaded[mode].info.get("losses")
+        if losses != HEAD_MODES[mode]:
+            log.warning("%s: the %s head was trained with losses %r, not %r", file, mode, losses, HEAD_MODES[mode])
+        base_names = loaded[mode].info.get("base_names")
+        if base_names is not None and sorted(base_names) != sorted(category_split.base_names(dataset.categories)):
+            log.warning("%s: the head's base categories differ from the base categories of split %r here",
+                        file, category_split.spec)
+    return loaded
+
+
+def _check_head(loaded: _LoadedHead, texts: TextEmbeddings, proposals: CacheFolder) -> None:
+    """DataError for a head of another CLIP model or embedding size, or trained on other features."""
+    info, config, file = loaded.info, loaded.head.config, loaded.file
+    head_clip = info.get("clip") or {}
+    if not same_clip(head_clip, texts.clip) or config.embed_dim != texts.embed_dim:
+        raise DataError(f"{file}: head was trained against CLIP {_describe_clip(head_clip)} (embed dim"
+                        f" {config.embed_dim}), the text embeddings are of {_describe_clip(texts.clip)}; use one model")
+    channels, height, width = proposals.fields["features"].shape
+    if (config.in_channels, config.resolution, config.resolution) != (channels, height, width):
+        raise DataError(f"{file}: head takes {config.in_channels}x{config.resolution}x{config.resolution} RoI features,"
+                        f" the proposal cache {proposals.path} holds {channels}x{height}x{width}; use the detector"
+                        " the head was trained on")
+    _check_same_detector(loaded, proposals)
+
+
+def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
+    """DataError when the head's training cache is still there and came from another detector than `proposals`
+    (features of another detector mean nothing to the head); nothing to check when it has moved."""
+    trained_on = loaded.info.get("proposals") or {}
+    path = trained_on.get("path")
+    if not path or not (Path(path) / "manifest.json").is_file():
+        return
+    try:
+        folder = CacheFolder.open(path, stage=PROPOSAL_STAGE)
+    except DataError:
+        return
+    if folder.fingerprint != trained_on.get("fingerprint"):
+        return
+    theirs, ours = folder.inputs.get("detector") or {}, proposals.inputs.get("detector") or {}
+    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
+        raise DataError(f"{loaded.file}: head was trained on features of detector {theirs.get('checkpoint')}"
+                        f" ({theirs['sha256'][:12]}), the proposal cache {proposals.path} comes from"
+                        f" {ours.get('checkpoint')} ({ours['sha256'][:12]}); dump proposals with the head's detector")
+
+
+def _check_embedding_clip(embeddings: CacheFolder, texts: TextEmbeddings) -> None:
+    image_clip = clip_identity(embeddings)
+    if not same_clip(image_clip, texts.clip) or embedding_dim(embeddings) != texts.embed_dim:
+        raise DataError(f"{embeddings.path}: crop embeddings are from CLIP {_describe_clip(image_clip)}, the text"
+                        f" embeddings from {_describe_clip(texts.clip)}; use one model")
+
+
+# --------------------------------------------------------------------------- scoring
+
+class _Scorer:
+    """One image's cached rows -> each active mode's detections (boxes, scores, class index), on `device`."""
+
+    def __init__(self, active: list[str], heads: dict[str, _LoadedHead], texts: torch.Tensor, is_novel: np.ndarray,
+                 ensemble_head: str, base_text_weight: float, novel_text_weight: float, max_detections: int,
+                 nms_threshold: float):
+        self.active = active
+        self.heads = heads
+        self.texts = texts
+        self.is_novel = is_novel
+        self.ensemble_head = ensemble_head
+        self.weights = (base_text_weight, novel_text_weight)
+        self.max_detections = max_detections
+        self.nms_threshold = nms_threshold
+        self.needs_features = any(mode in HEAD_MODES or mode == ENSEMBLE for mode in active)
+        self.needs_crops = any(mode in (CLIP_ON_CROPS, ENSEMBLE) for mode in active)
+
+    @torch.no_grad()
+    def __call__(self, boxes: torch.Tensor, features: torch.Tensor | None, crops: torch.Tensor | None
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        head_probs: dict[Path, torch.Tensor] = {}
+
+        def probabilities_of(mode: str) -> torch.Tensor:
+            loaded = self.heads[mode]
+            if loaded.file not in head_probs:
+                regions = loaded.head(features)
+                head_probs[loaded.file] = head_probabilities(regions, self.texts, loaded.head.background_embedding(),
+                                                             loaded.temperature)
+            return head_probs[loaded.file]
+
+        crop_probs = crop_probabilities(crops, self.texts) if crops is not None else None
+        detections = {}
+        for mode in self.active:
+            if mode == CLIP_ON_CROPS:
+                probs = crop_probs
+            elif mode == ENSEMBLE:
+                probs = ensemble_probabilities(probabilities_of(self.ensemble_head), crop_probs, self.is_novel,
+                                               *self.weights)
+            else:
+                probs = probabilities_of(mode)
+            kept_boxes, scores, classes = detections_from_scores(boxes, probs, self.nms_threshold, self.max_detections)
+            detections[mode] = (kept_boxes.cpu().numpy(), scores.cpu().numpy(), classes.cpu().numpy())
+        return detections
+
+
+def _score_caches(proposals: CacheFolder, embeddings: CacheFolder | None, scorer: _Scorer, device: torch.device
+                  ) -> tuple[dict[str, list], list[int]]:
+    """One pass over the caches: per mode a list of (image_id, boxes, scores, class_index); the image ids seen."""
+    detections: dict[str, list] = {mode: [] for mode in scorer.active}
+    image_ids: list[int] = []
+    names = ["boxes", "is_gt"] + (["features"] if scorer.needs_features else [])
+    total = sum(proposals.read_marker(i)["images"] for i in range(proposals.num_shards))
+    gt_rows = 0
+    with tqdm(total=total, desc="evaluate", unit="img", disable=None) as progress:
+        for index in range(proposals.num_shards):
+            with proposals.read_shard(index) as reader:
+                crop_reader = embeddings.read_shard(index) if embeddings is not None and scorer.needs_crops else None
+                try:
+                    if crop_reader is not None and not np.array_equal(crop_reader.image_ids, reader.image_ids):
+                        raise DataError(f"{crop_reader.path}: holds other images than {reader.path}; rerun"
+                                        " cache-embeddings on this proposal cache")
+                    for position, image_id in enumerate(reader.image_ids.tolist()):
+                        rows = reader.image_rows(position, names)
+                        keep = ~rows["is_gt"].astype(bool)
+                        gt_rows += int((~keep).sum())
+                        image_ids.append(int(image_id))
+                        progress.update(1)
+                        if not keep.any():
+                            continue
+                        boxes = torch.from_numpy(rows["boxes"][keep]).to(device)
+                        features = (torch.from_numpy(rows["features"][keep]).to(device)
+                                    if scorer.needs_features else None)
+                        crops = (torch.from_numpy(crop_reader.image_rows(position, [ENSEMBLE_FIELD])[ENSEMBLE_FIELD]
+                                                  [keep]).to(device) if crop_reader is not None else None)
+                        for mode, (kept_boxes, scores, classes) in scorer(boxes, features, crops).items():
+                            detections[mode].append((int(image_id), kept_boxes, scores, classes))
+                finally:
+                    if crop_reader is not None:
+                        crop_reader.close()
+    if gt_rows:
+        log.warning("%s: left out %d ground-truth rows (is_gt): a training cache? evaluate a val cache",
+                    proposals.path, gt_rows)
+    return detections, image_ids
