@@ -6,10 +6,11 @@ from vild_pipe import __version__
 from vild_pipe.cli import main
 
 
-def test_help_lists_only_the_built_stages():
+def test_help_lists_every_stage():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("make-synthetic", "fit-teacher", "train-rpn", "recall", "dump-proposals", "demo"):
+    for command in ("make-synthetic", "fit-teacher", "train-rpn", "recall", "dump-proposals", "cache-embeddings",
+                    "embed-text", "train-head", "evaluate", "detect", "demo"):
         assert command in result.output
     assert CliRunner().invoke(main, ["--version"]).output.strip().endswith(__version__)
 
@@ -23,15 +24,22 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     assert len(lines) == 1 and "train.json" in lines[0]
 
 
-def test_quick_demo_runs_every_built_stage_and_resumes(tmp_path):
+def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
     first = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert first.exit_code == 0, first.output
     assert "| fit-teacher |" in first.output and "recall@0.5" in first.output
+    for mode in ("CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble"):
+        assert f"| {mode} |" in first.output
     for path in ("world/train.json", "teacher.pt", "teacher.json", "rpn/model.pt", "rpn/recall.json",
-                 "proposals/train/manifest.json", "proposals/val/manifest.json"):
+                 "proposals/train/manifest.json", "proposals/val/manifest.json", "embeddings/train/manifest.json",
+                 "embeddings/val/manifest.json", "heads/text/head.pt", "heads/image/head.pt",
+                 "heads/text-image/head.pt", "evaluation/metrics.json", "evaluation/results-ViLD.json",
+                 "detections/detections.json"):
         assert (out / path).is_file(), path
     assert json.loads((out / "proposals/train/manifest.json").read_text())["stage"] == "dump-proposals"
+    assert json.loads((out / "embeddings/val/manifest.json").read_text())["stage"] == "cache-embeddings"
+    assert len(list((out / "detections").glob("*.png"))) == 2
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in {".pt", ".h5"}}
     second = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert second.exit_code == 0, second.output
