@@ -27,7 +27,7 @@ from PIL import Image
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import centre_squares, crop_squares, reference_crops
-from vild_pipe.pipeline.embedding_cache import embedding_fields, open_cache_pair
+from vild_pipe.pipeline.embedding_cache import open_cache_pair
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.stages import cache_embeddings

@@ -149,6 +149,7 @@ def test_both_losses_fall_and_the_head_is_saved_with_its_identities(world, refer
 def test_losses_option_switches_each_term_off(world, tmp_path):
     text_only = train_head.run(**settings(world, tmp_path / "text", losses="text", embeddings=None, iterations=6))
     image_only = train_head.run(**settings(world, tmp_path / "image", losses="image", text=None, iterations=6))
+    assert image_only["losses"] == "image"
     assert all(r["image"] is None and r["text"] > 0 for r in metrics(tmp_path / "text"))
     assert all(r["text"] is None and r["image"] > 0 for r in metrics(tmp_path / "image"))
     assert text_only["losses"] == "text" and load_head(tmp_path / "image")[1]["losses"] == "image"

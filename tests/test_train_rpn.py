@@ -18,9 +18,10 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME, load_detector
+from vild_pipe.pipeline.training_run import lr_factor_schedule
 from vild_pipe.stages import make_synthetic, train_rpn
 from vild_pipe.stages.train_rpn import (
-    METRICS_NAME, RECALL_NAME, TrainingImages, image_flip, lr_factor_schedule, resize_for_training, step_scale,
+    METRICS_NAME, RECALL_NAME, TrainingImages, image_flip, resize_for_training, step_scale,
 )
 
 TINY = dict(small_widths=(8, 16, 32, 32), fpn_channels=16, representation_size=32, min_size=96, max_size=96,

@@ -47,8 +47,8 @@ from vild_pipe.pipeline.head import (
     HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, text_logits,
 )
 from vild_pipe.pipeline.shards import CacheFolder, sha256_file
+from vild_pipe.pipeline.training_run import append_metrics, keep_metrics_until, lr_factor_schedule, make_run_dir
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
-from vild_pipe.stages.train_rpn import _append_metrics, _keep_metrics_until, _make_run_dir, lr_factor_schedule
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         train_set = _training_annotations(annotations, proposal_folder, split)
         base_names = train_set.split.base_names(train_set.categories)
         if is_main(info):
-            _make_run_dir(run_dir)
+            make_run_dir(run_dir)
         texts = _base_text_embeddings(text, clip, base_names, run_dir, embedding_folder, info, required=use_text)
         head_config = HeadConfig(*_feature_shape(proposal_folder), representation_size=representation_size,
                                  embed_dim=_embed_dim(embedding_folder, texts))
@@ -130,7 +130,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
             step = resume_or_start(run_dir, config, head, optimiser, scheduler)
             first_step = step
             if is_main(info):
-                _keep_metrics_until(run_dir / METRICS_NAME, step)
+                keep_metrics_until(run_dir / METRICS_NAME, step)
             # The background embedding takes no gradient without ViLD-text; DDP must be told.
             ddp_head = wrap_ddp(head, info, find_unused_parameters=not use_text)
             ddp_head.train()
@@ -146,7 +146,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
                 record = _metrics_record(step, terms, optimiser, now - tick, batch_size)
                 tick = now
                 if is_main(info):
-                    _append_metrics(run_dir / METRICS_NAME, record)
+                    append_metrics(run_dir / METRICS_NAME, record)
                     progress.update(1)
                     progress.set_postfix({name: f"{record[name]:.3f}" for name in ("loss", "text", "image")
                                           if record.get(name) is not None})

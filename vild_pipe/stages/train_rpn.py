@@ -46,6 +46,7 @@ from vild_pipe.pipeline.distributed import (
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
+from vild_pipe.pipeline.training_run import append_metrics, keep_metrics_until, lr_factor_schedule, make_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 BOX_CLASSES = ("object", "base")
 SCHEDULES = ("cosine", "step")
-WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
-STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
 SCALE_PURPOSE, FLIP_PURPOSE = 11, 12   # keep the per-step and per-image random streams apart
 
 
@@ -111,7 +110,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
         "hflip": bool(hflip), "seed": int(seed), "amp": use_amp,
     }
     if is_main(info):
-        _make_run_dir(run_dir)
+        make_run_dir(run_dir)
         log.info("train-rpn: %d images, %d base boxes (split %s; novel boxes removed); %s backbone (init %s), "
                  "%d steps of %d images on %d process(es), %s%s", len(train_set), train_set.num_boxes,
                  train_set.split.spec, detector.backbone, detector.backbone_init, hyper["iterations"],
@@ -131,7 +130,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
                                    resumable_changes=[f"detector.{name}" for name in INFERENCE_FIELDS])
             first_step = step
             if is_main(info):
-                _keep_metrics_until(run_dir / METRICS_NAME, step)
+                keep_metrics_until(run_dir / METRICS_NAME, step)
             ddp_model = wrap_ddp(model, info)
             ddp_model.train()
             loader = _step_loader(train_set, sampler, config, first_step, workers, info.device)
@@ -147,7 +146,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
                 record = _metrics_record(step, losses, optimizer, now - tick, hyper["batch_size"])
                 tick = now
                 if is_main(info):
-                    _append_metrics(run_dir / METRICS_NAME, record)
+                    append_metrics(run_dir / METRICS_NAME, record)
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", obj=f"{record['loss_objectness']:.3f}",
                                          cls=f"{record['loss_classifier']:.3f}", lr=f"{record['lr']:.4f}")
@@ -251,25 +250,6 @@ def _data_identity(train_set: CocoDataset) -> dict[str, Any]:
     """What the training data is, by content: a run resumed on other data would train a model of neither."""
     return {"annotations_sha256": sha256_file(train_set.path), "images": len(train_set),
             "base_boxes": train_set.num_boxes, "split": train_set.split.to_json()}
-
-
-def lr_factor_schedule(hyper: dict[str, Any]):
-    """lr multiplier after `step` steps: linear warm-up from WARMUP_START, then cosine to 0 or step decay."""
-    total, warmup, schedule = hyper["iterations"], hyper["warmup"], hyper["schedule"]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return WARMUP_START + (1 - WARMUP_START) * step / warmup
-        if schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        decay = 1.0
-        for fraction, value in STEP_DECAYS:
-            if step >= round(fraction * total):
-                decay = value
-        return decay
-
-    return factor
 
 
 # --------------------------------------------------------------------------- data
@@ -419,35 +399,8 @@ def _metrics_record(step: int, losses: dict[str, float], optimizer: torch.optim.
             "step_s": round(seconds, 4), "images_per_s": round(global_batch / seconds, 2) if seconds > 0 else None}
 
 
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines of steps after `step`: a resumed run redoes them and logs them again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def _saved_detector_config(model_file: Path) -> dict[str, Any] | None:
     """The detector config inside an existing model.pt (None if there is none); inference settings may differ
     from this run's, and then model.pt is rewritten with this run's."""
     state = load_checkpoint(model_file)
     return None if state is None else state.get("detector")
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise VildError(f"{run_dir}: exists and is not a folder; pick another run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)

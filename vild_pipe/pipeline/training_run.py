@@ -1,0 +1,60 @@
+"""What the two training stages (train-rpn, train-head) share about a run folder: the lr schedule, the
+metrics file and the folder itself."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from vild_pipe.errors import VildError
+
+WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
+STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
+
+
+def lr_factor_schedule(hyper: dict[str, Any]):
+    """lr multiplier after `step` steps: linear warm-up from WARMUP_START, then cosine to 0 or step decay."""
+    total, warmup, schedule = hyper["iterations"], hyper["warmup"], hyper["schedule"]
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return WARMUP_START + (1 - WARMUP_START) * step / warmup
+        if schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        decay = 1.0
+        for fraction, value in STEP_DECAYS:
+            if step >= round(fraction * total):
+                decay = value
+        return decay
+
+    return factor
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines of steps after `step`: a resumed run redoes them and logs them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def make_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VildError(f"{run_dir}: exists and is not a folder; pick another run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
