@@ -69,6 +69,9 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     path = Path(path)
     tmp = _tmp_path(path)
     try:
+        if tmp.exists():  # `path` has one writer, us: this is what a run killed while saving left
+            tmp.unlink()
+            log.info("removed %s, left by a run stopped while saving", tmp)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as handle:
             torch.save(dict(state), handle)

@@ -118,6 +118,52 @@ class BackgroundPublisher:
         self._executor.shutdown(wait=True)
 
 
+class ShardSequence:
+    """The shards one process writes, in order: `shard(i)` opens shard i when its first item arrives, and
+    hands the previous one (after `before_publish(shard)`, which may still add rows) to the background
+    publisher. Use as a context manager: a clean exit publishes the last shard and waits for it; an error
+    drops the open shard, releases the claims not started and lets the shard being published finish."""
+
+    def __init__(self, sampler: ClaimingSampler, before_publish: Callable[[OpenShard], None] | None = None):
+        self.sampler = sampler
+        self.before_publish = before_publish
+        self.publisher = BackgroundPublisher()
+        self.current: OpenShard | None = None
+
+    def shard(self, index: int) -> OpenShard:
+        if self.current is None or self.current.index != index:
+            self._publish_current()
+            self.current = self.sampler.open_next(index)
+        return self.current
+
+    def _publish_current(self) -> None:
+        if self.current is not None:
+            if self.before_publish is not None:
+                self.before_publish(self.current)
+            self.publisher.submit(self.current)
+            self.current = None
+
+    @property
+    def published(self) -> list[int]:
+        return self.publisher.published
+
+    def __enter__(self) -> ShardSequence:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._publish_current()
+                self.publisher.wait()
+            else:
+                if self.current is not None:
+                    self.current.abort()
+                self.sampler.release_unstarted()
+                self.publisher.stop_after_error()
+        finally:
+            self.publisher.shutdown()
+
+
 def cache_summary(folder: CacheFolder, written: list[int], complete: bool, seconds: float) -> dict:
     """Totals over the cache's complete shards, and what this process wrote."""
     totals = folder.manifest_summary()

@@ -248,10 +248,29 @@ def _write_file(path: Path, data: bytes) -> None:
 def write_json_atomically(path: str | os.PathLike, record: Any, **dump_options: Any) -> None:
     """Publish `record` as JSON at `path` (temp file, fsync, rename): a JSON file that exists is complete.
 
-    Every stage writes its small result files (manifests aside) through this; raises OSError."""
+    Every stage writes its small result files (manifests aside) through this; a failed write (read-only
+    folder, disk full) is a VildError naming the file."""
+    write_text_atomically(path, json.dumps(record, **dump_options))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Publish a text file (a table, a report) as `write_json_atomically` publishes JSON; VildError on failure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _publish_atomically(path, json.dumps(record, **dump_options).encode())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _publish_atomically(path, text.encode())
+    except OSError as err:
+        raise VildError(f"{path}: cannot write ({_describe_os_error(err)})") from err
+
+
+def make_output_folder(path: str | os.PathLike) -> Path:
+    """Create a stage's output folder (and its parents); VildError naming it if that fails (read-only...)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VildError(f"{path}: cannot create the output folder ({_describe_os_error(err)})") from err
+    return path
 
 
 def _publish_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> bool:

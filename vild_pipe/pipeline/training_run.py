@@ -33,9 +33,17 @@ def lr_factor_schedule(hyper: dict[str, Any]):
     return factor
 
 
+def _cannot_write(path: Path, err: OSError) -> VildError:
+    return VildError(f"{path}: cannot write ({err.strerror or err})")
+
+
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+    """Append one line (a single write: a killed run leaves whole lines only)."""
+    try:
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+    except OSError as err:
+        raise _cannot_write(path, err) from err
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -50,11 +58,18 @@ def keep_metrics_until(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise _cannot_write(path, err) from err
 
 
 def make_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise VildError(f"{run_dir}: exists and is not a folder; pick another run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VildError(f"{run_dir}: cannot create the run folder ({err.strerror or err})") from err

@@ -40,9 +40,9 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_squares, enlarged_boxes, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, STAGE, embedding_fields
 from vild_pipe.pipeline.shard_work import (
-    BackgroundPublisher,
     ClaimingSampler,
     OpenShard,
+    ShardSequence,
     cache_summary,
     joined_process_group,
     log_measured_cost,
@@ -297,46 +297,28 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending, crop_metho
     )
     records = {record.id: record for record in dataset.images}
     encoder = _CropEncoder(teacher, batch_size)
-    publisher = BackgroundPublisher()
-    current: OpenShard | None = None
     shard_images: list[tuple[int, int]] = []
     total = 2 * sum(proposal_folder.read_marker(i)["rows"] for i in pending)
     progress = tqdm(total=total, desc="cache-embeddings", unit="crop", unit_scale=True,
                     disable=None if show_progress else True)
 
-    def publish_current() -> None:
+    def add_embeddings(shard: OpenShard) -> None:
         for image_id, rows in image_embedding_rows(encoder.finish(), shard_images, folder.fields):
-            current.writer.add_image(image_id, **rows)
-        publisher.submit(current)
+            shard.writer.add_image(image_id, **rows)
+        shard_images.clear()
 
-    try:
+    with ShardSequence(sampler, before_publish=add_embeddings) as shards, progress:
         for batch in loader:
             for item in batch:
                 if item.error is not None:
                     raise DataError(f"{item.error} (image {item.image_id} has rows in the proposal cache, so it"
                                     " cannot be skipped here; restore the file)")
             for shard_index, group in _by_shard(batch):
-                if current is None or current.index != shard_index:
-                    if current is not None:
-                        publish_current()
-                    current, shard_images = sampler.open_next(shard_index), []
+                shards.shard(shard_index)
                 encoder.add(_crops_of(group, records, crop_method, teacher))
-                shard_images += [(item.image_id, len(item.boxes)) for item in group]
+                shard_images.extend((item.image_id, len(item.boxes)) for item in group)
                 progress.update(2 * sum(len(item.boxes) for item in group))
-        if current is not None:
-            publish_current()
-            current = None
-        publisher.wait()
-    except BaseException:
-        if current is not None:
-            current.abort()
-        sampler.release_unstarted()
-        publisher.stop_after_error()
-        raise
-    finally:
-        publisher.shutdown()
-        progress.close()
-    return publisher.published
+    return shards.published
 
 
 def _by_shard(batch: list[_LoadedImage]) -> list[tuple[int, list[_LoadedImage]]]:

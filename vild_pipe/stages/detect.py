@@ -40,6 +40,7 @@ from vild_pipe.pipeline.evaluation import (
 )
 from vild_pipe.pipeline.head import TEMPERATURE, load_head
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.shards import make_output_folder
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
 from vild_pipe.stages.cache_embeddings import crop_boxes_1x_15x, image_embedding_rows
@@ -94,7 +95,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
              len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only", torch_device)
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     found: list[ImageDetections] = []
     drawings: list[str] = []
     for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
@@ -114,7 +115,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
                                      scores.cpu().numpy(), classes.cpu().numpy())
         found.append(detections)
         labels = [names[k] for k in detections.class_index.tolist()]
-        draw_detections(image, detections.boxes, labels, detections.scores).save(out / drawing_name)
+        _save_drawing(draw_detections(image, detections.boxes, labels, detections.scores), out / drawing_name)
         drawings.append(os.fspath(out / drawing_name))
 
     write_detections_json(out / JSON_NAME, found, names)
@@ -125,6 +126,17 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             "images": len(found), "detections": total, "per_image": [len(d.scores) for d in found],
             "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
+
+
+def _save_drawing(drawing: Image.Image, path: Path) -> None:
+    """Write the PNG under a temp name, then rename: a drawing that exists is whole."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    try:
+        drawing.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise VildError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
 def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, path: Path,

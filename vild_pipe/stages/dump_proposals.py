@@ -37,9 +37,8 @@ from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import load_detector
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
-    BackgroundPublisher,
     ClaimingSampler,
-    OpenShard,
+    ShardSequence,
     cache_summary,
     joined_process_group,
     log_measured_cost,
@@ -229,11 +228,9 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
         _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=list, pin_memory=device.type == "cuda",
     )
-    publisher = BackgroundPublisher()
-    current: OpenShard | None = None
     total = sum(len(ranges[i]) for i in pending)
     progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)
-    try:
+    with ShardSequence(sampler) as shards, progress:
         for batch in loader:
             decoded = [item for item in batch if item[3] is not None]
             extra = None
@@ -246,33 +243,17 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
             )
             by_position = {item[1]: (k, result) for k, (item, result) in enumerate(zip(decoded, proposals))}
             for shard_index, position, image_id, _, error in batch:
-                if current is None or current.index != shard_index:
-                    if current is not None:
-                        publisher.submit(current)
-                    current = sampler.open_next(shard_index)
+                writer = shards.shard(shard_index).writer
                 if error is not None:
                     if not skip_bad_images:
                         raise DataError(f"{error} (--skip-bad-images records such images and goes on)")
                     log.warning("skipping image %d: %s", image_id, error)
-                    current.writer.skip_image(image_id, error)
+                    writer.skip_image(image_id, error)
                 else:
                     k, result = by_position[position]
-                    current.writer.add_image(image_id, **_rows(result, extra[k] if extra is not None else None))
+                    writer.add_image(image_id, **_rows(result, extra[k] if extra is not None else None))
                 progress.update(1)
-        if current is not None:
-            publisher.submit(current)
-            current = None
-        publisher.wait()
-    except BaseException:
-        if current is not None:
-            current.abort()
-        sampler.release_unstarted()
-        publisher.stop_after_error()
-        raise
-    finally:
-        publisher.shutdown()
-        progress.close()
-    return publisher.published
+    return shards.published
 
 
 def _gt_boxes(ground_truth: CocoDataset, image_id: int) -> torch.Tensor:

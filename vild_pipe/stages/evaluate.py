@@ -45,7 +45,9 @@ from vild_pipe.pipeline.evaluation import (
     load_ground_truth, metrics_table,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
-from vild_pipe.pipeline.shards import CacheFolder, sha256_file, write_json_atomically
+from vild_pipe.pipeline.shards import (
+    CacheFolder, make_output_folder, sha256_file, write_json_atomically, write_text_atomically,
+)
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     category_split = dataset.resolve_split(split)
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     texts = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
     loaded = _load_heads(heads, active, ensemble_head, texts, proposal_folder, category_split, dataset, torch_device)
     if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
@@ -158,7 +160,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         "modes": results,
     }
     write_json_atomically(out / METRICS_NAME, document, indent=1)
-    (out / TABLE_NAME).write_text(table)
+    write_text_atomically(out / TABLE_NAME, table)
     log.info("evaluate: %d images, %d modes in %.0f s -> %s and %s", len(image_ids), len(results), document["seconds"],
              out / METRICS_NAME, out / TABLE_NAME)
     return results

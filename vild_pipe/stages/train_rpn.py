@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import VildError
+from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import (
     CHECKPOINT_NAME, GracefulStop, StepSampler, TrainingStopped, load_checkpoint, resume_or_start,
     save_training_state,
@@ -138,6 +138,9 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
                             disable=None if is_main(info) else True)
             tick = time.perf_counter()
             for batch_images, batch_targets, positions in loader:
+                unreadable = [image for image in batch_images if isinstance(image, str)]
+                if unreadable:
+                    raise DataError(unreadable[0])
                 losses = _train_step(ddp_model, model, optimizer, scaler, batch_images, batch_targets, positions,
                                      seed, step, info.device, use_amp, clip_grad_norm)
                 scheduler.step()
@@ -270,7 +273,8 @@ class TrainingImages(Dataset):
 
     Target boxes are the image's non-crowd boxes of the training view, labelled 1 (object) or 1 + their base
     category's index (`box_classes` > 1); crowd boxes
-    are left out (torchvision's Faster R-CNN has no ignore regions).
+    are left out (torchvision's Faster R-CNN has no ignore regions). An unreadable image gives its one-line
+    error message in place of the image tensor.
     """
 
     def __init__(self, dataset: CocoDataset, min_size: int, max_size: int, seed: int,
@@ -299,7 +303,12 @@ class TrainingImages(Dataset):
         step, position, sample = key
         record = self.dataset.images[sample]
         boxes, categories, crowd = self.dataset.annotations_for(record.id)
-        image = pil_to_tensor(self.dataset.open_image(record)).float().div_(255)
+        try:
+            image = pil_to_tensor(self.dataset.open_image(record)).float().div_(255)
+        except DataError as err:
+            # Handed over as a value, raised by the main process: DataLoader would re-raise it wrapped in a
+            # worker's multi-line traceback.
+            return str(err), {}, position
         boxes = torch.from_numpy(boxes[~crowd])
         image, boxes = resize_for_training(image, boxes, self.min_size, self.max_size,
                                            step_scale(self.seed, step, self.scale_jitter))
