@@ -21,6 +21,7 @@ train-rpn's data pipeline has resized (and scale-jittered) them already, for the
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops.poolers import _setup_scales, initLevelMapper
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
@@ -183,6 +184,12 @@ def roi_feature_names(config: DetectorConfig) -> list[str]:
     return [str(i) for i in range(num_feature_levels(config) - 1)]
 
 
+def roi_feature_strides(config: DetectorConfig) -> list[int]:
+    """Strides of the maps of `roi_feature_names`: 4, 8, 16, 32 for resnet50-fpn (P2-P5), 8, 16, 32 for small."""
+    first = 4 if config.backbone == "resnet50-fpn" else 8
+    return [first * 2 ** level for level in range(len(roi_feature_names(config)))]
+
+
 # --------------------------------------------------------------------------- backbones
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -229,7 +236,7 @@ class SmallBackbone(nn.Sequential):
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise VildError(f"{path}: backbone weights file not found (backbone_init is 'none', 'imagenet' or a file)")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, remove_stale_tmp=False)
     if state is not None and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -300,7 +307,7 @@ class RoIPool(MultiScaleRoIAlign):
         features = [x[name] for name in self.featmap_names]
         if not (self.training and self.sampling_ratio == 1 and features[0].device.type == "cpu"):
             return super().forward(x, boxes, image_shapes)
-        if self.scales is None or self.map_levels is None:
+        if self.scales is None or self.map_levels is None:  # a pool built outside `build_detector`
             self.scales, self.map_levels = _setup_scales(features, image_shapes, self.canonical_scale,
                                                          self.canonical_level)
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
@@ -437,6 +444,14 @@ def build_detector(config: DetectorConfig, init_backbone: bool = True) -> Faster
         backbone = _small_fpn_backbone(config, init_backbone)
     anchors = AnchorGenerator(sizes=config.anchor_sizes, aspect_ratios=(config.aspect_ratios,) * len(config.anchor_sizes))
     roi_pool = RoIPool(featmap_names=roi_feature_names(config), output_size=7, sampling_ratio=config.roi_sampling_ratio)
+    # The strides are known: torchvision would infer them from the first batch it pools, rounding feature size /
+    # image size to a power of two, which for images under ~75 px (padding to a multiple of 32 is then a large
+    # part of the size) gives a wrong scale and makes the whole process depend on its first batch.
+    strides = roi_feature_strides(config)
+    roi_pool.scales = [1.0 / stride for stride in strides]
+    roi_pool.map_levels = initLevelMapper(int(math.log2(strides[0])), int(math.log2(strides[-1])),
+                                          canonical_scale=roi_pool.canonical_scale,
+                                          canonical_level=roi_pool.canonical_level)
     box_head = TwoMLPHead(config.fpn_channels * 7 * 7, config.representation_size)
     model = FasterRCNN(
         backbone,
@@ -514,7 +529,7 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
     "sha256": of the file, "step": training steps}: what a cache records to refuse another detector.
     """
     file = resolve_detector_file(path)
-    state = load_checkpoint(file)
+    state = load_checkpoint(file, remove_stale_tmp=False)  # a reader must not delete a save in progress
     if state is None:
         raise VildError(f"{file}: no such detector checkpoint")
     if "detector" in state:
