@@ -12,9 +12,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +30,8 @@ from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.stages import cache_embeddings
 from vild_pipe.stages.dump_proposals import proposal_fields
+
+from child_processes import child_env, driver_command, run_to_end
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 IMAGES_PER_SHARD = 2
@@ -58,18 +58,7 @@ print("SUMMARY", json.dumps(summary))
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_torchrun_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
 def photo_boxes(rng, width, height, n) -> np.ndarray:
@@ -181,24 +170,6 @@ def assert_same_cache(path, expected_path):
         assert set(got[image_id]) <= set(rows)
         for name in got[image_id]:
             np.testing.assert_array_equal(got[image_id][name], rows[name], err_msg=f"image {image_id} {name}")
-
-
-def driver_command(tmp_path, kwargs, torchrun=False):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    launcher = [sys.executable]
-    if torchrun:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                     f"--master_port={port}"]
-    return [*launcher, str(script), json.dumps(kwargs)]
-
-
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
 def hand_enlarged(box, width, height):
@@ -339,7 +310,7 @@ def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(ph
                                                                              reference, tmp_path):
     out = tmp_path / "emb"
     kwargs = stage_kwargs(photos, proposals, teacher_file, out, images_per_batch=1, workers=1)
-    child = subprocess.Popen(driver_command(tmp_path, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(driver_command(tmp_path, DRIVER, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=child_env(EMB_TEST_SLOW_S="0.5"))
     try:
         deadline = time.monotonic() + 90
@@ -370,11 +341,9 @@ def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(ph
 def test_torchrun_two_ranks_and_two_shard_jobs_fill_the_same_cache(photos, proposals, teacher_file, reference,
                                                                   tmp_path):
     out = tmp_path / "torchrun"
-    process = subprocess.run(driver_command(tmp_path, stage_kwargs(photos, proposals, teacher_file, out),
-                                            torchrun=True), capture_output=True, text=True, timeout=180,
-                             env=child_env())
-    assert process.returncode == 0, process.stdout + process.stderr
-    assert process.stdout.count("SUMMARY") == 2
+    output = run_to_end(driver_command(tmp_path, DRIVER, stage_kwargs(photos, proposals, teacher_file, out),
+                                       torchrun=True), timeout=180)
+    assert output.count("SUMMARY") == 2
     assert_same_cache(out, reference[0])
 
     out = tmp_path / "sharded"

@@ -3,7 +3,6 @@ each on its slice of the global batch, trains the same weights as one process on
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from vild_pipe.errors import VildError
-from vild_pipe.pipeline import distributed
 from vild_pipe.pipeline.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -27,6 +25,8 @@ from vild_pipe.pipeline.distributed import (
     unwrap_model,
     wrap_ddp,
 )
+
+from child_processes import free_port
 
 # Run under torchrun with 2 CPU ranks; the test also imports it to train the single-process reference.
 DDP_SCRIPT = '''
@@ -111,18 +111,6 @@ def main(out):
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
 '''
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def no_torchrun_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def test_pick_device(monkeypatch):

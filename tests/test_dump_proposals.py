@@ -9,9 +9,7 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_det
 from vild_pipe.pipeline.proposals import dump_settings, feature_shape, features_for_boxes, propose_with_features
 from vild_pipe.pipeline.shards import CacheFolder, sha256_file
 from vild_pipe.stages import dump_proposals, make_synthetic
+
+from child_processes import child_env, driver_command, run_to_end
 
 TINY_DETECTOR = dict(small_widths=(8, 16, 16, 32), fpn_channels=16, min_size=96, max_size=96,
                      rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, representation_size=64)
@@ -56,18 +56,7 @@ print("SUMMARY", json.dumps(summary))
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_torchrun_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
 @pytest.fixture(scope="module")
@@ -120,30 +109,6 @@ def assert_same_cache(path, expected_path):
         for name, array in rows.items():
             assert got[image_id][name].dtype == array.dtype
             np.testing.assert_array_equal(got[image_id][name], array, err_msg=f"image {image_id} {name}")
-
-
-def driver_command(tmp_path, kwargs, torchrun=False):
-    script = tmp_path / "driver.py"
-    script.write_text(DRIVER)
-    launcher = [sys.executable]
-    if torchrun:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                     f"--master_port={port}"]
-    return [*launcher, str(script), json.dumps(kwargs)]
-
-
-def child_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def run_child(command, timeout=120, **env):
-    process = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=child_env(**env))
-    assert process.returncode == 0, process.stdout + process.stderr
-    return process
 
 
 def load_images(world, ids, split="train"):
@@ -263,7 +228,7 @@ def test_val_split_has_no_gt_rows_by_default_and_add_gt_is_explicit(world, detec
 def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(world, detector, reference, tmp_path):
     out = tmp_path / "cache"
     kwargs = stage_kwargs(world, detector, out, batch_size=1, workers=1)
-    child = subprocess.Popen(driver_command(tmp_path, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(driver_command(tmp_path, DRIVER, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, env=child_env(DUMP_TEST_SLOW_S="0.4"))
     checked = set()
     try:
@@ -297,8 +262,8 @@ def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(wo
 
 def test_torchrun_two_ranks_fill_the_same_cache_as_one_process(world, detector, reference, tmp_path):
     out = tmp_path / "cache"
-    process = run_child(driver_command(tmp_path, stage_kwargs(world, detector, out), torchrun=True))
-    assert process.stdout.count("SUMMARY") == 2
+    output = run_to_end(driver_command(tmp_path, DRIVER, stage_kwargs(world, detector, out), torchrun=True))
+    assert output.count("SUMMARY") == 2
     assert_same_cache(out, reference[0])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]

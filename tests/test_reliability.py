@@ -45,6 +45,8 @@ from vild_pipe.pipeline.head import HEAD_NAME
 from vild_pipe.pipeline.teacher import SmallClipConfig, save_clip
 from vild_pipe.stages import cache_embeddings, dump_proposals, embed_text, make_synthetic, train_head, train_rpn
 
+from child_processes import child_env
+
 TRAIN_IMAGES = 10          # one image per shard: ten shards, enough for three kills and a final rerun
 ITERATIONS = 30            # training steps, a checkpoint every CHECKPOINT_EVERY
 CHECKPOINT_EVERY = 4
@@ -95,18 +97,7 @@ print("SUMMARY", json.dumps(summary, default=str), flush=True)
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def no_torchrun_env(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
 @pytest.fixture(scope="module")
@@ -281,8 +272,7 @@ class Watcher:
 def start_child(tmp_path: Path, stage: str, kwargs: dict, log: Path, step_s: float = STEP_S) -> subprocess.Popen:
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", RELIABILITY_STEP_S=str(step_s), RELIABILITY_WRITE_S=str(WRITE_S))
+    env = child_env(RELIABILITY_STEP_S=str(step_s), RELIABILITY_WRITE_S=str(WRITE_S))
     with open(log, "w") as output:
         return subprocess.Popen([sys.executable, str(script), stage, json.dumps(kwargs)], stdout=output,
                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -3,7 +3,6 @@ resume after SIGKILL, torchrun with two processes trains what one process trains
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings
 from vild_pipe.stages import train_head
 from vild_pipe.stages.dump_proposals import proposal_fields
+
+from child_processes import free_port, run_to_end
 
 IMAGES, PROPOSALS, CHANNELS, DIM, PER_SHARD = 24, 10, 4, 16, 5
 CLIP = {"model": "tiny-clip", "sha256": "a" * 64, "embed_dim": DIM, "input_resolution": 32}
@@ -228,12 +229,6 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(world, ref
     assert all(torch.equal(expected[k], v) for k, v in head_weights(run_dir).items())
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):
     short = dict(iterations=6)
     train_head.run(**settings(world, tmp_path / "single", **short))
@@ -241,14 +236,7 @@ def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):
     script.write_text(DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(script), json.dumps(settings(world, tmp_path / "ddp", **short))]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun hung:\n{process.communicate()[0]}")
-    assert process.returncode == 0, output
+    run_to_end(command)
     expected = head_weights(tmp_path / "single")
     for name, tensor in head_weights(tmp_path / "ddp").items():
         torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from vild_pipe.stages import make_synthetic, train_rpn
 from vild_pipe.stages.train_rpn import (
     METRICS_NAME, RECALL_NAME, TrainingImages, image_flip, resize_for_training, step_scale,
 )
+
+from child_processes import free_port, run_to_end
 
 TINY = dict(small_widths=(8, 16, 32, 32), fpn_channels=16, representation_size=32, min_size=96, max_size=96,
             rpn_pre_nms_top_n_train=200, rpn_post_nms_top_n_train=200, rpn_pre_nms_top_n_test=100,
@@ -249,12 +250,6 @@ def test_sigterm_saves_and_the_rerun_finishes(world, reference, tmp_path):
     assert_same_weights(run_dir, reference[0])
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
@@ -266,14 +261,7 @@ def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path, m
     script.write_text(DRIVER)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(script), json.dumps(settings(world, tmp_path / "ddp", **short))]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        pytest.fail(f"torchrun hung:\n{process.communicate()[0]}")
-    assert process.returncode == 0, output
+    run_to_end(command)
 
     expected = final_weights(single)
     weights = final_weights(tmp_path / "ddp")
