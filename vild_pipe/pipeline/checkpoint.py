@@ -362,6 +362,18 @@ def save_training_state(
     return path
 
 
+def save_on_schedule_or_stop(stop: "GracefulStop", device: torch.device | str, run_dir: str | os.PathLike, step: int,
+                             last_step: int, every: int, config: Any, model: nn.Module,
+                             optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None) -> None:
+    """After a training step: checkpoint every `every` steps, at `last_step`, and when a stop signal reached any
+    rank; in that last case raise TrainingStopped once the state is saved, so no finished step is lost."""
+    stopping = stop.requested_on_any_rank(device)
+    if stopping or step % every == 0 or step == last_step:
+        save_training_state(run_dir, step, config, model, optimizer, scheduler, scaler)
+    if stopping:
+        raise TrainingStopped(stop.signal_name, step, Path(run_dir) / CHECKPOINT_NAME)
+
+
 def resume_or_start(
     run_dir: str | os.PathLike,
     config: Any,

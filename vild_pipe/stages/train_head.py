@@ -36,9 +36,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.cache_loader import NO_LABEL, CacheIndex, RowSelection, StepBatch, StepLoader, StepOrder
-from vild_pipe.pipeline.checkpoint import (
-    CHECKPOINT_NAME, GracefulStop, TrainingStopped, resume_or_start, save_training_state,
-)
+from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.distributed import (
     barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
 )
@@ -150,12 +148,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
                     progress.update(1)
                     progress.set_postfix({name: f"{record[name]:.3f}" for name in ("loss", "text", "image")
                                           if record.get(name) is not None})
-                stopping = stop.requested_on_any_rank(info.device)
-                if stopping or step % checkpoint_every == 0 or step == iterations:
-                    save_training_state(run_dir, step, config, head, optimiser, scheduler)
-                if stopping:
-                    progress.close()
-                    raise TrainingStopped(stop.signal_name, step, run_dir / CHECKPOINT_NAME)
+                save_on_schedule_or_stop(stop, info.device, run_dir, step, iterations, checkpoint_every, config,
+                                         head, optimiser, scheduler)
             progress.close()
 
         trained = step - first_step

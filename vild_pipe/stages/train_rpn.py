@@ -34,8 +34,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import (
-    CHECKPOINT_NAME, GracefulStop, StepSampler, TrainingStopped, load_checkpoint, resume_or_start,
-    save_training_state,
+    GracefulStop, StepSampler, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
 )
 from vild_pipe.pipeline.detector import (
     INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, load_detector,
@@ -153,12 +152,8 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
                     progress.update(1)
                     progress.set_postfix(loss=f"{record['loss']:.3f}", obj=f"{record['loss_objectness']:.3f}",
                                          cls=f"{record['loss_classifier']:.3f}", lr=f"{record['lr']:.4f}")
-                stopping = stop.requested_on_any_rank(info.device)
-                if stopping or step % checkpoint_every == 0 or step == hyper["iterations"]:
-                    save_training_state(run_dir, step, config, model, optimizer, scheduler, scaler)
-                if stopping:
-                    progress.close()
-                    raise TrainingStopped(stop.signal_name, step, run_dir / CHECKPOINT_NAME)
+                save_on_schedule_or_stop(stop, info.device, run_dir, step, hyper["iterations"], checkpoint_every,
+                                         config, model, optimizer, scheduler, scaler)
             progress.close()
         trained = step - first_step
         summary: dict[str, Any] = {"run_dir": os.fspath(run_dir), "steps": step, "trained_steps": trained,
