@@ -7,7 +7,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from vild_pipe.data import synthetic
-from vild_pipe.data.synthetic import BASE_IDS, CATEGORIES, NOVEL_IDS, image_rng, mask_box, render_image, shape_alpha
+from vild_pipe.data.synthetic import BASE_IDS, CATEGORIES, MAX_OBJECTS, NOVEL_IDS, image_rng, mask_box, render_image, shape_alpha
 from vild_pipe.errors import VildError
 from vild_pipe.stages import make_synthetic
 
@@ -38,7 +38,7 @@ def test_world_loads_in_pycocotools_with_split_categories(world):
             with Image.open(world / image["file_name"]) as pixels:
                 assert pixels.format == "JPEG" and pixels.size == (96, 96)
             anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
-            assert 1 <= len(anns) <= 6
+            assert 1 <= len(anns) <= MAX_OBJECTS
             assert any(a["category_id"] in BASE_IDS for a in anns)
             assert all(a["iscrowd"] == 0 for a in anns)
 
@@ -87,7 +87,7 @@ def test_every_image_has_a_base_object_and_a_third_of_objects_are_novel():
     for index in range(40):
         _, objects = render_image(image_rng(0, "val", index), 96)
         ids = [o.category_id for o in objects]
-        assert 1 <= len(ids) <= 6 and any(i in BASE_IDS for i in ids)
+        assert 1 <= len(ids) <= MAX_OBJECTS and any(i in BASE_IDS for i in ids)
         category_ids += ids
     novel_share = np.isin(category_ids, NOVEL_IDS).mean()
     assert 0.2 < novel_share < 0.45

@@ -23,13 +23,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when anything below changes the pixels or boxes, so a stored world is never mistaken for a new one.
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 # A shape is a list of parts drawn in order: a polygon in unit coordinates ([-1, 1] on both axes, y down)
 # and whether it adds to the shape (True) or cuts a hole (False).
 Part = tuple[np.ndarray, bool]
 
-MIN_OBJECTS, MAX_OBJECTS = 2, 6
+MIN_OBJECTS, MAX_OBJECTS = 6, 12   # v3: 2-6 gave a detector trained from scratch too few boxes (~160 a category)
 MIN_SIDE, MAX_SIDE = 0.10, 0.42          # nominal side length, as a fraction of the image side
 ASPECT_JITTER = 1.15                      # width/height stretched by up to this factor either way
 MAX_HIDDEN = 0.4                          # at most this fraction of an object's pixels may be covered
@@ -378,7 +378,7 @@ def _fits(candidate: _Placement, depth: int, placements: list[_Placement], depth
 
 
 def _choose_categories(rng: np.random.Generator) -> list[int]:
-    """2-6 categories, at least one base; each other one novel with a chance that makes 1/3 of all novel."""
+    """6-12 categories, at least one base; each other one novel with a chance that makes 1/3 of all novel."""
     count = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
     p_novel = count / (3.0 * (count - 1))
     ids = [int(rng.choice(BASE_IDS))]

@@ -157,6 +157,10 @@ _PRESET_FIELDS: dict[str, dict[str, Any]] = {
         "rpn_post_nms_top_n_test": 500,
         "representation_size": 256,
         "roi_sampling_ratio": 1,
+        # A synthetic image holds ~9 objects: of 512 sampled RoIs only ~8 were foreground and the box head
+        # learned to call everything background (its category accuracy on GT boxes: 0.06); at 64 it learns the
+        # base categories (0.41-0.83 with training length) and the steps are faster.
+        "box_batch_size_per_image": 64,
     },
 }
 

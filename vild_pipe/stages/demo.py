@@ -19,11 +19,11 @@ from vild_pipe.stages import (
 log = logging.getLogger(__name__)
 
 FULL = {"train_images": 600, "val_images": 150, "image_size": 192, "teacher_steps": 1800,
-        "rpn_iterations": None, "top_n": 100, "head_iterations": 300, "head_batch_size": 8,
+        "rpn_iterations": None, "top_n": 20, "head_iterations": 600, "head_batch_size": 8,
         "detect_images": 4}
 QUICK = {"train_images": 12, "val_images": 6, "image_size": 96, "teacher_steps": 3,
          "rpn_iterations": 4, "top_n": 20, "head_iterations": 4, "head_batch_size": 4, "detect_images": 2}
-HEAD_SETTINGS = {"lr": 0.02, "warmup": 30, "representation_size": 512, "workers": 1}
+HEAD_SETTINGS = {"optimizer": "adamw", "lr": 1e-3, "warmup": 60, "representation_size": 512, "workers": 1}
 HEADS = {"ViLD-text": "text", "ViLD-image": "image", "ViLD": "text+image"}
 
 
@@ -46,7 +46,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     size = sizes["image_size"]
     rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
                 box_classes="base", iterations=sizes["rpn_iterations"], min_size=size, max_size=size, seed=seed,
-                val=world / "val.json")
+                val=world / "val.json", threads=1)
     for split in ("train", "val"):
         timed(f"dump-proposals {split}", dump_proposals.run, out / "rpn", world / f"{split}.json",
               out / "proposals" / split, top_n=sizes["top_n"])
@@ -64,7 +64,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     val = CocoDataset.load(world / "val.json")
     vocabulary = ", ".join(category.name for category in val.categories)
     timed("detect", detect.run, [record.path for record in val.images[:sizes["detect_images"]]], out / "rpn",
-          heads["ViLD"], out / "detections", vocab=vocabulary, clip=str(teacher_file), score_threshold=0.3)
+          heads["ViLD"], out / "detections", vocab=vocabulary, clip=str(teacher_file), score_threshold=0.5, top_k=10)
 
     print(_report(teacher, rpn, metrics, timings, out))
     return {"teacher": teacher, "rpn": rpn, "metrics": metrics, "timings": timings}

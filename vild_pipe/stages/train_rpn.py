@@ -57,7 +57,7 @@ LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_bo
 # small: measured on the synthetic world on 2 CPU cores (bench/RESULTS.md). resnet50-fpn: Detectron's 1x
 # schedule (90k iterations of 16 images, lr 0.02, decay x0.1 at 2/3 and 8/9).
 TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
-    "small": {"iterations": 600, "batch_size": 4, "lr": 0.02, "warmup": 100, "schedule": "cosine"},
+    "small": {"iterations": 1600, "batch_size": 4, "lr": 0.02, "warmup": 100, "schedule": "cosine"},
     "resnet50-fpn": {"iterations": 90000, "batch_size": 16, "lr": 0.02, "warmup": 1000, "schedule": "step"},
 }
 BOX_CLASSES = ("object", "base")
