@@ -9,3 +9,6 @@ echo "machine: $(nproc) cores, $(python3 -c 'import platform; print(platform.pro
 echo "teacher:   $out/teacher.json"
 echo "detector:  $out/rpn/recall.json"
 echo "proposals: $out/proposals/{train,val}/manifest.json"
+echo "embeddings: $out/embeddings/{train,val}/manifest.json"
+echo "heads:     $out/heads/{text,image,text-image}/metrics.jsonl"
+echo "metrics:   $out/evaluation/metrics.json (and metrics.md); pictures: $out/detections/*.png"
