@@ -129,15 +129,16 @@ def run(
         )
         worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
         pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
+        rows = {i: proposal_folder.read_marker(i)["rows"] for i in pending}
         if info.rank == 0:
-            _log_expected_cost(folder, proposal_folder, pending, teacher.embed_dim)
+            _log_expected_cost(folder, proposal_folder, rows, teacher.embed_dim)
 
         if pending:
             log.info("worker %d of %d: %d shards to write on %s (%s crops, %s, batch %d crops, %s decode)",
                      worker, num_workers, len(pending), info.device, crop_method, config["precision"],
                      batch_size, decode)
             written = _write_shards(
-                teacher, dataset, proposal_folder, folder, pending, crop_method, decode, batch_size,
+                teacher, dataset, proposal_folder, folder, rows, crop_method, decode, batch_size,
                 images_per_batch, workers, show_progress=info.rank == 0,
             )
         else:
@@ -146,7 +147,7 @@ def run(
 
         complete = folder.finalize()
         summary = cache_summary(folder, written, complete, time.monotonic() - started)
-        summary["crops"] = 2 * sum(proposal_folder.read_marker(i)["rows"] for i in written)
+        summary["crops"] = 2 * sum(rows[i] for i in written)
         log_measured_cost(folder, summary)
         return summary
 
@@ -162,17 +163,18 @@ def _dataset_of(proposal_folder: CacheFolder, annotations, images) -> CocoDatase
     return CocoDataset.load(annotations, images)
 
 
-def _log_expected_cost(folder: CacheFolder, proposal_folder: CacheFolder, pending: list[int], dim: int) -> None:
+def _log_expected_cost(folder: CacheFolder, proposal_folder: CacheFolder, pending_rows: dict[int, int], dim: int
+                       ) -> None:
     """What the cache will take on disk, known exactly from the proposal cache's row counts, before writing."""
     totals = proposal_folder.manifest_summary()
     row_bytes = bytes_per_row(folder.fields)
     images = max(totals["images"], 1)
-    pending_rows = sum(proposal_folder.read_marker(i)["rows"] for i in pending)
     log.info(
         "embedding cache %s: %s per image (%.1f boxes x %d vectors x %d dims x 2 bytes), %s for %d images in %d"
         " shards; this worker has %d shards (%d crops) to compute", folder.path,
         format_bytes(totals["rows"] * row_bytes / images), totals["rows"] / images, len(folder.fields), dim,
-        format_bytes(totals["rows"] * row_bytes), totals["images"], folder.num_shards, len(pending), 2 * pending_rows,
+        format_bytes(totals["rows"] * row_bytes), totals["images"], folder.num_shards, len(pending_rows),
+        2 * sum(pending_rows.values()),
     )
 
 
@@ -203,14 +205,13 @@ class _ImagesToCrop(Dataset):
         self.decode = decode
         self.preprocess = preprocess
         self.crop_size = crop_size
-        self.positions = {record.id: k for k, record in enumerate(dataset.images)}
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key) -> _LoadedImage:
         shard_index, (image_id, boxes) = key
-        record = self.dataset.images[self.positions[image_id]]
+        record = self.dataset.image(image_id)
         try:
             if self.crop_method == "reference":
                 payload = reference_crops(self.dataset.open_image(record), crop_boxes_1x_15x(boxes, record),
@@ -257,11 +258,14 @@ class _CropEncoder:
     def add(self, crops: torch.Tensor) -> None:
         self._waiting.append(crops)
         self._num_waiting += len(crops)
-        while self._num_waiting >= self.batch_size:
-            waiting = torch.cat(self._waiting)
-            self._encode(waiting[:self.batch_size])
-            self._waiting = [waiting[self.batch_size:]]
-            self._num_waiting = len(self._waiting[0])
+        if self._num_waiting < self.batch_size:
+            return
+        waiting = torch.cat(self._waiting)  # one copy; the full batches and the rest are views of it
+        full = len(waiting) - len(waiting) % self.batch_size
+        for start in range(0, full, self.batch_size):
+            self._encode(waiting[start:start + self.batch_size])
+        self._waiting = [waiting[full:]]
+        self._num_waiting = len(waiting) - full
 
     def _encode(self, crops: torch.Tensor) -> None:
         if len(crops):
@@ -279,26 +283,26 @@ class _CropEncoder:
         return encoded
 
 
-def _write_shards(teacher, dataset, proposal_folder, folder, pending, crop_method, decode, batch_size,
+def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_method, decode, batch_size,
                   images_per_batch, workers, show_progress) -> list[int]:
-    """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
+    """Compute and publish the pending shards (`pending_rows`: shard -> rows) this process can claim; returns the
+    ones it wrote."""
     def images_of(index: int) -> list[tuple[int, np.ndarray]]:
         with proposal_folder.read_shard(index) as reader:
             boxes = reader.arrays(["boxes"])["boxes"]
             starts = reader.row_start
             return [(int(image_id), boxes[starts[k]:starts[k + 1]]) for k, image_id in enumerate(reader.image_ids)]
 
-    sampler = ClaimingSampler(folder, pending, images_of)
+    sampler = ClaimingSampler(folder, list(pending_rows), images_of)
     loader = DataLoader(
         _ImagesToCrop(dataset, crop_method, decode, teacher.preprocess,
                       crop_size=teacher.input_resolution if teacher.device.type == "cpu" and workers else None),
         batch_size=images_per_batch,
         sampler=sampler, num_workers=workers, collate_fn=list, pin_memory=teacher.device.type == "cuda",
     )
-    records = {record.id: record for record in dataset.images}
     encoder = _CropEncoder(teacher, batch_size)
     shard_images: list[tuple[int, int]] = []
-    total = 2 * sum(proposal_folder.read_marker(i)["rows"] for i in pending)
+    total = 2 * sum(pending_rows.values())
     progress = tqdm(total=total, desc="cache-embeddings", unit="crop", unit_scale=True,
                     disable=None if show_progress else True)
 
@@ -315,7 +319,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending, crop_metho
                                     " cannot be skipped here; restore the file)")
             for shard_index, group in _by_shard(batch):
                 shards.shard(shard_index)
-                encoder.add(_crops_of(group, records, crop_method, teacher))
+                encoder.add(_crops_of(group, dataset, crop_method, teacher))
                 shard_images.extend((item.image_id, len(item.boxes)) for item in group)
                 progress.update(2 * sum(len(item.boxes) for item in group))
     return shards.published
@@ -331,18 +335,18 @@ def _by_shard(batch: list[_LoadedImage]) -> list[tuple[int, list[_LoadedImage]]]
     return groups
 
 
-def _crops_of(group: list[_LoadedImage], records: dict, crop_method: str, teacher: Teacher) -> torch.Tensor:
+def _crops_of(group: list[_LoadedImage], dataset: CocoDataset, crop_method: str, teacher: Teacher) -> torch.Tensor:
     """The normalised crops of every box of a group of images: per image its 1x crops, then its 1.5x crops."""
     size = teacher.input_resolution
     if crop_method == "reference" or group[0].payload.ndim == 4:  # cropped in the loader workers
         return torch.cat([torch.zeros(0, 3, size, size)] + [item.payload for item in group if len(item.boxes)])
-    images = _decode(group, records, teacher.device)
-    boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, records[item.image_id])) for item in group]
+    images = _decode(group, dataset, teacher.device)
+    boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, dataset.image(item.image_id))) for item in group]
     dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
     return crop_squares(images, boxes, size, dtype=dtype)
 
 
-def _decode(group: list[_LoadedImage], records: dict, device: torch.device) -> list[torch.Tensor]:
+def _decode(group: list[_LoadedImage], dataset: CocoDataset, device: torch.device) -> list[torch.Tensor]:
     """The group's images as uint8 (3, H, W) on `device`: JPEG bytes decoded in one batched call there
     (nvJPEG on CUDA), images the workers decoded moved over as they are."""
     images: list[torch.Tensor | None] = [None] * len(group)
@@ -357,10 +361,10 @@ def _decode(group: list[_LoadedImage], records: dict, device: torch.device) -> l
                 warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
                 decoded = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
         except RuntimeError as err:
-            paths = ", ".join(os.fspath(records[group[k].image_id].path) for k in encoded)
+            paths = ", ".join(os.fspath(dataset.image(group[k].image_id).path) for k in encoded)
             raise DataError(f"{paths}: cannot decode JPEG ({' '.join(str(err).split())[:200]})") from err
         for k, pixels in zip(encoded, decoded):
-            record = records[group[k].image_id]
+            record = dataset.image(group[k].image_id)
             if tuple(pixels.shape[1:]) != (record.height, record.width):
                 raise DataError(f"{os.fspath(record.path)}: image is {pixels.shape[2]}x{pixels.shape[1]} pixels but"
                                 f" the annotation file says {record.width}x{record.height} for image id {record.id}")
