@@ -134,7 +134,7 @@ def test_ensemble_crops_are_what_cache_embeddings_stores_and_zebra_is_base(model
         cached = reader.rows_for(3)["emb"]
 
     teacher = load_teacher(models["clip"])
-    computed = detect.crop_embeddings(teacher, pixels, boxes, models["photo"])
+    computed = detect.crop_embeddings(teacher, pixels, boxes)
     assert computed.dtype == torch.float16
     np.testing.assert_array_equal(computed.numpy(), cached)
     assert detect._novel_names(["zebra", "red car", " ZEBRA "], {"base_names": ["Zebra"]}).tolist() == [

@@ -15,6 +15,7 @@ from torchvision.ops import roi_align
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CROP_SCALES = (1.0, 1.5)   # ViLD's two crops of every box
 
 
 def scale_boxes(boxes: np.ndarray, factor: float) -> np.ndarray:
@@ -61,6 +62,11 @@ def pil_to_uint8_chw(image: Image.Image) -> torch.Tensor:
 def enlarged_boxes(boxes: np.ndarray, factor: float, width: int, height: int) -> np.ndarray:
     """The ViLD crop box: `factor` times the box about its centre, clipped to the image (float64 xyxy)."""
     return clip_boxes(scale_boxes(boxes, factor), width, height)
+
+
+def crop_boxes_1x_15x(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Every crop's box for one image: its R 1x boxes, then its R 1.5x boxes, all clipped to the image."""
+    return np.concatenate([enlarged_boxes(boxes, scale, width, height) for scale in CROP_SCALES])
 
 
 def centre_squares(boxes: torch.Tensor, min_side: float = 1.0) -> torch.Tensor:

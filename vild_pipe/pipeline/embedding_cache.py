@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline.shards import CacheFolder, RowField
 
@@ -26,6 +30,21 @@ def embedding_fields(dim: int, ensemble_only: bool = False) -> dict[str, RowFiel
         ENSEMBLE_FIELD: RowField("float16", (dim,), "normalise(emb_1x + emb_15x): the ViLD-image target"),
     }
     return {ENSEMBLE_FIELD: fields[ENSEMBLE_FIELD]} if ensemble_only else fields
+
+
+def image_embedding_rows(embeddings: np.ndarray, images: list[tuple[int, int]], fields) -> list[tuple[int, dict]]:
+    """Split the embeddings of several images' crops (per image: its R 1x rows, then its R 1.5x rows; `images`
+    lists (image id, R)) into each image's cache rows of `fields`, fp16."""
+    out, offset = [], 0
+    for image_id, num_boxes in images:
+        one = torch.from_numpy(embeddings[offset:offset + num_boxes])
+        enlarged = torch.from_numpy(embeddings[offset + num_boxes:offset + 2 * num_boxes])
+        offset += 2 * num_boxes
+        rows = {"emb_1x": one, "emb_15x": enlarged, ENSEMBLE_FIELD: F.normalize(one + enlarged, dim=-1)}
+        out.append((image_id, {name: rows[name].numpy().astype(np.float16) for name in fields}))
+    if offset != len(embeddings):
+        raise RuntimeError(f"{len(embeddings)} embeddings for {offset} crops")
+    return out
 
 
 def embedding_dim(embeddings: CacheFolder) -> int:

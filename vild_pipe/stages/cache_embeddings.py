@@ -30,15 +30,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from vild_pipe.data.coco import CocoDataset, ImageRecord
+from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.crops import crop_squares, enlarged_boxes, pil_to_uint8_chw, reference_crops
-from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, STAGE, embedding_fields
+from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
+from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, STAGE, embedding_fields, image_embedding_rows
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
     OpenShard,
@@ -60,7 +59,6 @@ from vild_pipe.pipeline.teacher import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
-CROP_SCALES = (1.0, 1.5)
 CROP_METHODS = ("fast", "reference")
 DECODERS = ("auto", "pil", "torchvision")
 
@@ -214,14 +212,14 @@ class _ImagesToCrop(Dataset):
         record = self.dataset.image(image_id)
         try:
             if self.crop_method == "reference":
-                payload = reference_crops(self.dataset.open_image(record), crop_boxes_1x_15x(boxes, record),
+                payload = reference_crops(self.dataset.open_image(record), crop_boxes_1x_15x(boxes, record.width, record.height),
                                           self.preprocess)
             elif self.decode == "torchvision" and _is_jpeg(record.path):
                 payload = torch.frombuffer(bytearray(record.path.read_bytes()), dtype=torch.uint8)
             else:
                 payload = pil_to_uint8_chw(self.dataset.open_image(record))
                 if self.crop_size is not None:
-                    payload = crop_squares([payload], [torch.from_numpy(crop_boxes_1x_15x(boxes, record))], self.crop_size)
+                    payload = crop_squares([payload], [torch.from_numpy(crop_boxes_1x_15x(boxes, record.width, record.height))], self.crop_size)
         except (DataError, OSError) as err:
             return _LoadedImage(shard_index, image_id, boxes, None, str(err))
         return _LoadedImage(shard_index, image_id, boxes, payload, None)
@@ -234,11 +232,6 @@ def _is_jpeg(path: Path) -> bool:
             return f.read(3) == b"\xff\xd8\xff"
     except OSError:
         return False
-
-
-def crop_boxes_1x_15x(boxes: np.ndarray, record: ImageRecord) -> np.ndarray:
-    """Every crop's box, per image: the R 1x boxes, then the R 1.5x boxes (clipped to the image)."""
-    return np.concatenate([enlarged_boxes(boxes, scale, record.width, record.height) for scale in CROP_SCALES])
 
 
 class _CropEncoder:
@@ -341,7 +334,9 @@ def _crops_of(group: list[_LoadedImage], dataset: CocoDataset, crop_method: str,
     if crop_method == "reference" or group[0].payload.ndim == 4:  # cropped in the loader workers
         return torch.cat([torch.zeros(0, 3, size, size)] + [item.payload for item in group if len(item.boxes)])
     images = _decode(group, dataset, teacher.device)
-    boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, dataset.image(item.image_id))) for item in group]
+    records = [dataset.image(item.image_id) for item in group]
+    boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, record.width, record.height))
+             for item, record in zip(group, records)]
     dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
     return crop_squares(images, boxes, size, dtype=dtype)
 
@@ -370,17 +365,3 @@ def _decode(group: list[_LoadedImage], dataset: CocoDataset, device: torch.devic
                                 f" the annotation file says {record.width}x{record.height} for image id {record.id}")
             images[k] = pixels
     return images
-
-
-def image_embedding_rows(embeddings: np.ndarray, images: list[tuple[int, int]], fields) -> list[tuple[int, dict]]:
-    """Split a shard's embeddings (per image: R 1x rows then R 1.5x rows) into each image's cache rows."""
-    out, offset = [], 0
-    for image_id, num_boxes in images:
-        one = torch.from_numpy(embeddings[offset:offset + num_boxes])
-        enlarged = torch.from_numpy(embeddings[offset + num_boxes:offset + 2 * num_boxes])
-        offset += 2 * num_boxes
-        rows = {"emb_1x": one, "emb_15x": enlarged, "emb": F.normalize(one + enlarged, dim=-1)}
-        out.append((image_id, {name: rows[name].numpy().astype(np.float16) for name in fields}))
-    if offset != len(embeddings):
-        raise RuntimeError(f"{len(embeddings)} embeddings for {offset} crops")
-    return out

@@ -27,13 +27,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vild_pipe.data.coco import ImageRecord
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.crops import crop_squares, pil_to_uint8_chw
+from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
-from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields
+from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
 from vild_pipe.pipeline.evaluation import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
@@ -43,7 +42,6 @@ from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
 from vild_pipe.pipeline.shards import make_output_folder
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
-from vild_pipe.stages.cache_embeddings import crop_boxes_1x_15x, image_embedding_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +104,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             regions = vild_head(proposed.features.to(torch_device))
             probs = head_probabilities(regions, texts, vild_head.background_embedding(), temperature)
             if ensemble:
-                crops = crop_embeddings(teacher, pixels, proposed.boxes.numpy(), path, crop_batch_size)
+                crops = crop_embeddings(teacher, pixels, proposed.boxes.numpy(), crop_batch_size)
                 probs = ensemble_probabilities(probs, crop_probabilities(crops, texts), is_novel,
                                                base_text_weight, novel_text_weight)
             boxes, scores, classes = detections_from_scores(proposed.boxes.to(torch_device), probs, nms_threshold,
@@ -139,16 +137,14 @@ def _save_drawing(drawing: Image.Image, path: Path) -> None:
         raise VildError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
-def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, path: Path,
-                    batch_size: int = 256) -> torch.Tensor:
+def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """(R, D) normalise(e1x + e1.5x) of one image's boxes, exactly what cache-embeddings stores as `emb`.
 
     The same crop boxes (`crop_boxes_1x_15x`), the same fast crops (`crop_squares`), the same sum, normalisation
     and fp16 rounding (`image_embedding_rows`), so detect scores a box as evaluate scores its cached row.
     """
     height, width = pixels.shape[-2:]
-    record = ImageRecord(id=0, file_name=path.name, width=int(width), height=int(height), path=path)
-    crop_boxes = torch.from_numpy(crop_boxes_1x_15x(boxes, record))
+    crop_boxes = torch.from_numpy(crop_boxes_1x_15x(boxes, int(width), int(height)))
     dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
     crops = crop_squares([pixels.to(teacher.device)], [crop_boxes], teacher.input_resolution, dtype=dtype)
     encoded = teacher.encode_images(crops, batch_size=batch_size).cpu().numpy()
