@@ -12,6 +12,15 @@ from vild_pipe.errors import VildError
 
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
 STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
+SCHEDULES = ("cosine", "step")
+
+
+def check_schedule(hyper: dict[str, Any]) -> None:
+    """VildError unless the step count, batch, lr, warm-up and schedule make a schedule."""
+    if hyper["iterations"] < 1 or hyper["batch_size"] < 1 or hyper["lr"] <= 0 or hyper["warmup"] < 0:
+        raise VildError(f"iterations, batch size and lr must be positive and warmup >= 0 (got {hyper})")
+    if hyper["schedule"] not in SCHEDULES:
+        raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
 
 
 def lr_factor_schedule(hyper: dict[str, Any]):

@@ -45,7 +45,9 @@ from vild_pipe.pipeline.head import (
     HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, text_logits,
 )
 from vild_pipe.pipeline.shards import CacheFolder, sha256_file
-from vild_pipe.pipeline.training_run import append_metrics, keep_metrics_until, lr_factor_schedule, make_run_dir
+from vild_pipe.pipeline.training_run import (
+    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+)
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
 TEXT_NAME = "text_base.pt"
 LOSSES = ("text", "image", "text+image")
-SCHEDULES = ("cosine", "step")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -180,10 +181,7 @@ def _check_settings(losses: str, hyper: dict[str, Any], image_rois: int, sample_
                     foreground_fraction: float, checkpoint_every: int, workers: int) -> None:
     if losses not in LOSSES:
         raise VildError(f"--losses {losses}: use one of {', '.join(LOSSES)}")
-    if hyper["iterations"] < 1 or hyper["batch_size"] < 1 or hyper["lr"] <= 0 or hyper["warmup"] < 0:
-        raise VildError(f"iterations, batch size and lr must be positive and warmup >= 0 (got {hyper})")
-    if hyper["schedule"] not in SCHEDULES:
-        raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    check_schedule(hyper)
     if image_rois < 1 or (sample_rois is not None and sample_rois < 1) or not 0 < foreground_fraction <= 1:
         raise VildError(f"image RoIs and sampled RoIs must be positive and the foreground fraction in (0, 1]"
                         f" (got {image_rois}, {sample_rois}, {foreground_fraction})")

@@ -45,7 +45,9 @@ from vild_pipe.pipeline.distributed import (
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
-from vild_pipe.pipeline.training_run import append_metrics, keep_metrics_until, lr_factor_schedule, make_run_dir
+from vild_pipe.pipeline.training_run import (
+    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,6 @@ TRAINING_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet50-fpn": {"iterations": 90000, "batch_size": 16, "lr": 0.02, "warmup": 1000, "schedule": "step"},
 }
 BOX_CLASSES = ("object", "base")
-SCHEDULES = ("cosine", "step")
 SCALE_PURPOSE, FLIP_PURPOSE = 11, 12   # keep the per-step and per-image random streams apart
 
 
@@ -234,10 +235,7 @@ def _training_settings(backbone: str, iterations: int | None, batch_size: int | 
 
 
 def _check_settings(hyper: dict[str, Any], scale_jitter: Sequence[float], checkpoint_every: int, top_k: int) -> None:
-    if hyper["iterations"] < 1 or hyper["batch_size"] < 1 or hyper["lr"] <= 0 or hyper["warmup"] < 0:
-        raise VildError(f"iterations, batch size and lr must be positive and warmup >= 0 (got {hyper})")
-    if hyper["schedule"] not in SCHEDULES:
-        raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    check_schedule(hyper)
     if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
         raise VildError(f"scale jitter must be two factors 0 < low <= high, got {list(scale_jitter)}")
     if checkpoint_every < 1 or top_k < 1:
