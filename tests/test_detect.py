@@ -28,14 +28,7 @@ VOCAB = "astronaut, american flag, red car, zebra"
 NAMES = ["astronaut", "american flag", "red car", "zebra"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ TINY = dict(small_widths=(8, 16, 32, 32), fpn_channels=16, representation_size=3
             rpn_post_nms_top_n_test=100, box_batch_size_per_image=64)
 
 
-@pytest.fixture
-def one_thread():
-    """Other work shares this machine's 2 cores; one torch thread keeps small ops from waiting on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_batch(n=2, size=96, seed=0):
     generator = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, size, size, generator=generator) for _ in range(n)]
@@ -55,7 +46,7 @@ def test_config_round_trips_through_json_and_refuses_bad_values():
         DetectorConfig.preset("vgg16")
 
 
-def test_small_detector_is_class_agnostic_and_trains(one_thread):
+def test_small_detector_is_class_agnostic_and_trains(one_torch_thread):
     config = DetectorConfig.preset("small", **TINY)
     torch.manual_seed(0)
     model = build_detector(config)
@@ -84,7 +75,7 @@ def test_small_detector_is_class_agnostic_and_trains(one_thread):
     assert pooled.shape == (1, 16, 7, 7)
 
 
-def test_base_class_box_head_learns_categories_and_answers_object_vs_background(one_thread):
+def test_base_class_box_head_learns_categories_and_answers_object_vs_background(one_torch_thread):
     config = DetectorConfig.preset("small", **TINY, box_classes=3)
     torch.manual_seed(0)
     model = build_detector(config)
@@ -113,7 +104,7 @@ def test_base_class_box_head_learns_categories_and_answers_object_vs_background(
     assert len(boxes) == len(scores) and (scores <= 1).all()
 
 
-def test_resnet50_fpn_matches_torchvision_layout_and_loads_a_local_backbone_file(tmp_path, one_thread):
+def test_resnet50_fpn_matches_torchvision_layout_and_loads_a_local_backbone_file(tmp_path, one_torch_thread):
     config = DetectorConfig(min_size=64, max_size=64)
     scratch = build_detector(config)
     assert feature_channels(config) == scratch.backbone.out_channels == 256
@@ -191,7 +182,7 @@ def test_seeded_sampler_depends_on_its_seeds_only():
     assert all(matched[0][i] >= 1 for i in positives) and all(matched[0][i] == 0 for i in negatives)
 
 
-def test_final_model_loads_with_identity_and_same_outputs(tmp_path, one_thread):
+def test_final_model_loads_with_identity_and_same_outputs(tmp_path, one_torch_thread):
     config = DetectorConfig.preset("small", **TINY)
     torch.manual_seed(0)
     model = build_detector(config).eval()
@@ -211,7 +202,7 @@ def test_final_model_loads_with_identity_and_same_outputs(tmp_path, one_thread):
         load_detector(empty_run)
 
 
-def test_predicted_boxes_are_in_input_pixels_and_sorted(one_thread):
+def test_predicted_boxes_are_in_input_pixels_and_sorted(one_torch_thread):
     torch.manual_seed(0)
     model = build_detector(DetectorConfig.preset("small", **{**TINY, "min_size": 64, "max_size": 64})).eval()
     image = torch.rand(3, 120, 150)     # resized to 64 x 80 inside the model; boxes come back in 120 x 150

@@ -41,12 +41,7 @@ BASE_IDS, NOVEL_IDS = [1, 2, 3], [5, 7]
 ALL_HEADS = ("ViLD-text", "ViLD-image", "ViLD")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def orthogonal_to(texts: np.ndarray, rng) -> np.ndarray:

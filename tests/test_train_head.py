@@ -39,14 +39,7 @@ except TrainingStopped as stopped:
 '''
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
 def write_world(folder, seed=0):
