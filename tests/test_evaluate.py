@@ -7,16 +7,12 @@ plus background boxes away from every object. The "exact" embedding cache holds,
 the text embedding of the object's class (and for a background box a vector orthogonal to every text, so
 it scores 1/K everywhere); the "noisy" one the same directions plus noise, for non-trivial AP.
 """
-import contextlib
-import io
 import json
 import logging
 
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
@@ -30,6 +26,8 @@ from vild_pipe.pipeline.teacher import SmallClipConfig, save_clip
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text
 from vild_pipe.stages import evaluate
 from vild_pipe.stages.dump_proposals import proposal_fields
+
+from cocoeval_reference import fresh_stats
 
 TINY_CLIP = SmallClipConfig(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=8,
                             transformer_width=64, transformer_layers=1)
@@ -132,18 +130,6 @@ def settings(world, out, embeddings="noisy", **overrides):
     return {"proposals": folder / "proposals", "annotations": folder / "val.json", "out": out, "device": "cpu",
             "embeddings": folder / f"embeddings-{embeddings}" if embeddings else None,
             "clip": str(world["clip_file"]), "heads": dict(world["heads"]), **overrides}
-
-
-def fresh_stats(annotation_file, results_file, category_ids):
-    """COCOeval's own summary over `category_ids`, from the files alone."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(annotation_file))
-        evaluator = COCOeval(gt, gt.loadRes(str(results_file)), iouType="bbox")
-        evaluator.params.catIds = category_ids
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return evaluator.stats
 
 
 @pytest.fixture(scope="module")
