@@ -1,9 +1,10 @@
-"""The embedding cache's schema and the rule that ties it to its proposal cache.
+"""The embedding cache's schema, and the rules that tie the caches to each other and to their annotation file.
 
 An embedding cache (stage `cache-embeddings`) has the same shards as the proposal cache it was made from:
 shard `shard-00012.h5` of both holds the same images, in the same order, with the same `row_start`, so row
 r of one is the box of row r of the other. Its manifest names the proposal cache's fingerprint and the CLIP
-model's identity; `open_cache_pair` refuses a pair that does not belong together.
+model's identity; `open_cache_pair` refuses a pair that does not belong together, and `annotations_of` an
+annotation file other than the one the proposal cache was made from.
 """
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError
-from vild_pipe.pipeline.shards import CacheFolder, RowField
+from vild_pipe.pipeline.shards import CacheFolder, RowField, sha256_file
 
 STAGE = "cache-embeddings"
 PROPOSAL_STAGE = "dump-proposals"
@@ -78,3 +80,27 @@ def open_cache_pair(
         proposal_folder.require_complete()
         embedding_folder.require_complete()
     return proposal_folder, embedding_folder
+
+
+def open_caches(proposals: str | os.PathLike, embeddings: str | os.PathLike | None
+                ) -> tuple[CacheFolder, CacheFolder | None]:
+    """The complete proposal cache, and the embedding cache made from it when `embeddings` is given."""
+    if embeddings is not None:
+        return open_cache_pair(proposals, embeddings)
+    folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
+    folder.require_complete()
+    return folder, None
+
+
+def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
+                   images: str | os.PathLike | None = None) -> CocoDataset:
+    """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from."""
+    made_from = proposals.inputs.get("annotations", {})
+    if made_from.get("sha256") != sha256_file(annotations):
+        raise DataError(
+            f"{os.fspath(annotations)}: not the annotation file the proposal cache {proposals.path} was made from"
+            f" (it was made from another annotation file, {made_from.get('file')},"
+            f" sha256 {str(made_from.get('sha256'))[:12]}...)"
+        )
+    return CocoDataset.load(annotations, images)
+

@@ -37,7 +37,9 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
-from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, STAGE, embedding_fields, image_embedding_rows
+from vild_pipe.pipeline.embedding_cache import (
+    PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
+)
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
     OpenShard,
@@ -52,7 +54,6 @@ from vild_pipe.pipeline.shards import (
     effective_worker,
     format_bytes,
     parse_shard_option,
-    sha256_file,
     shards_for_worker,
 )
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
@@ -106,7 +107,7 @@ def run(
         started = time.monotonic()
         proposal_folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
         proposal_folder.require_complete()
-        dataset = _dataset_of(proposal_folder, annotations, images)
+        dataset = annotations_of(proposal_folder, annotations, images)
 
         teacher = load_teacher(clip, info.device)
         if batch_size is None:
@@ -148,17 +149,6 @@ def run(
         summary["crops"] = 2 * sum(rows[i] for i in written)
         log_measured_cost(folder, summary)
         return summary
-
-
-def _dataset_of(proposal_folder: CacheFolder, annotations, images) -> CocoDataset:
-    """The annotation file the proposal cache was made from (checked by hash), for its image paths."""
-    made_from = proposal_folder.inputs["annotations"]
-    if sha256_file(annotations) != made_from["sha256"]:
-        raise DataError(
-            f"{os.fspath(annotations)}: not the annotation file the proposal cache {proposal_folder.path} was made"
-            f" from ({made_from['file']}, sha256 {made_from['sha256'][:12]}...)"
-        )
-    return CocoDataset.load(annotations, images)
 
 
 def _log_expected_cost(folder: CacheFolder, proposal_folder: CacheFolder, pending_rows: dict[int, int], dim: int
@@ -210,16 +200,16 @@ class _ImagesToCrop(Dataset):
     def __getitem__(self, key) -> _LoadedImage:
         shard_index, (image_id, boxes) = key
         record = self.dataset.image(image_id)
+        crop_boxes = crop_boxes_1x_15x(boxes, record.width, record.height)
         try:
             if self.crop_method == "reference":
-                payload = reference_crops(self.dataset.open_image(record), crop_boxes_1x_15x(boxes, record.width, record.height),
-                                          self.preprocess)
+                payload = reference_crops(self.dataset.open_image(record), crop_boxes, self.preprocess)
             elif self.decode == "torchvision" and _is_jpeg(record.path):
                 payload = torch.frombuffer(bytearray(record.path.read_bytes()), dtype=torch.uint8)
             else:
                 payload = pil_to_uint8_chw(self.dataset.open_image(record))
                 if self.crop_size is not None:
-                    payload = crop_squares([payload], [torch.from_numpy(crop_boxes_1x_15x(boxes, record.width, record.height))], self.crop_size)
+                    payload = crop_squares([payload], [torch.from_numpy(crop_boxes)], self.crop_size)
         except (DataError, OSError) as err:
             return _LoadedImage(shard_index, image_id, boxes, None, str(err))
         return _LoadedImage(shard_index, image_id, boxes, payload, None)

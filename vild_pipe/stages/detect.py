@@ -148,7 +148,8 @@ def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, b
     dtype = teacher.dtype if teacher.device.type == "cuda" else torch.float32
     crops = crop_squares([pixels.to(teacher.device)], [crop_boxes], teacher.input_resolution, dtype=dtype)
     encoded = teacher.encode_images(crops, batch_size=batch_size).cpu().numpy()
-    [(_, rows)] = image_embedding_rows(encoded, [(0, len(boxes))], embedding_fields(teacher.embed_dim, ensemble_only=True))
+    fields = embedding_fields(teacher.embed_dim, ensemble_only=True)
+    [(_, rows)] = image_embedding_rows(encoded, [(0, len(boxes))], fields)
     return torch.from_numpy(rows[ENSEMBLE_FIELD]).to(pixels.device)
 
 

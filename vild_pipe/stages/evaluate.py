@@ -37,7 +37,7 @@ from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, PROPOSAL_STAGE, clip_identity, embedding_dim, open_cache_pair,
+    ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
     BASE_TEXT_WEIGHT, COCO_MAX_DETS, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, coco_results,
@@ -46,7 +46,7 @@ from vild_pipe.pipeline.evaluation import (
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
 from vild_pipe.pipeline.shards import (
-    CacheFolder, make_output_folder, sha256_file, write_json_atomically, write_text_atomically,
+    CacheFolder, make_output_folder, write_json_atomically, write_text_atomically,
 )
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
 
@@ -106,8 +106,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     torch_device = pick_device(device)
     out = Path(out)
 
-    proposal_folder, embedding_folder = _open_caches(proposals, embeddings)
-    dataset = _annotations_of(proposal_folder, annotations)
+    proposal_folder, embedding_folder = open_caches(proposals, embeddings)
+    dataset = annotations_of(proposal_folder, annotations)
     category_split = dataset.resolve_split(split)
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
 
@@ -144,7 +144,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
 
     table = metrics_table(results)
     document = {
-        "annotations": {"path": os.fspath(annotations), "sha256": sha256_file(annotations)},
+        "annotations": {"path": os.fspath(annotations), "sha256": proposal_folder.inputs["annotations"]["sha256"]},
         "split": category_split.to_json(),
         "proposals": {"path": os.fspath(proposal_folder.path), "fingerprint": proposal_folder.fingerprint},
         "embeddings": ({"path": os.fspath(embedding_folder.path), "fingerprint": embedding_folder.fingerprint}
@@ -186,23 +186,6 @@ def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_wei
         raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
                         f" {max_dets}, {nms_threshold})")
     return [mode for mode in MODES if mode in wanted]
-
-
-def _open_caches(proposals, embeddings) -> tuple[CacheFolder, CacheFolder | None]:
-    if embeddings is not None:
-        return open_cache_pair(proposals, embeddings)
-    folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
-    folder.require_complete()
-    return folder, None
-
-
-def _annotations_of(proposal_folder: CacheFolder, annotations) -> CocoDataset:
-    """The annotation file the proposal cache was made from (checked by hash): its boxes are the ground truth."""
-    made_from = proposal_folder.inputs.get("annotations", {})
-    if made_from.get("sha256") not in (None, sha256_file(annotations)):
-        raise DataError(f"{os.fspath(annotations)}: not the annotation file the proposal cache {proposal_folder.path}"
-                        f" was made from ({made_from.get('file')})")
-    return CocoDataset.load(annotations)
 
 
 def _active_modes(wanted: list[str], heads: Mapping[str, Any], have_embeddings: bool,

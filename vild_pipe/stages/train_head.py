@@ -40,11 +40,11 @@ from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on
 from vild_pipe.pipeline.distributed import (
     barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
 )
-from vild_pipe.pipeline.embedding_cache import PROPOSAL_STAGE, clip_identity, embedding_dim, open_cache_pair
+from vild_pipe.pipeline.embedding_cache import annotations_of, clip_identity, embedding_dim, open_caches
 from vild_pipe.pipeline.head import (
     HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, text_logits,
 )
-from vild_pipe.pipeline.shards import CacheFolder, sha256_file
+from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
     append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
 )
@@ -108,7 +108,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
             "block_images": block_images, "buffer_blocks": buffer_blocks, "seed": seed,
             "data": {"proposals": proposal_folder.fingerprint,
                      "embeddings": embedding_folder.fingerprint if embedding_folder is not None else None,
-                     "annotations_sha256": sha256_file(train_set.path), "split": train_set.split.to_json(),
+                     "annotations_sha256": proposal_folder.inputs["annotations"]["sha256"],
+                     "split": train_set.split.to_json(),
                      "text": _text_identity(texts)},
         }
         if is_main(info):
@@ -190,13 +191,9 @@ def _check_settings(losses: str, hyper: dict[str, Any], image_rois: int, sample_
 
 
 def _open_caches(proposals, embeddings, use_image: bool) -> tuple[CacheFolder, CacheFolder | None]:
-    if embeddings is None:
-        if use_image:
-            raise VildError("the ViLD-image loss needs the embedding cache (cache-embeddings) of the proposal cache")
-        folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
-        folder.require_complete()
-        return folder, None
-    return open_cache_pair(proposals, embeddings)
+    if embeddings is None and use_image:
+        raise VildError("the ViLD-image loss needs the embedding cache (cache-embeddings) of the proposal cache")
+    return open_caches(proposals, embeddings)
 
 
 def _feature_shape(proposals: CacheFolder) -> tuple[int, int]:
@@ -208,12 +205,7 @@ def _feature_shape(proposals: CacheFolder) -> tuple[int, int]:
 
 def _training_annotations(annotations, proposals: CacheFolder, split: str | None) -> CocoDataset:
     """The base boxes that label the RoIs: the annotation file the cache was made from, in its split."""
-    made_from = proposals.inputs.get("annotations", {})
-    digest = sha256_file(annotations)
-    if made_from.get("sha256") not in (None, digest):
-        raise DataError(f"{proposals.path}: proposal cache was made from another annotation file"
-                        f" ({made_from.get('file')}), not from {os.fspath(annotations)}")
-    dataset = CocoDataset.load(annotations)
+    dataset = annotations_of(proposals, annotations)
     cached = proposals.config.get("split")
     if split is None:
         if cached is None:
