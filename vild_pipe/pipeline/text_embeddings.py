@@ -116,6 +116,17 @@ def load_text_embeddings(path: str | os.PathLike) -> TextEmbeddings:
     return TextEmbeddings(list(state["names"]), embeddings, dict(state["clip"]), state.get("templates", ""))
 
 
+def load_text_rows(path: str | os.PathLike, names: Sequence[str]) -> TextEmbeddings:
+    """The embeddings of `names`, in that order, from an embed-text file that may hold more names."""
+    loaded = load_text_embeddings(path)
+    missing = [name for name in names if name not in loaded.names]
+    if missing:
+        raise DataError(f"{os.fspath(path)}: lacks the categories {', '.join(missing[:5])}"
+                        f"{' ...' if len(missing) > 5 else ''}; rerun embed-text with them")
+    rows = [loaded.names.index(name) for name in names]
+    return TextEmbeddings(list(names), loaded.embeddings[rows], loaded.clip, loaded.templates)
+
+
 def _reusable(out: Path, identity: dict, names: list[str]) -> TextEmbeddings | None:
     if not out.is_file():
         return None

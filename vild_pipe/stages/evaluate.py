@@ -48,7 +48,7 @@ from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_he
 from vild_pipe.pipeline.shards import (
     CacheFolder, make_output_folder, write_json_atomically, write_text_atomically,
 )
-from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
+from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_rows, same_clip
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,7 @@ def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device
         raise VildError("the categories' text embeddings are needed: give --clip (the CLIP model) or --text")
     if text is None:
         return embed_text(clip, names, out=out / TEXT_NAME, device=str(device))
-    loaded = load_text_embeddings(text)
-    missing = [name for name in names if name not in loaded.names]
-    if missing:
-        raise DataError(f"{os.fspath(text)}: lacks the categories {', '.join(missing[:5])}"
-                        f"{' ...' if len(missing) > 5 else ''}; rerun embed-text with --annotations")
-    rows = [loaded.names.index(name) for name in names]
-    return TextEmbeddings(names, loaded.embeddings[rows], loaded.clip, loaded.templates)
+    return load_text_rows(text, names)
 
 
 def _describe_clip(identity: Mapping[str, Any]) -> str:

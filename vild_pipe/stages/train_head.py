@@ -48,7 +48,9 @@ from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
     append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
 )
-from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_embeddings, same_clip
+from vild_pipe.pipeline.text_embeddings import (
+    TextEmbeddings, embed_text, load_text_embeddings, load_text_rows, same_clip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +231,7 @@ def _base_text_embeddings(text, clip, base_names: list[str], run_dir: Path, embe
             raise VildError("the ViLD-text loss needs the base categories' text embeddings: give --text or --clip")
         return None
     if text is not None:
-        loaded = load_text_embeddings(text)
-        missing = [name for name in base_names if name not in loaded.names]
-        if missing:
-            raise DataError(f"{text}: lacks the base categories {', '.join(missing[:5])}; rerun embed-text with them")
-        rows = [loaded.names.index(name) for name in base_names]
-        texts = TextEmbeddings(base_names, loaded.embeddings[rows], loaded.clip, loaded.templates)
+        texts = load_text_rows(text, base_names)
         where = os.fspath(text)
     else:
         if is_main(info):
