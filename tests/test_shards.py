@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import subprocess
+import sys
 import time
 
 import h5py
@@ -396,6 +397,41 @@ def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):
         lock = try_lock_shard(reopened, index)
         assert lock is not None
         lock.release()
+
+
+KILLED_TAKING_A_LOCK = """
+import os, signal, sys
+from pathlib import Path
+from vild_pipe.pipeline import shards
+real_link, when = os.link, sys.argv[2]
+def link_then_die(src, dst):
+    if when == "after":
+        real_link(src, dst)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.link = link_then_die
+shards.ShardLock.acquire(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_run_killed_while_taking_a_lock_does_not_hold_up_the_next_run(tmp_path, caplog, when):
+    """The lock appears whole or not at all, so the rerun at once takes the shard instead of waiting it out."""
+    folder = open_cache(tmp_path / "cache")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_TAKING_A_LOCK, str(folder.lock_path(4)), when])
+    assert child.wait() == -9
+    temp = f"shard-00004.lock.{child.pid}@{shards._HOST}.tmp"
+    expected = {"manifest.json", temp} | ({"shard-00004.lock"} if when == "after" else set())
+    assert set(os.listdir(folder.path)) == expected
+    if when == "after":
+        assert set(json.loads(folder.lock_path(4).read_text())) >= {"pid", "host", "token"}, "whole, never empty"
+
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        lock = try_lock_shard(open_cache(tmp_path / "cache"), 4)
+    assert lock is not None
+    lock.release()
+    assert f"removed stale {temp} from a killed run" in caplog.text
+    assert ("removed stale lock shard-00004.lock (pid" in caplog.text) == (when == "after")
+    assert sorted(os.listdir(folder.path)) == ["manifest.json"]
 
 
 def test_lock_heartbeat_refreshes_the_lock_file(tmp_path, monkeypatch):

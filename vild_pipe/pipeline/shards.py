@@ -442,25 +442,17 @@ class ShardLock:
                 "pid_start": _process_start_ticks(os.getpid()),
                 "token": os.urandom(8).hex(),
             }
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                current = _read_lock(path)
-                if current is None:
-                    continue
-                reason = _stale_reason(*current)
-                if reason is None:
-                    return None, current[0]
-                _remove_stale_lock(path, current[0], reason)
+            # Published whole (temp file + hard link), so a run killed while taking the lock never leaves an
+            # empty lock that the next run would have to wait out as "still being written".
+            if _publish_atomically(path, json.dumps(holder).encode(), exclusive=True):
+                return cls(path, holder), {}
+            current = _read_lock(path)
+            if current is None:
                 continue
-            try:
-                os.write(fd, json.dumps(holder).encode())
-            except OSError:
-                os.close(fd)
-                _remove_quietly(path)
-                raise
-            os.close(fd)
-            return cls(path, holder), {}
+            reason = _stale_reason(*current)
+            if reason is None:
+                return None, current[0]
+            _remove_stale_lock(path, current[0], reason)
         current = _read_lock(path)
         return None, current[0] if current else {}
 
