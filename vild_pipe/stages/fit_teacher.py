@@ -49,6 +49,7 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
 
     sampler = CaptionCropSampler(train, model.image_resolution)
     log.info("fitting a %s on crops of %d objects of %d categories", model, len(sampler), len(train.category_names))
+    torch.manual_seed(seed)  # the initial weights too: the same config gives the same teacher
     clip_model = model.build()
     losses = fit_small_clip(clip_model, sampler, train.category_names, steps, batch_size, lr, seed)
     save_clip(clip_model, out)
