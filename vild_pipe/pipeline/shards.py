@@ -255,10 +255,15 @@ def write_json_atomically(path: str | os.PathLike, record: Any, **dump_options: 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Publish a text file (a table, a report) as `write_json_atomically` publishes JSON; VildError on failure."""
+    write_bytes_atomically(path, text.encode())
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Publish any small file (a picture, a table) whole or not at all; VildError naming it on failure."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _publish_atomically(path, text.encode())
+        _publish_atomically(path, data)
     except OSError as err:
         raise VildError(f"{path}: cannot write ({_describe_os_error(err)})") from err
 

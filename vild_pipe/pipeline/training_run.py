@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from vild_pipe.errors import VildError
+from vild_pipe.pipeline.shards import write_text_atomically
 
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
 STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
@@ -42,17 +42,13 @@ def lr_factor_schedule(hyper: dict[str, Any]):
     return factor
 
 
-def _cannot_write(path: Path, err: OSError) -> VildError:
-    return VildError(f"{path}: cannot write ({err.strerror or err})")
-
-
 def append_metrics(path: Path, record: dict[str, Any]) -> None:
     """Append one line (a single write: a killed run leaves whole lines only)."""
     try:
         with open(path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     except OSError as err:
-        raise _cannot_write(path, err) from err
+        raise VildError(f"{path}: cannot write ({err.strerror or err})") from err
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -66,13 +62,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise _cannot_write(path, err) from err
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def make_run_dir(run_dir: Path) -> None:

@@ -16,6 +16,7 @@ recorded identity is checked): a head's region embeddings live in its own teache
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -39,7 +40,7 @@ from vild_pipe.pipeline.evaluation import (
 )
 from vild_pipe.pipeline.head import TEMPERATURE, load_head
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
-from vild_pipe.pipeline.shards import make_output_folder
+from vild_pipe.pipeline.shards import make_output_folder, write_bytes_atomically
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
 
@@ -127,14 +128,10 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
 
 
 def _save_drawing(drawing: Image.Image, path: Path) -> None:
-    """Write the PNG under a temp name, then rename: a drawing that exists is whole."""
-    tmp = path.with_name(f"{path.name}.tmp")
-    try:
-        drawing.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise VildError(f"{path}: cannot write ({err.strerror or err})") from err
+    """Publish the PNG whole (a drawing that exists is complete)."""
+    encoded = io.BytesIO()
+    drawing.save(encoded, format="PNG")
+    write_bytes_atomically(path, encoded.getvalue())
 
 
 def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, batch_size: int = 256) -> torch.Tensor:
