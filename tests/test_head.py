@@ -71,9 +71,13 @@ def test_sampling_caps_foreground_and_fills_with_background():
     assert np.array_equal(sample_rois(labels, 16, 0.25, np.random.default_rng(0)), again)
 
 
-def test_head_outputs_unit_embeddings_and_round_trips(tmp_path):
-    head = ViLDHead(HeadConfig(in_channels=4, resolution=7, representation_size=32, embed_dim=16))
-    features = torch.randn(5, 4, 7, 7).half()
+@pytest.mark.parametrize("conv_layers", [0, 2])
+def test_head_outputs_unit_embeddings_and_round_trips(tmp_path, conv_layers):
+    head = ViLDHead(HeadConfig(in_channels=8, resolution=7, representation_size=32, embed_dim=16,
+                               conv_layers=conv_layers))
+    convs = [m for m in head.box_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == conv_layers
+    features = torch.randn(5, 8, 7, 7).half()
     regions = head(features)
     assert regions.shape == (5, 16)
     assert torch.allclose(regions.norm(dim=-1), torch.ones(5), atol=1e-5)

@@ -196,6 +196,8 @@ def embed_text(out, **options):
 @click.option("--weight-decay", default=1e-4, show_default=True)
 @click.option("--clip-grad-norm", default=1.0, show_default=True, help="Clip the gradient norm (0: off).")
 @click.option("--representation-size", default=1024, show_default=True, help="Width of the box head's two FC layers.")
+@click.option("--conv-layers", default=0, show_default=True,
+              help="3x3 conv layers (GroupNorm, ReLU) before the FC layers; ViLD's own head has 4.")
 @click.option("--image-weight", default=0.5, show_default=True, help="Weight w of the ViLD-image loss.")
 @click.option("--image-rois", default=300, show_default=True, help="Top-M proposals per image for ViLD-image.")
 @click.option("--sample-rois", default=512, show_default=True, help="RoIs sampled per image for ViLD-text (0: all rows).")

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # Bump when anything below changes the pixels or boxes, so a stored world is never mistaken for a new one.
-WORLD_VERSION = 3
+WORLD_VERSION = 5   # 4 was a dropped experiment (rare novel categories, bench/RESULTS.md)
 
 # A shape is a list of parts drawn in order: a polygon in unit coordinates ([-1, 1] on both axes, y down)
 # and whether it adds to the shape (True) or cuts a hole (False).
@@ -32,7 +32,7 @@ Part = tuple[np.ndarray, bool]
 MIN_OBJECTS, MAX_OBJECTS = 6, 12   # v3: 2-6 gave a detector trained from scratch too few boxes (~160 a category)
 MIN_SIDE, MAX_SIDE = 0.10, 0.42          # nominal side length, as a fraction of the image side
 ASPECT_JITTER = 1.15                      # width/height stretched by up to this factor either way
-MAX_HIDDEN = 0.4                          # at most this fraction of an object's pixels may be covered
+MAX_HIDDEN = 0.2                          # at most this fraction of an object's pixels may be covered (v5: was 0.4)
 MAX_BOX_IOU = 0.5                         # boxes of one image overlap less than this
 MAX_OUTSIDE = 0.15                        # fraction of the nominal side that may lie outside the image
 SUPERSAMPLE = 4                           # shapes are drawn at 4x and box-filtered down: clean edges
@@ -390,8 +390,8 @@ def _layout(rng: np.random.Generator, size: int) -> tuple[list[_Placement], list
     """Objects placed one by one, the guaranteed base object first; each gets a random drawing depth.
 
     A candidate is rejected when its box overlaps another's at IoU >= 0.5, when it and an object drawn
-    before it share more than 40% of the earlier one's box, or when, after it, any object (it included)
-    would have more than 40% of its pixels covered by later ones (boxes alone miss a pile-up of several);
+    before it share more than 20% of the earlier one's box, or when, after it, any object (it included)
+    would have more than 20% of its pixels covered by later ones (boxes alone miss a pile-up of several);
     an object that finds no place in 40 tries is left out. The first object always fits, so every image
     keeps a base object.
     """

@@ -1,12 +1,14 @@
 """The ViLD head: cached RoI features -> L2-normalised region embeddings in CLIP's space, and its two losses.
 
-DESIGN.md §2: RoIAlign features -> box head (torchvision's TwoMLPHead) -> linear projection to the CLIP
-embedding size -> L2 normalisation; a learned background embedding. ViLD-text classifies a region by cosine
-similarity with [background, base category texts] at temperature τ = 0.01; ViLD-image pulls the region
-embedding to the CLIP embedding of the same box with an L1 distance. Novel categories never appear here.
+DESIGN.md §2: RoIAlign features -> box head (torchvision's TwoMLPHead, or N 3x3 convs + two FCs as in ViLD's
+official config) -> linear projection to the CLIP embedding size -> L2 normalisation; a learned background
+embedding. ViLD-text classifies a region by cosine similarity with [background, base category texts] at
+temperature τ = 0.01; ViLD-image pulls the region embedding to the CLIP embedding of the same box with an L1
+distance. Novel categories never appear here.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.ops import box_iou
 
 from vild_pipe.errors import DataError, VildError
@@ -32,12 +34,18 @@ HEAD_FORMAT = 1
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """Shape of a ViLDHead: input features (channels x resolution²), hidden width, CLIP embedding size."""
+    """Shape of a ViLDHead: input features (channels x resolution²), hidden width, CLIP embedding size, and
+    how many 3x3 conv layers (GroupNorm, ReLU) come before the two FC layers (ViLD's official head has 4)."""
 
     in_channels: int
     resolution: int = 7
     representation_size: int = 1024
     embed_dim: int = 512
+    conv_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.conv_layers < 0:
+            raise VildError(f"--conv-layers must be 0 or more, got {self.conv_layers}")
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -49,7 +57,7 @@ class ViLDHead(nn.Module):
     def __init__(self, config: HeadConfig):
         super().__init__()
         self.config = config
-        self.box_head = TwoMLPHead(config.in_channels * config.resolution ** 2, config.representation_size)
+        self.box_head = _box_head(config)
         self.projection = nn.Linear(config.representation_size, config.embed_dim)
         # Any direction will do; it is normalised before use, so its scale only sets its learning speed.
         self.background = nn.Parameter(F.normalize(torch.randn(config.embed_dim), dim=0))
@@ -59,6 +67,15 @@ class ViLDHead(nn.Module):
 
     def background_embedding(self) -> torch.Tensor:
         return F.normalize(self.background, dim=0)
+
+
+def _box_head(config: HeadConfig) -> nn.Module:
+    """torchvision's TwoMLPHead, or its conv + FC head (GroupNorm: batch-independent, so DDP changes nothing)."""
+    if config.conv_layers == 0:
+        return TwoMLPHead(config.in_channels * config.resolution ** 2, config.representation_size)
+    return FastRCNNConvFCHead((config.in_channels, config.resolution, config.resolution),
+                              [config.in_channels] * config.conv_layers, [config.representation_size] * 2,
+                              norm_layer=lambda channels: nn.GroupNorm(math.gcd(8, channels), channels))
 
 
 def text_logits(regions: torch.Tensor, background: torch.Tensor, texts: torch.Tensor,

@@ -66,7 +66,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         iterations: int = 20000, batch_size: int = 16, lr: float = 0.02, warmup: int = 500,
         schedule: str = "cosine", optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 1e-4,
         clip_grad_norm: float | None = 1.0,
-        representation_size: int = 1024, image_weight: float = IMAGE_LOSS_WEIGHT, image_rois: int = 300,
+        representation_size: int = 1024, conv_layers: int = 0, image_weight: float = IMAGE_LOSS_WEIGHT, image_rois: int = 300,
         sample_rois: int | None = 512, foreground_fraction: float = 0.25, temperature: float = TEMPERATURE,
         block_images: int = 16, buffer_blocks: int = 8, checkpoint_every: int = 500, seed: int = 0,
         device: str = "auto", workers: int = 2, threads: int = 0) -> dict[str, Any]:
@@ -99,6 +99,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
             make_run_dir(run_dir)
         texts = _base_text_embeddings(text, clip, base_names, run_dir, embedding_folder, info, required=use_text)
         head_config = HeadConfig(*_feature_shape(proposal_folder), representation_size=representation_size,
+                                 conv_layers=conv_layers,
                                  embed_dim=_embed_dim(embedding_folder, texts))
         index = CacheIndex.build(proposal_folder, embedding_folder if use_image else None)
         ground_truth = _ground_truth(train_set, index.image_ids)
