@@ -94,13 +94,14 @@ def test_every_image_has_a_base_object_and_a_third_of_objects_are_novel():
 
 
 def test_no_object_is_more_than_a_fifth_hidden_and_some_are_partly_hidden():
-    """v5: occlusion up to 40% made a ring look like a moon and cut novel recall to 0.37 (bench/RESULTS.md)."""
+    """v5: occlusion up to 40% made a ring look like a moon and halved accuracy on such objects (bench/RESULTS.md)."""
     hidden = []
     for index in range(30):
-        placements, depths = synthetic._layout(image_rng(0, "val", index), 96)
-        visible = synthetic._visible_masks(placements, depths)
-        hidden += [1.0 - v.sum() / p.mask.sum() for v, p in zip(visible, placements)]
-    assert synthetic.MAX_HIDDEN == 0.2 and max(hidden) <= 0.2
+        _, objects = render_image(image_rng(0, "val", index), 96)
+        hidden += [o.hidden for o in objects]
+        top = objects[-1]  # drawn last: nothing covers it
+        assert top.hidden == 0.0
+    assert synthetic.MAX_HIDDEN == 0.2 and max(hidden) <= synthetic.MAX_HIDDEN
     assert 0.02 < np.mean(np.array(hidden) > 0.0)
 
 

@@ -179,6 +179,7 @@ class DrawnObject:
     mask: np.ndarray                               # (H, W) bool
     bbox: tuple[float, float, float, float]        # COCO x, y, w, h: the tight box of `mask`
     area: int                                      # pixels in `mask`
+    hidden: float = 0.0                            # share of the shape's pixels that later objects cover
 
 
 def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -458,5 +459,6 @@ def render_image(rng: np.random.Generator, image_size: int) -> tuple[Image.Image
 
     objects = []
     for placement, visible in zip(placements, _visible_masks(placements, depths)):
-        objects.append(DrawnObject(placement.category_id, visible, mask_box(visible), int(visible.sum())))
+        objects.append(DrawnObject(placement.category_id, visible, mask_box(visible), int(visible.sum()),
+                                   1.0 - float(visible.sum()) / float(placement.mask.sum())))
     return image, objects
