@@ -29,6 +29,7 @@ from vild_pipe.pipeline.shards import (
     shard_image_ranges,
     shards_for_worker,
     try_lock_shard,
+    write_text_atomically,
 )
 
 FIELDS = {
@@ -366,6 +367,21 @@ def test_a_shard_completed_while_we_took_its_lock_is_not_handed_out(tmp_path, mo
     monkeypatch.setattr(shards.ShardLock, "acquire", classmethod(another_run_finishes_first))
     assert try_lock_shard(folder, 0) is None
     assert not folder.lock_path(0).exists()
+
+
+def test_rewriting_a_small_file_removes_its_own_stale_temp_files_only(tmp_path, caplog):
+    """A kill mid-write of metrics.md (or a drawing) leaves its temp file; the next write of it sweeps it."""
+    host, gone = shards._HOST, dead_pid()
+    stale = tmp_path / f"metrics.md.{gone}@{host}.tmp"
+    live = tmp_path / f"metrics.md.{os.getppid()}@{host}.tmp"  # another process, still running
+    other_file = tmp_path / f"metrics.json.{gone}@{host}.tmp"
+    for temp in (stale, live, other_file):
+        temp.write_bytes(b"half a table")
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        write_text_atomically(tmp_path / "metrics.md", "| table |\n")
+    assert (tmp_path / "metrics.md").read_text() == "| table |\n"
+    assert f"removed stale metrics.md.{gone}@{host}.tmp from a killed run" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["metrics.md", live.name, other_file.name])
 
 
 def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):

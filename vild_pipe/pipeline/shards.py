@@ -37,6 +37,7 @@ fp16 features and embeddings barely shrink and gzip costs ~45x write throughput.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -259,13 +260,24 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Publish any small file (a picture, a table) whole or not at all; VildError naming it on failure."""
+    """Publish any small file (a picture, a table) whole or not at all; VildError naming it on failure.
+
+    Temp files of the same file that a killed run left behind are removed first (one log line each)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps_of(path)
         _publish_atomically(path, data)
     except OSError as err:
         raise VildError(f"{path}: cannot write ({_describe_os_error(err)})") from err
+
+
+def _remove_stale_temps_of(path: Path) -> None:
+    for temp in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        match = _TMP_RE.match(temp.name)
+        if match is not None and match.group("target") == path.name and _tmp_is_stale(temp):
+            temp.unlink(missing_ok=True)
+            log.info("removed stale %s from a killed run", temp.name)
 
 
 def make_output_folder(path: str | os.PathLike) -> Path:
