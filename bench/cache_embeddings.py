@@ -1,6 +1,7 @@
 """Benchmark of `vild-pipe cache-embeddings`: fast path vs reference path vs the bare image tower.
 
-Builds a folder of JPEG photographs (scikit-image's samples, resized to --side px on the longer side), a
+Builds a folder of JPEG photographs (scikit-image's samples, or the images of --photos on a machine without
+scikit-image, e.g. a lent GPU; resized to --side px on the longer side), a
 proposal cache written directly with --boxes random boxes per image (no detector needed), and a CLIP model
 of OpenAI's architecture with random weights; then measures, in one run, on the same boxes and model:
 
@@ -12,6 +13,8 @@ Usage (CPU):  python bench/cache_embeddings.py --model small --images 32 --boxes
        (GPU):  python bench/cache_embeddings.py --model ViT-B/32 --images 256 --boxes 300 --device cuda
 Prints a Markdown row per measurement and writes them as JSON to --out/results.json.
 """
+from __future__ import annotations
+
 import argparse
 import json
 import shutil
@@ -20,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import skimage.data
 import torch
 from PIL import Image
 
@@ -38,10 +40,18 @@ MODELS = {
 }
 
 
-def make_images(root: Path, count: int, side: int) -> list[dict]:
+def sample_photos(folder: Path | None) -> list[Image.Image]:
+    """The photographs to tile the benchmark with: every image file of `folder`, or scikit-image's samples."""
+    if folder is not None:
+        return [Image.open(p).convert("RGB") for p in sorted(folder.iterdir()) if p.suffix.lower() in (".jpg", ".png")]
+    import skimage.data
+    return [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+
+
+def make_images(root: Path, count: int, side: int, photos: list[Image.Image]) -> list[dict]:
     records = []
     for image_id in range(1, count + 1):
-        photo = Image.fromarray(getattr(skimage.data, PHOTOS[image_id % len(PHOTOS)])())
+        photo = photos[image_id % len(photos)]
         scale = side / max(photo.size)
         photo = photo.resize((round(photo.width * scale), round(photo.height * scale)), Image.BICUBIC)
         name = f"{image_id:06d}.jpg"
@@ -106,12 +116,13 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="/tmp/vild-bench-embeddings")
+    parser.add_argument("--photos", type=Path, help="Folder of .jpg/.png photographs [default: scikit-image's].")
     args = parser.parse_args()
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     (out / "images").mkdir(parents=True)
-    records = make_images(out / "images", args.images, args.side)
+    records = make_images(out / "images", args.images, args.side, sample_photos(args.photos))
     annotations = out / "images" / "bench.json"
     annotations.write_text(json.dumps({"images": records, "annotations": [],
                                        "categories": [{"id": 1, "name": "thing"}]}))

@@ -91,7 +91,7 @@ def test_reference_crop_matches_clips_own_preprocess(tiny_teacher_file):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8))
     crop = crop_box_pil(image, [5.5, 7.2, 61.0, 30.9])
-    ours = torch.from_numpy(np.asarray(centre_square_crop(crop, 32))).permute(2, 0, 1).float() / 255
+    ours = torch.from_numpy(np.array(centre_square_crop(crop, 32))).permute(2, 0, 1).float() / 255
     theirs = teacher.preprocess(crop)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The checks only a GPU can make, as one prepared script for a lent GPU (about 15 minutes a session):
+#   1. issue 4's figure: cache-embeddings end to end (JPEG files -> shards, fp16, 300 boxes x 2 scales) against
+#      the bare ViT-B/32 image tower at the same batch size, and the reference path, in one run;
+#   2. every stage on CUDA: `vild-pipe demo --quick` (each stage takes cuda when there is one), then `detect`
+#      on a photograph with a free-text vocabulary.
+# Usage: bench/gpu_check.sh OUT [KIT]
+#   KIT (default .whl): wheels for what the GPU machine lacks (pycocotools, clip-anytorch, ftfy, wcwidth, regex,
+#   tqdm, setuptools<81; `pip download --only-binary=:all: --python-version 3.12 ...`) and photos/ (JPEGs).
+#   DEVICE=cpu BENCH_ARGS="--model small --images 4 --boxes 10" runs the same steps on a CPU, small.
+set -euo pipefail
+out=${1:?usage: bench/gpu_check.sh OUT [KIT]}
+kit=${2:-.whl}
+device=${DEVICE:-cuda}
+read -r -a bench_args <<< "${BENCH_ARGS:---model ViT-B/32 --images 256 --boxes 300 --reference-images 8}"
+
+python -c "import clip, pycocotools, ftfy" 2>/dev/null ||
+    pip install -q --no-index --find-links "$kit" pycocotools clip-anytorch ftfy wcwidth regex tqdm "setuptools<81"
+command -v vild-pipe >/dev/null || pip install -q --no-deps --no-build-isolation -e .
+date -u
+if [ "$device" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__)"
+fi
+
+python bench/cache_embeddings.py "${bench_args[@]}" --device "$device" --photos "$kit/photos" \
+    --out "$out/bench-embeddings"
+vild-pipe demo --quick --out "$out/quick"
+vild-pipe detect "$kit/photos/chelsea.jpg" --detector "$out/quick/rpn" --head "$out/quick/heads/text-image" \
+    --clip "$out/quick/teacher.pt" --vocab "cat, whiskers, red car" --out "$out/photo" --device "$device"
+python -c "import json, sys; d = json.load(open(sys.argv[1])); print(len(d['images']), 'image,',
+    len(d['annotations']), 'detections above the threshold')" "$out/photo/detections.json"
+ls -l "$out/photo"
