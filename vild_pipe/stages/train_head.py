@@ -65,8 +65,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         losses: str = "text+image", split: str | None = None,
         iterations: int = 20000, batch_size: int = 16, lr: float = 0.02, warmup: int = 500,
         schedule: str = "cosine", optimizer: str = "sgd", momentum: float = 0.9, weight_decay: float = 1e-4,
-        clip_grad_norm: float | None = 1.0,
-        representation_size: int = 1024, conv_layers: int = 0, image_weight: float = IMAGE_LOSS_WEIGHT, image_rois: int = 300,
+        clip_grad_norm: float | None = 1.0, representation_size: int = 1024, conv_layers: int = 0,
+        image_weight: float = IMAGE_LOSS_WEIGHT, image_rois: int = 300,
         sample_rois: int | None = 512, foreground_fraction: float = 0.25, temperature: float = TEMPERATURE,
         block_images: int = 16, buffer_blocks: int = 8, checkpoint_every: int = 500, seed: int = 0,
         device: str = "auto", workers: int = 2, threads: int = 0) -> dict[str, Any]:
@@ -79,6 +79,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     into RUN/text_base.pt. `batch_size` is the global number of images per step; `sample_rois` None keeps
     every row for ViLD-text. `clip_grad_norm` (default 1): at τ = 0.01 the early ViLD-text gradients are ~100x
     the ViLD-image ones and plain SGD thrashes; clipped, both losses fall (measured on the synthetic caches).
+    `conv_layers` 3x3 convs come before the two FC layers (0: torchvision's TwoMLPHead; ViLD's own head has 4).
     """
     started = time.perf_counter()
     if threads:
