@@ -14,20 +14,24 @@ kit=${2:-.whl}
 device=${DEVICE:-cuda}
 read -r -a bench_args <<< "${BENCH_ARGS:---model ViT-B/32 --images 256 --boxes 300 --reference-images 8}"
 
-python -c "import clip, pycocotools, ftfy" 2>/dev/null ||
-    pip install -q --no-index --find-links "$kit" pycocotools clip-anytorch ftfy wcwidth regex tqdm "setuptools<81"
-command -v vild-pipe >/dev/null || pip install -q --no-deps --no-build-isolation -e .
+# What the machine lacks goes to /tmp/site from the kit's wheels; the package runs from this checkout.
+if ! python3 -c "import clip, pycocotools, ftfy" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$kit"/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+vild() { python3 -c 'import sys; from vild_pipe.cli import main; sys.argv[0] = "vild-pipe"; main()' "$@"; }
 date -u
 if [ "$device" = cuda ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__)"
+    python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__)"
 fi
 
-python bench/cache_embeddings.py "${bench_args[@]}" --device "$device" --photos "$kit/photos" \
+python3 bench/cache_embeddings.py "${bench_args[@]}" --device "$device" --photos "$kit/photos" \
     --out "$out/bench-embeddings"
-vild-pipe demo --quick --out "$out/quick"
-vild-pipe detect "$kit/photos/chelsea.jpg" --detector "$out/quick/rpn" --head "$out/quick/heads/text-image" \
+vild demo --quick --out "$out/quick"
+vild detect "$kit/photos/chelsea.jpg" --detector "$out/quick/rpn" --head "$out/quick/heads/text-image" \
     --clip "$out/quick/teacher.pt" --vocab "cat, whiskers, red car" --out "$out/photo" --device "$device"
-python -c "import json, sys; d = json.load(open(sys.argv[1])); print(len(d['images']), 'image,',
+python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(len(d['images']), 'image,',
     len(d['annotations']), 'detections above the threshold')" "$out/photo/detections.json"
 ls -l "$out/photo"

@@ -7,6 +7,7 @@ r, r+W, ... (`rank_shards`).
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -88,8 +89,13 @@ def init_distributed(device: str | None = None) -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group (a no-op for a single process)."""
+    """Leave the process group (a no-op for a single process).
+
+    A DDP wrapper sits in a reference cycle (only the garbage collector frees it) and holds the group and
+    its reducer; freed at interpreter exit, after the group is gone, such objects can abort a finished rank
+    ("terminate called without an active exception", seen once in CI). Collect them while the group lives."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
