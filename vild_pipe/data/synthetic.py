@@ -459,6 +459,7 @@ def render_image(rng: np.random.Generator, image_size: int) -> tuple[Image.Image
 
     objects = []
     for placement, visible in zip(placements, _visible_masks(placements, depths)):
-        objects.append(DrawnObject(placement.category_id, visible, mask_box(visible), int(visible.sum()),
-                                   1.0 - float(visible.sum()) / float(placement.mask.sum())))
+        area = int(visible.sum())
+        objects.append(DrawnObject(placement.category_id, visible, mask_box(visible), area,
+                                   1.0 - area / int(placement.mask.sum())))
     return image, objects

@@ -275,9 +275,8 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
 def _remove_stale_temps_of(path: Path) -> None:
     for temp in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
         match = _TMP_RE.match(temp.name)
-        if match is not None and match.group("target") == path.name and _tmp_is_stale(temp):
-            temp.unlink(missing_ok=True)
-            log.info("removed stale %s from a killed run", temp.name)
+        if match is not None and match.group("target") == path.name:
+            _remove_tmp_if_stale(temp)
 
 
 def make_output_folder(path: str | os.PathLike) -> Path:
@@ -360,6 +359,13 @@ def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
         keys = sorted(set(old) | set(new))
         return [k for key in keys for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def _remove_tmp_if_stale(path: Path) -> None:
+    """Remove a temp file left by a killed run (one log line); a temp file being written is left alone."""
+    if _tmp_is_stale(path):
+        path.unlink(missing_ok=True)
+        log.info("removed stale %s from a killed run", path.name)
 
 
 def _tmp_is_stale(path: Path) -> bool:
@@ -777,9 +783,8 @@ class CacheFolder:
                     reason = _stale_reason(*current) if current is not None else None
                     if reason is not None:
                         _remove_stale_lock(file, current[0], reason)
-                elif _tmp_is_stale(file):
-                    file.unlink(missing_ok=True)
-                    log.info("removed stale %s from a killed run", name)
+                else:
+                    _remove_tmp_if_stale(file)
             except OSError as err:
                 log.warning("cannot remove stale %s (%s)", file, _describe_os_error(err))
 
