@@ -9,6 +9,7 @@ a SIGKILLed-and-resumed run, torchrun with two ranks, two `--shard i/n` jobs, ot
 Every run uses one CPU thread (the kernels partition work by thread, which moves results in the last bits).
 """
 import json
+import logging
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+import torchvision
 from PIL import Image
 
 from vild_pipe.errors import DataError, VildError
@@ -206,6 +208,17 @@ def test_one_batched_crop_equals_each_image_alone():
     torch.testing.assert_close(together, alone, rtol=0, atol=0)
 
 
+def test_fp16_crops_are_the_fp32_crops_rounded_once():
+    """On CUDA the crops go to the fp16 teacher; sampling in fp16 would round roi_align's sample points to
+    0.5 px past 1024 px and the pyramid's means besides. Only the result may be rounded."""
+    rng = np.random.default_rng(2)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 600, 1400), dtype=np.uint8))
+    boxes = torch.tensor([[1100.3, 17.2, 1393.9, 590.6], [1201.7, 300.1, 1260.4, 371.9], [3.0, 4.0, 1400.0, 600.0]])
+    half = crop_squares([image], [boxes], 32, dtype=torch.float16)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, crop_squares([image], [boxes], 32).half(), rtol=0, atol=0)
+
+
 def test_fast_crops_agree_with_clips_preprocess_on_real_photos(photos, tmp_path):
     """Parity of the fast path with the reference path on real photographs, through a CLIP ViT at 224 px.
 
@@ -304,6 +317,68 @@ def test_torchvision_decoding_matches_pil_decoding(photos, proposals, teacher_fi
     for image_id in expected:
         np.testing.assert_allclose(got[image_id]["emb"].astype(np.float32),
                                    expected[image_id]["emb"].astype(np.float32), atol=5e-3)
+
+
+def test_torchvision_decoding_with_workers_takes_a_png_among_the_jpegs(photos, proposals, teacher_file, reference,
+                                                                     tmp_path):
+    """With loader workers on a CPU, a non-JPEG comes cropped from its worker while the JPEGs of its batch
+    come as bytes to decode here: one batch holds both kinds."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for file in photos.iterdir():
+        (mixed / file.name).write_bytes(file.read_bytes())
+    Image.open(photos / "coffee.jpg").save(mixed / "coffee.jpg", format="PNG")  # image 2, batched with image 1
+    out = tmp_path / "emb"
+    cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, images=str(mixed),
+                                        decode="torchvision", workers=1))
+    (got, _), (expected, _) = read_cache(out), read_cache(reference[0])
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_array_equal(got[2]["emb"], expected[2]["emb"])  # the same pixels, cropped the same way
+    for image_id in expected:
+        np.testing.assert_allclose(got[image_id]["emb"].astype(np.float32),
+                                   expected[image_id]["emb"].astype(np.float32), atol=5e-3)
+
+
+def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pil_with_a_warning(photos, proposals, teacher_file,
+                                                                             reference, tmp_path, monkeypatch, caplog):
+    """nvJPEG refuses some JPEGs libjpeg reads, failing the whole batched call; this
+    machine has no nvJPEG, so a decode_jpeg that refuses any batch holding chelsea's bytes stands in for it."""
+    refused = (photos / "chelsea.jpg").read_bytes()
+    decode_jpeg = torchvision.io.decode_jpeg
+
+    def nvjpeg_like(data, *args, **kwargs):
+        if any(bytes(payload.numpy()) == refused for payload in data):
+            raise RuntimeError("nvjpegDecode failed: NVJPEG_STATUS_JPEG_NOT_SUPPORTED")
+        return decode_jpeg(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", nvjpeg_like)
+    out = tmp_path / "emb"
+    with caplog.at_level(logging.WARNING, logger="vild_pipe"):
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, decode="torchvision"))
+    assert [r.getMessage() for r in caplog.records if "decoding it with PIL" in r.getMessage()] == [
+        f"{photos / 'chelsea.jpg'}: torchvision cannot decode this JPEG on cpu "
+        "(nvjpegDecode failed: NVJPEG_STATUS_JPEG_NOT_SUPPORTED); decoding it with PIL"]
+    (got, _), (expected, _) = read_cache(out), read_cache(reference[0])
+    assert sorted(got) == sorted(expected)
+    for image_id in expected:
+        np.testing.assert_allclose(got[image_id]["emb"].astype(np.float32),
+                                   expected[image_id]["emb"].astype(np.float32), atol=5e-3)
+
+
+def test_a_truncated_jpeg_on_the_batched_decoder_is_named_alone_and_earlier_shards_stay(
+        photos, proposals, teacher_file, reference, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in photos.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    rocket = broken / "rocket.jpg"  # image 4, in shard 1, decoded in one call with chelsea
+    rocket.write_bytes(rocket.read_bytes()[:2000])
+    out = tmp_path / "emb"
+    with pytest.raises(DataError) as caught:
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, images=str(broken),
+                                            decode="torchvision"))
+    assert str(caught.value) == f"{rocket}: cannot decode image (truncated or not an image)"
+    assert sorted(path.name for path in out.glob("shard-*")) == ["shard-00000.h5", "shard-00000.json"]
 
 
 def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(photos, proposals, teacher_file,

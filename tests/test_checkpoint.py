@@ -173,9 +173,9 @@ def test_write_failing_midway_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_half_then_fail)
-    with pytest.raises(VildError, match="No space left on device") as caught:
+    with pytest.raises(VildError) as caught:
         save_checkpoint(path, {"step": 2})
-    assert str(path) in str(caught.value) and "\n" not in str(caught.value)
+    assert str(caught.value) == f"{path}: cannot write checkpoint (no space left on device)"
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert sorted(tmp_path.iterdir()) == [path]

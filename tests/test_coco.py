@@ -51,6 +51,35 @@ def write_images(folder: Path, images=IMAGES) -> None:
         Image.new("L", (rec["width"], rec["height"]), color=rec["id"] * 40).save(path)
 
 
+def test_lvis_v1_records_find_their_images_under_a_coco_folder_by_coco_url(tmp_path):
+    """LVIS v1 images have no file_name: coco_url's FOLDER/FILE under --images (LVIS val mixes both folders)."""
+    coco = tmp_path / "coco"
+    images = [{"id": 9, "coco_url": "http://images.cocodataset.org/train2017/000000000009.jpg", "width": 32,
+               "height": 24, "neg_category_ids": [2], "not_exhaustive_category_ids": []},
+              {"id": 25, "coco_url": "http://images.cocodataset.org/val2017/000000000025.jpg", "width": 20,
+               "height": 16, "neg_category_ids": [], "not_exhaustive_category_ids": [1]}]
+    categories = [{"id": 1, "name": "aerosol_can", "frequency": "c", "synonyms": ["aerosol_can", "spray_can"],
+                   "def": "a dispenser that holds a substance under pressure", "synset": "aerosol.n.02",
+                   "image_count": 64, "instance_count": 109},
+                  {"id": 2, "name": "bolo_tie", "frequency": "r", "synonyms": ["bolo_tie"], "def": "a cord tie",
+                   "synset": "bolo_tie.n.01", "image_count": 1, "instance_count": 1}]
+    annotations = [{"id": 1, "image_id": 9, "category_id": 1, "bbox": [2, 3, 10, 8], "area": 80.0,
+                    "segmentation": [[2, 3, 12, 3, 12, 11]]},
+                   {"id": 2, "image_id": 25, "category_id": 2, "bbox": [1, 1, 5, 5], "area": 25.0,
+                    "segmentation": [[1, 1, 6, 1, 6, 6]]}]
+    path = write_coco(tmp_path, images, annotations, categories, name="lvis_v1_val.json")
+    for rec, folder in zip(images, ("train2017", "val2017")):
+        (coco / folder).mkdir(parents=True)
+        Image.new("RGB", (rec["width"], rec["height"])).save(coco / folder / f"{rec['id']:012d}.jpg")
+
+    ds = CocoDataset.load(path, image_dir=coco, check_images=True).with_split("auto")
+    assert [r.file_name for r in ds.images] == ["train2017/000000000009.jpg", "val2017/000000000025.jpg"]
+    assert ds.open_image(25).size == (20, 16)
+    assert ds.split.spec == "lvis" and ds.split.novel_ids == (2,)
+    training = ds.training_view()
+    assert training.annotations_for(9)[1].tolist() == [1] and training.annotations_for(25)[1].tolist() == []
+
+
 def test_load_reads_records_boxes_and_categories(tmp_path):
     ds = CocoDataset.load(write_coco(tmp_path))
 
@@ -147,6 +176,10 @@ BAD_FILES = {
         lambda d: {**d, "images": IMAGES[:1] + [{**IMAGES[1], "height": 0}] + IMAGES[2:]},
         "image id 2: height must be a positive integer"),
     "image not an object": (lambda d: {**d, "images": IMAGES + [3]}, "images[3]: is a JSON int"),
+    "image without file_name": (lambda d: {**d, "images": [_drop(IMAGES[0], "file_name")] + IMAGES[1:]},
+                                "image id 1: missing key 'file_name' (or LVIS's 'coco_url')"),
+    "image bad coco_url": (lambda d: {**d, "images": [{**_drop(IMAGES[0], "file_name"), "coco_url": "x.jpg"}]},
+                           "image id 1: coco_url must end in FOLDER/FILE, got 'x.jpg'"),
     "duplicate image id": (lambda d: {**d, "images": IMAGES + [{**IMAGES[0], "file_name": "x.png"}]},
                            "image id 1: duplicate image id"),
     "annotation missing bbox": (
@@ -189,8 +222,9 @@ def test_bad_annotation_file_names_file_and_record(tmp_path, case):
 
 
 def test_unreadable_and_non_json_files(tmp_path):
-    with pytest.raises(DataError, match=r"missing\.json: cannot read annotation file \(No such file"):
+    with pytest.raises(DataError) as caught:
         CocoDataset.load(tmp_path / "missing.json")
+    assert str(caught.value) == f"{tmp_path / 'missing.json'}: cannot read annotation file (no such file or directory)"
     broken = tmp_path / "broken.json"
     broken.write_text('{"images": [')
     with pytest.raises(DataError, match=r"broken\.json: not valid JSON \(line 1 column 13"):

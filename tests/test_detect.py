@@ -87,6 +87,20 @@ def test_detections_json_and_drawings_of_a_photograph(models, tmp_path):
     assert np.abs(drawn - photo).max(axis=2).astype(bool).mean() < 0.9  # boxes drawn, not the picture replaced
 
 
+def test_a_folder_stands_for_its_image_files(models, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "b.jpg").write_bytes(models["photo"].read_bytes())
+    Image.open(models["photo"]).save(folder / "a.PNG")
+    (folder / "readme.txt").write_text("not an image")
+    (folder / "nested.jpg").mkdir()
+    summary = detect.run(**detect_kwargs(models, tmp_path / "out", images=[folder], top_k=2))
+    written = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert summary["images"] == 2
+    assert [image["file_name"] for image in written["images"]] == [str(folder / "a.PNG"), str(folder / "b.jpg")]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png"]
+
+
 def test_head_only_scores_are_the_heads_probabilities(models, tmp_path):
     summary = detect.run(**detect_kwargs(models, tmp_path, ensemble=False, top_k=10))
     assert not summary["ensemble"] and summary["detections"] == 10
@@ -146,12 +160,17 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
     assert "duplicate category name 'zebra'" in error(VildError, vocab="zebra, red car, zebra")
     assert "give the category names one way" in error(VildError, vocab=None)
     missing = tmp_path / "nowhere" / "missing.jpg"
-    assert error(VildError, images=[models["photo"], missing]) == f"{missing}: no such image file"
+    assert error(VildError, images=[models["photo"], missing]) == f"{missing}: no such image file or folder"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    assert error(VildError, images=[tmp_path / "empty"]) == (
+        f"{tmp_path / 'empty'}: no image files in this folder ({', '.join(detect.IMAGE_SUFFIXES)})")
     assert "--clip is required" in error(VildError, clip=None)
     other_clip = tmp_path / "other-clip.pt"
     torch.manual_seed(1)
     save_clip(TINY_CLIP.build(), other_clip)
     assert "was trained against CLIP tiny-clip.pt" in error(DataError, clip=str(other_clip))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    assert error(DataError, images=[tmp_path / "broken.jpg"]).startswith(f"{tmp_path / 'broken.jpg'}: cannot decode")
+    assert error(DataError, images=[tmp_path / "broken.jpg"]) == (
+        f"{tmp_path / 'broken.jpg'}: cannot decode image (truncated or not an image)")
     assert not (tmp_path / "out" / "detections.json").exists()

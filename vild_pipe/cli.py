@@ -111,7 +111,7 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding images.")
-@click.option("--fp16/--no-fp16", default=True, show_default=True, help="fp16 autocast on CUDA.")
+@click.option("--fp16/--no-fp16", default=True, show_default=True, help="fp16 autocast of the backbone on CUDA (boxes stay fp32).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--skip-bad-images", is_flag=True, help="Record unreadable images in the manifest and go on.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another config or detector.")
@@ -276,7 +276,7 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--detector", required=True, type=click.Path(exists=True), help="train-rpn run folder or checkpoint.")
 @click.option("--head", required=True, type=click.Path(exists=True), help="train-head run folder or head.pt.")
 @click.option("--clip", required=True,
@@ -299,8 +299,8 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def detect(images, **options):
-    """Detect any named objects in IMAGES: boxes, names and scores → OUT/detections.json (COCO format)
-    and OUT/<image stem>.png with the detections drawn.
+    """Detect any named objects in IMAGES (files, or folders of .jpg/.png/... files): boxes, names and scores
+    → OUT/detections.json (COCO format) and OUT/<image stem>.png with the detections drawn.
 
     Give the names with --vocab or --vocab-file; names among the categories the head was trained on count
     as base in the ensemble, every other name as novel. Runs on the CPU or a GPU.

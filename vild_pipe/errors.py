@@ -1,5 +1,11 @@
 """The one exception type a user should see: the CLI prints it as a single line and exits non-zero."""
 
+from __future__ import annotations
+
+import errno
+import json
+import os
+
 
 class VildError(Exception):
     """A problem with the user's input or environment, stated in one line naming the file and the problem."""
@@ -7,3 +13,29 @@ class VildError(Exception):
 
 class DataError(VildError):
     """Bad input data: an annotation file, an image, a cache."""
+
+
+_OS_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOENT: "no such file or directory",
+}
+
+
+def describe_error(err: BaseException) -> str:
+    """The reason part of "PATH: cannot read (REASON)": one line, without the path the caller already names.
+
+    str(OSError) repeats the path and the errno ("[Errno 28] No space left on device: '/x/y'"); the errno's
+    text alone is what the user needs next to the path.
+    """
+    if isinstance(err, OSError) and err.errno:
+        return _OS_REASONS.get(err.errno) or os.strerror(err.errno).lower()
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8 text, {err.reason} at byte {err.start}"
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
+    lines = str(err).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else type(err).__name__

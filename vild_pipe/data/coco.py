@@ -32,11 +32,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from vild_pipe.data.splits import CategorySplit, resolve_split
-from vild_pipe.errors import DataError
+from vild_pipe.errors import DataError, describe_error
 
 logger = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("id", "file_name", "width", "height")
+IMAGE_KEYS = ("id", "width", "height")  # and file_name, or LVIS's coco_url
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 CATEGORY_KEYS = ("id", "name")
 
@@ -220,13 +220,7 @@ class CocoDataset:
         problem = _file_problem(path)
         if problem:
             raise DataError(f"{os.fspath(path)}: {problem}")
-        try:
-            with Image.open(path) as image:
-                rgb = image.convert("RGB")
-        except Image.DecompressionBombError as exc:
-            raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"{os.fspath(path)}: cannot decode image (truncated or not an image)") from exc
+        rgb = read_rgb_image(path)
         if rgb.size != (record.width, record.height):
             raise DataError(
                 f"{os.fspath(path)}: image is {rgb.width}x{rgb.height} pixels but {os.fspath(self.path)} "
@@ -317,7 +311,7 @@ def _read_json(path: Path, where: str) -> Any:
     except UnicodeDecodeError as exc:
         raise DataError(f"{where}: not a UTF-8 JSON file ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:
-        raise DataError(f"{where}: cannot read annotation file ({exc.strerror or exc})") from exc
+        raise DataError(f"{where}: cannot read annotation file ({describe_error(exc)})") from exc
 
 
 def _top_level_lists(raw: Any, where: str) -> tuple[list, list, list]:
@@ -372,15 +366,30 @@ def _parse_images(images_json: list, image_dir: Path, where: str) -> list[ImageR
         label = _record_label("image", "images", index, rec)
         _check_record(rec, IMAGE_KEYS, label, where)
         _claim_id(rec, seen, "image", label, where)
-        if not isinstance(rec["file_name"], str) or not rec["file_name"]:
-            raise DataError(f"{where}: {label}: file_name must be a non-empty string, got {rec['file_name']!r}")
+        file_name = _image_file_name(rec, label, where)
         for key in ("width", "height"):
             value = rec[key]
             if not _is_number(value) or value != int(value) or value <= 0:
                 raise DataError(f"{where}: {label}: {key} must be a positive integer, got {value!r}")
-        images.append(ImageRecord(id=rec["id"], file_name=rec["file_name"], width=int(rec["width"]),
-                                  height=int(rec["height"]), path=image_dir / rec["file_name"]))
+        images.append(ImageRecord(id=rec["id"], file_name=file_name, width=int(rec["width"]),
+                                  height=int(rec["height"]), path=image_dir / file_name))
     return images
+
+
+def _image_file_name(rec: dict, label: str, where: str) -> str:
+    """`file_name`; LVIS v1 has none, only `coco_url` (".../train2017/000000155379.jpg"), whose last two parts
+    are the file's place under a COCO images folder (`--images coco`), as detectron2's LVIS loader reads it."""
+    if "file_name" in rec:
+        if not isinstance(rec["file_name"], str) or not rec["file_name"]:
+            raise DataError(f"{where}: {label}: file_name must be a non-empty string, got {rec['file_name']!r}")
+        return rec["file_name"]
+    url = rec.get("coco_url")
+    if url is None:
+        raise DataError(f"{where}: {label}: missing key 'file_name' (or LVIS's 'coco_url')")
+    parts = url.rstrip("/").split("/")[-2:] if isinstance(url, str) else []
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"{where}: {label}: coco_url must end in FOLDER/FILE, got {url!r}")
+    return "/".join(parts)
 
 
 def _parse_categories(categories_json: list, where: str) -> list[Category]:
@@ -434,6 +443,17 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
     return ann_image_pos, ann_category_ids, ann_bbox, ann_iscrowd
 
 
+def read_rgb_image(path: Path) -> Image.Image:
+    """Decode an image file as RGB; DataError naming the file when it is not a decodable image."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{os.fspath(path)}: cannot decode image (truncated or not an image)") from exc
+
+
 def _file_problem(path: Path) -> str | None:
     """Why an image file cannot be used before decoding it, or None."""
     try:
@@ -441,7 +461,7 @@ def _file_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return "missing image file"
     except OSError as exc:
-        return f"cannot read image file ({exc.strerror or exc})"
+        return f"cannot read image file ({describe_error(exc)})"
     if not stat.S_ISREG(status.st_mode):
         return "not a regular file"
     if status.st_size == 0:

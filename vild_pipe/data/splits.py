@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from vild_pipe.errors import DataError
+from vild_pipe.errors import DataError, describe_error
 
 if TYPE_CHECKING:
     from vild_pipe.data.coco import Category
@@ -243,7 +243,6 @@ def _read_name_file(path: str) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise DataError(f"{path}: cannot read novel-name file ({reason})") from exc
+        raise DataError(f"{path}: cannot read novel-name file ({describe_error(exc)})") from exc
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.head import assign_labels, sample_rois
 from vild_pipe.pipeline.shards import CacheFolder
 
@@ -205,7 +205,7 @@ class _ShardFiles:
             try:
                 self._handles[path] = h5py.File(path, "r")
             except OSError as err:
-                raise DataError(f"{path}: cannot open the cache shard ({err})") from err
+                raise DataError(f"{path}: cannot open the cache shard ({describe_error(err)})") from err
         return self._handles[path]
 
     def close(self) -> None:

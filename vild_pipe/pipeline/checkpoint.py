@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.distributed import any_rank, barrier, gather_objects, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,6 @@ CHECKPOINT_FORMAT = 1
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
@@ -82,7 +77,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
         tmp.unlink(missing_ok=True)
         # torch's zip writer reports a failed write (e.g. ENOSPC) as RuntimeError, not OSError.
         if isinstance(err, (OSError, RuntimeError)):
-            raise VildError(f"{path}: cannot write checkpoint ({_first_line(err)})") from err
+            raise VildError(f"{path}: cannot write checkpoint ({describe_error(err)})") from err
         raise
     _fsync_folder(path.parent)
     return path
@@ -120,9 +115,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except OSError as err:
-        raise VildError(f"{path}: cannot read checkpoint ({_first_line(err)})") from err
+        raise VildError(f"{path}: cannot read checkpoint ({describe_error(err)})") from err
     except Exception as err:
-        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({_first_line(err)})") from err
+        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({describe_error(err)})") from err
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a checkpoint written by vild-pipe (holds a {type(state).__name__}, not a dict)")
     return state
@@ -413,7 +408,7 @@ def resume_or_start(
     try:
         unwrap_model(model).load_state_dict(state["model"])
     except RuntimeError as err:
-        raise DataError(f"{path}: model weights do not fit this model ({_first_line(err)})") from err
+        raise DataError(f"{path}: model weights do not fit this model ({describe_error(err)})") from err
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])

@@ -93,11 +93,14 @@ def crop_squares(images: list[torch.Tensor], boxes: list[torch.Tensor], size: in
     distinct image size (one per level for a dataset of equal-sized images), never padding, so a box's crop
     depends on its own image only, bit for bit, whichever images share its batch.
     `images`: uint8 (3, H, W) on the target device; `boxes`: float (R_i, 4) xyxy. Returns (sum R_i, 3, S, S)
-    in the order of the images and their boxes.
+    in the order of the images and their boxes, as `dtype`; the pyramid, sampling and normalisation run in
+    float32 whatever `dtype` is (in fp16, roi_align's sample points would round to 0.5 px past 1024 px).
     """
     device = images[0].device if images else torch.device("cpu")
     crops = torch.empty(sum(len(b) for b in boxes), 3, size, size, dtype=dtype, device=device)
     starts = np.cumsum([0] + [len(b) for b in boxes])
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, image in enumerate(images):
         if len(boxes[k]):
@@ -109,19 +112,18 @@ def crop_squares(images: list[torch.Tensor], boxes: list[torch.Tensor], size: in
         squares = torch.cat(squares)
         sides = squares[:, 2] - squares[:, 0]
         levels = torch.log2(sides / size).floor().clamp(min=0).long()
-        level_image = torch.stack([images[k] for k in members]).to(dtype)
+        level_image = torch.stack([images[k] for k in members]).float()
         for level in range(int(levels.max()) + 1):
             if level:
                 level_image = F.avg_pool2d(level_image, 2, ceil_mode=True)
             chosen = (levels == level).nonzero().squeeze(1)
             if not len(chosen):
                 continue
-            rois = torch.cat([image_index[chosen, None].to(dtype), (squares[chosen] / 2 ** level).to(dtype)], dim=1)
-            crops[rows[chosen]] = roi_align(level_image, rois, output_size=size, spatial_scale=1.0,
-                                            sampling_ratio=-1, aligned=True)
-    mean = torch.tensor(CLIP_MEAN, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CLIP_STD, device=device, dtype=dtype).view(1, 3, 1, 1) * 255
-    return (crops - mean) / std
+            rois = torch.cat([image_index[chosen, None].float(), squares[chosen] / 2 ** level], dim=1)
+            sampled = roi_align(level_image, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1,
+                                aligned=True)
+            crops[rows[chosen]] = ((sampled - mean) / std).to(dtype)
+    return crops
 
 
 def reference_crops(image: Image.Image, boxes: np.ndarray, preprocess) -> torch.Tensor:

@@ -116,11 +116,19 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of `tensor` over all ranks, as a new tensor (a copy for a single process)."""
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks, as a new tensor (a copy for a single process). Under NCCL the
+    tensor must be on the rank's GPU."""
     reduced = tensor.detach().clone()
     if dist.is_initialized():
         dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all ranks, as a new tensor (a copy for a single process)."""
+    reduced = all_reduce_sum(tensor)
+    if dist.is_initialized():
         reduced /= dist.get_world_size()
     return reduced
 

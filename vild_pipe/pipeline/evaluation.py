@@ -41,7 +41,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import batched_nms
 
-from vild_pipe.errors import DataError
+from vild_pipe.errors import DataError, describe_error
 from vild_pipe.pipeline.head import TEMPERATURE
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ def load_ground_truth(gt: str | os.PathLike | Mapping | COCO, verbose: bool = Fa
             with open(where, encoding="utf-8") as f:
                 dataset = json.load(f)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{where}: cannot read ground-truth annotation file ({exc})") from exc
+            raise DataError(f"{where}: cannot read ground-truth annotation file ({describe_error(exc)})") from exc
     annotations = dataset.get("annotations", [])
     complete = all("area" in ann and "iscrowd" in ann for ann in annotations)
     if isinstance(gt, COCO) and complete:

@@ -95,13 +95,18 @@ def _model_device(model: FasterRCNN) -> torch.device:
     return next(model.parameters()).device
 
 
-def _fpn_features(model: FasterRCNN, image: Tensor) -> tuple[ImageList, OrderedDict[str, Tensor]]:
-    """The transformed (resized, normalised, padded) image and its backbone/FPN feature maps."""
+def _fpn_features(model: FasterRCNN, image: Tensor, fp16: bool) -> tuple[ImageList, OrderedDict[str, Tensor]]:
+    """The transformed (resized, normalised, padded) image and its backbone/FPN feature maps, as float32.
+
+    `fp16` autocasts the backbone only, where nearly all the compute is: under autocast the RPN's anchors
+    and the box regression would be fp16 too, rounding box corners to 0.5 px past 1024 px.
+    """
     image_list, _ = model.transform([image])
-    features = model.backbone(image_list.tensors)
+    with _autocast(image.device, fp16):
+        features = model.backbone(image_list.tensors)
     if isinstance(features, Tensor):
         features = OrderedDict([("0", features)])
-    return image_list, features
+    return image_list, OrderedDict((name, feature.float()) for name, feature in features.items())
 
 
 def _to_transformed(boxes: Tensor, original_size: tuple[int, int], image_list: ImageList) -> Tensor:
@@ -132,17 +137,17 @@ def propose_with_features(
     `min_box_side` (original pixels) removed -> the `top_n` best. Features are pooled from the FPN with the
     model's own `box_roi_pool` on the boxes in transformed-image coordinates, before the mapping back.
     `extra_boxes[i]` (xyxy, original pixels), e.g. ground truth, are pooled from the same feature maps.
-    `fp16` runs the network under fp16 autocast on CUDA (ignored on the CPU).
+    `fp16` runs the backbone under fp16 autocast on CUDA (ignored on the CPU); boxes are computed in fp32.
     """
     if extra_boxes is not None and len(extra_boxes) != len(images):
         raise ValueError(f"{len(extra_boxes)} extra box sets for {len(images)} images")
     device = _model_device(model)
     results = []
-    with dump_settings(model, nms_threshold), _autocast(device, fp16):
+    with dump_settings(model, nms_threshold):
         for k, image in enumerate(images):
             image = _as_float_image(image, device)
             original_size = (int(image.shape[-2]), int(image.shape[-1]))
-            image_list, features = _fpn_features(model, image)
+            image_list, features = _fpn_features(model, image, fp16)
             proposals, _ = model.rpn(image_list, features)
             detections, _ = model.roi_heads(features, proposals, image_list.image_sizes)
             boxes_t = detections[0]["boxes"].float()
@@ -179,11 +184,11 @@ def features_for_boxes(
         raise ValueError(f"{len(boxes_per_image)} box sets for {len(images)} images")
     device = _model_device(model)
     pooled = []
-    with dump_settings(model, model.roi_heads.nms_thresh), _autocast(device, fp16):
+    with dump_settings(model, model.roi_heads.nms_thresh):
         for image, boxes in zip(images, boxes_per_image):
             image = _as_float_image(image, device)
             original_size = (int(image.shape[-2]), int(image.shape[-1]))
-            image_list, features = _fpn_features(model, image)
+            image_list, features = _fpn_features(model, image, fp16)
             boxes_t = _to_transformed(boxes.to(device), original_size, image_list)
             pooled.append(_pool(model, features, boxes_t, image_list))
     return pooled

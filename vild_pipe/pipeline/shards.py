@@ -57,7 +57,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def sha256_file(path: str | os.PathLike) -> str:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     except OSError as err:
-        raise VildError(f"{path}: cannot read ({_describe_os_error(err)})") from err
+        raise VildError(f"{path}: cannot read ({describe_error(err)})") from err
     return digest.hexdigest()
 
 
@@ -173,22 +173,6 @@ def sha256_file(path: str | os.PathLike) -> str:
 def shard_name(index: int) -> str:
     """Base name of shard `index`: shard-00012."""
     return f"shard-{index:05d}"
-
-
-def _describe_os_error(err: OSError) -> str:
-    known = {
-        errno.ENOSPC: "no space left on device",
-        errno.EDQUOT: "disk quota exceeded",
-        errno.EROFS: "read-only file system",
-        errno.EACCES: "permission denied",
-        errno.EPERM: "operation not permitted",
-    }
-    if err.errno in known:
-        return known[err.errno]
-    if err.errno:
-        return os.strerror(err.errno)
-    text = str(err) or type(err).__name__
-    return " ".join(text.split())
 
 
 def _tmp_path(path: Path) -> Path:
@@ -269,7 +253,7 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
         _remove_stale_temps_of(path)
         _publish_atomically(path, data)
     except OSError as err:
-        raise VildError(f"{path}: cannot write ({_describe_os_error(err)})") from err
+        raise VildError(f"{path}: cannot write ({describe_error(err)})") from err
 
 
 def _remove_stale_temps_of(path: Path) -> None:
@@ -285,7 +269,7 @@ def make_output_folder(path: str | os.PathLike) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise VildError(f"{path}: cannot create the output folder ({_describe_os_error(err)})") from err
+        raise VildError(f"{path}: cannot create the output folder ({describe_error(err)})") from err
     return path
 
 
@@ -487,7 +471,7 @@ class ShardLock:
                 log.warning("lock %s disappeared while held; another run may write the same shard", self.path)
                 return
             except OSError as err:
-                log.warning("cannot refresh lock %s (%s)", self.path, _describe_os_error(err))
+                log.warning("cannot refresh lock %s (%s)", self.path, describe_error(err))
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock file if it is still ours."""
@@ -515,7 +499,7 @@ def try_lock_shard(folder: CacheFolder, index: int) -> ShardLock | None:
     try:
         lock, holder = ShardLock.acquire(folder.lock_path(index))
     except OSError as err:
-        raise VildError(f"{folder.lock_path(index)}: cannot create lock ({_describe_os_error(err)})") from err
+        raise VildError(f"{folder.lock_path(index)}: cannot create lock ({describe_error(err)})") from err
     if lock is None:
         log.info("skipping %s: another run is writing it (%s)", shard_name(index), _describe_holder(holder))
         return None
@@ -600,7 +584,7 @@ class CacheFolder:
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise VildError(f"{path}: cannot create the cache folder ({_describe_os_error(err)})") from err
+            raise VildError(f"{path}: cannot create the cache folder ({describe_error(err)})") from err
 
         deadline = time.monotonic() + OVERWRITE_WAIT_S
         while True:
@@ -632,7 +616,7 @@ class CacheFolder:
                 try:
                     created = _publish_atomically(path / MANIFEST_NAME, _manifest_bytes(manifest), exclusive=True)
                 except OSError as err:
-                    raise VildError(f"{path / MANIFEST_NAME}: cannot write ({_describe_os_error(err)})") from err
+                    raise VildError(f"{path / MANIFEST_NAME}: cannot write ({describe_error(err)})") from err
                 if created:
                     log.info("created cache %s (%s, %d shards, fingerprint %s)", path, stage, num_shards, fingerprint)
                     break
@@ -678,7 +662,7 @@ class CacheFolder:
         except ValueError as err:
             return None, f"not JSON: {err}"
         except OSError as err:
-            raise VildError(f"{path / MANIFEST_NAME}: cannot read ({_describe_os_error(err)})") from err
+            raise VildError(f"{path / MANIFEST_NAME}: cannot read ({describe_error(err)})") from err
         if manifest is not None and not {"fingerprint", "stage", "num_shards", "fields"} <= set(manifest):
             return None, "not a vild-pipe cache manifest"
         return manifest, None
@@ -689,7 +673,7 @@ class CacheFolder:
         try:
             lock, _ = ShardLock.acquire(path / OVERWRITE_LOCK_NAME)
         except OSError as err:
-            raise VildError(f"{path / OVERWRITE_LOCK_NAME}: cannot create ({_describe_os_error(err)})") from err
+            raise VildError(f"{path / OVERWRITE_LOCK_NAME}: cannot create ({describe_error(err)})") from err
         if lock is None:
             return False
         with lock:
@@ -711,7 +695,7 @@ class CacheFolder:
                     (path / name).unlink(missing_ok=True)
                 _publish_atomically(path / MANIFEST_NAME, _manifest_bytes(manifest))
             except OSError as err:
-                raise VildError(f"{path}: cannot replace the old cache ({_describe_os_error(err)})") from err
+                raise VildError(f"{path}: cannot replace the old cache ({describe_error(err)})") from err
             log.info("replaced the cache in %s: it was %s", path, problem)
             return True
 
@@ -730,7 +714,7 @@ class CacheFolder:
         try:
             return set(os.listdir(self.path))
         except OSError as err:
-            raise VildError(f"{self.path}: cannot list the cache folder ({_describe_os_error(err)})") from err
+            raise VildError(f"{self.path}: cannot list the cache folder ({describe_error(err)})") from err
 
     def is_complete(self, index: int) -> bool:
         return self.shard_path(index).exists() and self.marker_path(index).exists()
@@ -761,7 +745,7 @@ class CacheFolder:
             marker = _read_json(self.marker_path(index))
         except (ValueError, OSError) as err:
             raise DataError(
-                f"{self.marker_path(index)}: unreadable shard marker ({err}); delete it and rerun {self.stage}"
+                f"{self.marker_path(index)}: unreadable shard marker ({describe_error(err)}); delete it and rerun {self.stage}"
             ) from err
         if marker is None:
             raise DataError(f"{self.marker_path(index)}: missing; {shard_name(index)} is not complete")
@@ -786,7 +770,7 @@ class CacheFolder:
                 else:
                     _remove_tmp_if_stale(file)
             except OSError as err:
-                log.warning("cannot remove stale %s (%s)", file, _describe_os_error(err))
+                log.warning("cannot remove stale %s (%s)", file, describe_error(err))
 
     def _check_still_current(self, what: str) -> dict:
         """The manifest on disk; VildError if it was replaced (--overwrite from another run) while we made `what`."""
@@ -841,7 +825,7 @@ class CacheFolder:
         try:
             _publish_atomically(self.path / MANIFEST_NAME, _manifest_bytes(finalized))
         except OSError as err:
-            raise VildError(f"{self.path / MANIFEST_NAME}: cannot write ({_describe_os_error(err)})") from err
+            raise VildError(f"{self.path / MANIFEST_NAME}: cannot write ({describe_error(err)})") from err
         self.manifest = finalized
         log.info("cache %s is complete: %d shards", self.path, self.num_shards)
         return True
@@ -949,7 +933,7 @@ class ShardWriter:
             self.folder._check_still_current(self.path.name)
             os.replace(tmp, self.path)
         except OSError as err:
-            raise VildError(f"{self.path}: cannot write cache shard ({_describe_os_error(err)})") from err
+            raise VildError(f"{self.path}: cannot write cache shard ({describe_error(err)})") from err
         finally:
             _remove_quietly(tmp)
         marker = {
@@ -965,7 +949,7 @@ class ShardWriter:
             _publish_atomically(self.folder.marker_path(self.shard_index), (json.dumps(marker) + "\n").encode())
         except OSError as err:
             marker_path = self.folder.marker_path(self.shard_index)
-            raise VildError(f"{marker_path}: cannot write ({_describe_os_error(err)})") from err
+            raise VildError(f"{marker_path}: cannot write ({describe_error(err)})") from err
         log.debug(
             "wrote %s: %d images, %d rows, %s in %.1f s",
             self.path.name, marker["images"], marker["rows"], format_bytes(marker["bytes"]), marker["seconds"],

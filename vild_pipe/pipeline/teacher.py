@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vild_pipe.data.prompts import prompt_texts
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.shards import sha256_file
 
 with warnings.catch_warnings():
@@ -112,7 +112,7 @@ def load_teacher(name_or_path: str, device="cpu") -> Teacher:
         if is_file:
             raise DataError(f"{name_or_path}: not a loadable CLIP checkpoint ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:160]})") from err
-        raise VildError(f"{name_or_path}: could not load CLIP model ({err})") from err
+        raise VildError(f"{name_or_path}: could not load CLIP model ({describe_error(err)})") from err
     model.eval()
     if is_file:
         identity = {"model": Path(name_or_path).name, "sha256": sha256_file(name_or_path)}
@@ -163,4 +163,4 @@ def save_clip(model: CLIP, path) -> None:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise VildError(f"{path}: cannot write the teacher ({err.strerror or err})") from err
+        raise VildError(f"{path}: cannot write the teacher ({describe_error(err)})") from err

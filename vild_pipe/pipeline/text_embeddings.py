@@ -18,7 +18,7 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.prompts import clean_name, vild_templates
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from vild_pipe.pipeline.shards import sha256_file
 
@@ -82,9 +82,9 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
     if vocab is not None:
         return check_names(vocab.split(","), "--vocab")
     try:
-        lines = Path(vocab_file).read_text().splitlines()
+        lines = Path(vocab_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise VildError(f"{vocab_file}: cannot read the vocabulary file ({err})") from err
+        raise VildError(f"{vocab_file}: cannot read the vocabulary file ({describe_error(err)})") from err
     names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     return check_names(names, os.fspath(vocab_file))
 

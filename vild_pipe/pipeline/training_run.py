@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vild_pipe.errors import VildError
+from vild_pipe.errors import VildError, describe_error
 from vild_pipe.pipeline.shards import write_text_atomically
 
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
@@ -48,7 +48,7 @@ def append_metrics(path: Path, record: dict[str, Any]) -> None:
         with open(path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
     except OSError as err:
-        raise VildError(f"{path}: cannot write ({err.strerror or err})") from err
+        raise VildError(f"{path}: cannot write ({describe_error(err)})") from err
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
@@ -71,4 +71,4 @@ def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise VildError(f"{run_dir}: cannot create the run folder ({err.strerror or err})") from err
+        raise VildError(f"{run_dir}: cannot create the run folder ({describe_error(err)})") from err

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.embedding_cache import (
     PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
@@ -210,8 +210,11 @@ class _ImagesToCrop(Dataset):
                 payload = pil_to_uint8_chw(self.dataset.open_image(record))
                 if self.crop_size is not None:
                     payload = crop_squares([payload], [torch.from_numpy(crop_boxes)], self.crop_size)
-        except (DataError, OSError) as err:
+        except DataError as err:
             return _LoadedImage(shard_index, image_id, boxes, None, str(err))
+        except OSError as err:
+            problem = f"{os.fspath(record.path)}: cannot read image file ({describe_error(err)})"
+            return _LoadedImage(shard_index, image_id, boxes, None, problem)
         return _LoadedImage(shard_index, image_id, boxes, payload, None)
 
 
@@ -281,7 +284,8 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
         _ImagesToCrop(dataset, crop_method, decode, teacher.preprocess,
                       crop_size=teacher.input_resolution if teacher.device.type == "cpu" and workers else None),
         batch_size=images_per_batch,
-        sampler=sampler, num_workers=workers, collate_fn=list, pin_memory=teacher.device.type == "cuda",
+        sampler=sampler, num_workers=workers, collate_fn=list,
+        pin_memory=teacher.device.type == "cuda" and crop_method != "reference",  # not 360 MB of crops an image
     )
     encoder = _CropEncoder(teacher, batch_size)
     shard_images: list[tuple[int, int]] = []
@@ -302,7 +306,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
                                     " cannot be skipped here; restore the file)")
             for shard_index, group in _by_shard(batch):
                 shards.shard(shard_index)
-                encoder.add(_crops_of(group, dataset, crop_method, teacher))
+                encoder.add(_crops_of(group, dataset, teacher))
                 shard_images.extend((item.image_id, len(item.boxes)) for item in group)
                 progress.update(2 * sum(len(item.boxes) for item in group))
     return shards.published
@@ -318,11 +322,26 @@ def _by_shard(batch: list[_LoadedImage]) -> list[tuple[int, list[_LoadedImage]]]
     return groups
 
 
-def _crops_of(group: list[_LoadedImage], dataset: CocoDataset, crop_method: str, teacher: Teacher) -> torch.Tensor:
-    """The normalised crops of every box of a group of images: per image its 1x crops, then its 1.5x crops."""
+def _crops_of(group: list[_LoadedImage], dataset: CocoDataset, teacher: Teacher) -> torch.Tensor:
+    """The normalised crops of every box of a group of images: per image its 1x crops, then its 1.5x crops.
+
+    Crops the loader workers made (the reference path; the fast path on a CPU with workers) are taken as they
+    are; the other images (JPEG bytes under --decode torchvision, where a PNG beside them comes cropped) are
+    decoded and cropped here, on the teacher's device.
+    """
     size = teacher.input_resolution
-    if crop_method == "reference" or group[0].payload.ndim == 4:  # cropped in the loader workers
+    to_crop = [item for item in group if item.payload.ndim != 4]
+    if not to_crop:
         return torch.cat([torch.zeros(0, 3, size, size)] + [item.payload for item in group if len(item.boxes)])
+    cropped_here = _crop_here(to_crop, dataset, teacher)
+    if len(to_crop) == len(group):
+        return cropped_here
+    pieces = iter(cropped_here.split([2 * len(item.boxes) for item in to_crop]))
+    return torch.cat([item.payload if item.payload.ndim == 4 else next(pieces) for item in group])
+
+
+def _crop_here(group: list[_LoadedImage], dataset: CocoDataset, teacher: Teacher) -> torch.Tensor:
+    size = teacher.input_resolution
     images = _decode(group, dataset, teacher.device)
     records = [dataset.image(item.image_id) for item in group]
     boxes = [torch.from_numpy(crop_boxes_1x_15x(item.boxes, record.width, record.height))
@@ -340,14 +359,7 @@ def _decode(group: list[_LoadedImage], dataset: CocoDataset, device: torch.devic
         if item.payload.ndim == 3:
             images[k] = item.payload.to(device, non_blocking=True)
     if encoded:
-        data = [group[k].payload for k in encoded]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
-                decoded = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
-        except RuntimeError as err:
-            paths = ", ".join(os.fspath(dataset.image(group[k].image_id).path) for k in encoded)
-            raise DataError(f"{paths}: cannot decode JPEG ({' '.join(str(err).split())[:200]})") from err
+        decoded = _decode_jpegs([group[k] for k in encoded], dataset, device)
         for k, pixels in zip(encoded, decoded):
             record = dataset.image(group[k].image_id)
             if tuple(pixels.shape[1:]) != (record.height, record.width):
@@ -355,3 +367,27 @@ def _decode(group: list[_LoadedImage], dataset: CocoDataset, device: torch.devic
                                 f" the annotation file says {record.width}x{record.height} for image id {record.id}")
             images[k] = pixels
     return images
+
+
+def _decode_jpegs(items: list[_LoadedImage], dataset: CocoDataset, device: torch.device) -> list[torch.Tensor]:
+    """JPEG bytes -> uint8 (3, H, W) on `device`, in one batched decode_jpeg call (nvJPEG on CUDA).
+
+    nvJPEG refuses some files libjpeg reads (DALI falls back to the host for unusual chroma subsampling), and
+    one refusal fails the whole batched call; then each image is tried alone, and one that still fails is
+    decoded by PIL with a warning. A file PIL cannot decode either is a DataError naming it.
+    """
+    try:
+        return _decode_jpeg_batch([item.payload for item in items], device)
+    except RuntimeError as err:
+        if len(items) > 1:
+            return [pixels for item in items for pixels in _decode_jpegs([item], dataset, device)]
+        record = dataset.image(items[0].image_id)
+        log.warning("%s: torchvision cannot decode this JPEG on %s (%s); decoding it with PIL", record.path,
+                    device, describe_error(err))
+        return [pil_to_uint8_chw(dataset.open_image(record)).to(device)]
+
+
+def _decode_jpeg_batch(payloads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 points to torchcodec
+        return torchvision.io.decode_jpeg(payloads, mode=torchvision.io.ImageReadMode.RGB, device=device)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import load_detector
@@ -47,6 +48,7 @@ from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vo
 log = logging.getLogger(__name__)
 
 JSON_NAME = "detections.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
@@ -98,7 +100,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     found: list[ImageDetections] = []
     drawings: list[str] = []
     for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
-        image = _read_image(path)
+        image = read_rgb_image(path)
         pixels = pil_to_uint8_chw(image).to(torch_device)
         proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=nms_threshold)[0]
         with torch.no_grad():
@@ -165,24 +167,24 @@ def _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_
 
 
 def _image_paths(images: Sequence[str | os.PathLike]) -> list[Path]:
-    """The image files, checked before any model is loaded: VildError naming the first that is not a file."""
+    """The image files, checked before any model is loaded: a folder stands for its image files (by suffix,
+    sorted, not recursive); VildError naming the first argument that is neither an image file nor such a folder."""
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     if not images:
         raise VildError("no images given")
-    paths = [Path(image) for image in images]
-    for path in paths:
-        if not path.is_file():
-            raise VildError(f"{os.fspath(path)}: no such image file")
+    paths = []
+    for image in map(Path, images):
+        if image.is_dir():
+            found = sorted(p for p in image.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise VildError(f"{os.fspath(image)}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif image.is_file():
+            paths.append(image)
+        else:
+            raise VildError(f"{os.fspath(image)}: no such image file or folder")
     return paths
-
-
-def _read_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{os.fspath(path)}: cannot decode image ({type(err).__name__})") from err
 
 
 def _drawing_names(paths: list[Path]) -> list[str]:

@@ -104,7 +104,7 @@ def run(
     the proposals; they, `add_gt`, the split and the precision make the cache's config, so a rerun with
     other values is refused unless `overwrite`. `batch_size` images are decoded by `workers` DataLoader
     processes and handed over together (the network still sees one at a time); `threads` sets torch's CPU
-    threads (0: torch's default); `fp16` runs the network under fp16 autocast on CUDA. `shard` "i/n" takes
+    threads (0: torch's default); `fp16` runs the backbone under fp16 autocast on CUDA. `shard` "i/n" takes
     this job's part of the shards (with torchrun, split again between the ranks).
     """
     if top_n < 1:
@@ -141,7 +141,7 @@ def run(
             "nms_threshold": float(nms_threshold),
             "add_gt": bool(add_gt),
             "split": ground_truth.split.to_json() if ground_truth is not None else None,
-            "precision": "fp16-autocast" if use_fp16 else "fp32",
+            "precision": "fp16-backbone" if use_fp16 else "fp32",
         }
         annotation_path = Path(annotations)
         inputs = {
@@ -239,7 +239,7 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
             proposals = propose_with_features(
                 model, [item[3] for item in decoded], top_n=config["top_n"],
                 min_box_side=config["min_box_side"], nms_threshold=config["nms_threshold"], extra_boxes=extra,
-                fp16=config["precision"] == "fp16-autocast",
+                fp16=config["precision"] == "fp16-backbone",
             )
             by_position = {item[1]: (k, result) for k, (item, result) in enumerate(zip(decoded, proposals))}
             for shard_index, position, image_id, _, error in batch:

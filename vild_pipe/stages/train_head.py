@@ -38,7 +38,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.cache_loader import NO_LABEL, CacheIndex, RowSelection, StepBatch, StepLoader, StepOrder
 from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.distributed import (
-    barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
+    all_reduce_sum, barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
 )
 from vild_pipe.pipeline.embedding_cache import annotations_of, clip_identity, embedding_dim, open_caches
 from vild_pipe.pipeline.head import (
@@ -282,13 +282,6 @@ def _ground_truth(train_set: CocoDataset, image_ids: np.ndarray) -> dict[int, tu
 
 # --------------------------------------------------------------------------- one step
 
-def _global_sum(values: torch.Tensor) -> torch.Tensor:
-    reduced = values.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-    return reduced
-
-
 def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.optim.Optimizer, batch: StepBatch,
                 texts: torch.Tensor | None, config: dict[str, Any], device: torch.device) -> dict[str, float]:
     """One step; each loss is a mean over the global batch's rows (sum here, divided by the global count,
@@ -297,9 +290,10 @@ def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.opti
     labels = batch.labels.to(device)
     image_mask = batch.image_mask.to(device)
     text_rows = labels != NO_LABEL
-    local = torch.tensor([float(text_rows.sum()), float(image_mask.sum()), float(len(labels))])
-    text_count, image_count, rows = _global_sum(local).tolist()
-    counts = torch.tensor([text_count, image_count]).clamp(min=1.0)
+    # On the device: NCCL reduces only CUDA tensors, and a 1-D CPU tensor cannot divide CUDA ones.
+    local = torch.tensor([float(text_rows.sum()), float(image_mask.sum()), float(len(labels))], device=device)
+    text_count, image_count, rows = all_reduce_sum(local).tolist()
+    counts = torch.tensor([text_count, image_count], device=device).clamp(min=1.0)
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     regions = ddp_head(features)
@@ -322,7 +316,7 @@ def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.opti
         torch.nn.utils.clip_grad_norm_(head.parameters(), config["clip_grad_norm"])
     optimizer.step()
 
-    means = _global_sum(torch.stack([sums[0].detach(), sums[1].detach()])) / counts
+    means = all_reduce_sum(torch.stack([sums[0].detach(), sums[1].detach()])) / counts
     terms = {"text": float(means[0]) if texts is not None else None,
              "image": float(means[1]) if batch.emb is not None else None,
              "text_rois": int(counts[0]) if texts is not None else 0,
