@@ -15,6 +15,7 @@ from vild_pipe.pipeline.evaluation import (
     head_probabilities,
     load_ground_truth,
     metrics_table,
+    nms_per_class,
 )
 
 import cocoeval_reference
@@ -199,6 +200,23 @@ def test_top_k_nms_equals_nms_over_every_candidate():
         assert kept_boxes.tolist() == boxes[box_index.reshape(-1)[keep]].tolist()
 
 
+def test_one_nms_call_equals_torchvisions_loop_over_classes_on_an_lvis_sized_vocabulary():
+    """1203 classes, boxes up to 1333 px, scores tied within and across classes: the shifted single call keeps
+    what batched_nms's per-class loop (its CPU path above 1000 boxes) keeps, in the same order."""
+    rng = np.random.default_rng(5)
+    corners = rng.uniform(-5, 1200, (3000, 2))
+    boxes = torch.tensor(np.hstack([corners, corners + rng.uniform(1, 300, (3000, 2))]), dtype=torch.float32)
+    scores = torch.tensor(rng.choice(np.linspace(0.01, 1, 50), 3000), dtype=torch.float32)
+    classes = torch.tensor(rng.integers(0, 1203, 3000))
+    classes[:600] = torch.tensor(rng.integers(0, 3, 600))  # some classes with many overlapping boxes
+    expected = batched_nms(boxes, scores, classes, 0.5)
+    kept = nms_per_class(boxes, scores, classes, 0.5)
+    assert len(expected) < 3000
+    assert sorted(kept.tolist()) == sorted(expected.tolist())
+    assert scores[kept].tolist() == scores[expected].tolist()
+    assert len(nms_per_class(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)) == 0
+
+
 def test_coco_results_records():
     boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 5.5, 4.25]])
     records = coco_results(7, boxes, torch.tensor([0.75, 0.5]), torch.tensor([2, 0]), category_ids=[11, 12, 13])
@@ -273,6 +291,16 @@ def test_ground_truth_without_area_or_iscrowd():
     assert "area" not in dataset["annotations"][0]  # the caller's dict is untouched
     metrics = evaluate_coco(dataset, perfect_results({1, 2, 3}), BASE_IDS, NOVEL_IDS)
     assert metrics["AP"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cocoeval_a_few_categories_at_a_time_gives_every_metric_of_one_run(gt_file, seed):
+    """LVIS-sized runs go 100 categories at a time (COCOeval's all-pairs records would not fit in memory)."""
+    results = noisy_results(seed)
+    whole = evaluate_coco(gt_file, results, BASE_IDS, NOVEL_IDS, categories_per_run=1000)
+    for per_run in (1, 2, 3):
+        assert evaluate_coco(gt_file, results, BASE_IDS, NOVEL_IDS, categories_per_run=per_run) == whole
+    assert whole["AP50_novel"] > 0 and whole["AP_r"] is not None and whole["num_detections"] > 0
 
 
 def test_evaluation_does_not_change_the_results_records(gt_file):

@@ -1,18 +1,22 @@
 """train-head on a tiny synthetic cache pair: both losses fall, --losses switches terms off, refusals, exact
 resume after SIGKILL, torchrun with two processes trains what one process trains, and the loader's order."""
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.cache_loader import CacheIndex, RowSelection, StepLoader, StepOrder
+from vild_pipe.pipeline.cache_loader import (
+    CacheIndex, RowSelection, StepLoader, StepOrder, WindowReader, window_bytes,
+)
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.embedding_cache import embedding_fields
 from vild_pipe.pipeline.head import HEAD_NAME, load_head
@@ -192,6 +196,28 @@ def test_order_is_a_function_of_seed_and_step_and_covers_each_epoch(world):
     for workers in (0, 2):
         parts = [[b.features for b in StepLoader(h, selection, ground_truth, 3, 8, workers=workers)] for h in halves]
         assert all(torch.equal(torch.cat([a, b]), s) for a, b, s in zip(*parts, single))
+
+
+def test_loader_workers_that_would_overfill_shared_memory_are_not_started(world, monkeypatch, caplog):
+    """Windows travel from the workers through /dev/shm; too little of it lost them and hung the step."""
+    index = CacheIndex.build(CacheFolder.open(world / "proposals"), CacheFolder.open(world / "embeddings"))
+    order = StepOrder(index, 4, seed=0, block_images=2, buffer_blocks=2)
+    selection = RowSelection(text=True, image=True, sample_rois=None)
+    ground_truth = {int(i): (np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for i in index.image_ids}
+    sent = [sum(array.nbytes for array in arrays.values())
+            for _, _, arrays in WindowReader(order, selection, ground_truth, 0, IMAGES // 4)]
+    estimate = window_bytes(order, selection)
+    assert 0.8 * np.mean(sent) < estimate < 1.25 * np.mean(sent)
+
+    expected = [b.features for b in StepLoader(order, selection, ground_truth, 0, 3, workers=0)]
+    for free, started in ((2 * 2 * estimate + 1, 2), (2 * estimate, 1), (estimate, 0)):
+        monkeypatch.setattr("shutil.disk_usage", lambda folder: SimpleNamespace(free=int(free)))
+        caplog.clear()
+        loader = StepLoader(order, selection, ground_truth, 0, 3, workers=2, prefetch=2)
+        assert loader.loader.num_workers == started
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == (started < 2) and all(m.startswith("/dev/shm: ") for m in warned)
+        assert all(torch.equal(a.features, b) for a, b in zip(loader, expected))
 
 
 def start_driver(tmp_path, arguments):

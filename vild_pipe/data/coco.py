@@ -66,9 +66,9 @@ class CocoDataset:
     """A validated COCO-format annotation file, optionally restricted to one category split.
 
     Build with `CocoDataset.load`. Boxes are stored once, grouped by image, as flat numpy arrays; views
-    (`with_split`, `training_view`) share the image and category lists and hold filtered arrays.
-    `.raw` is the parsed JSON (in a training view, with the removed annotations left out), for writing
-    back or for pycocotools evaluation.
+    (`with_split`, `training_view`) share the image and category lists and hold filtered arrays. The parsed
+    JSON is not kept: for COCO train it is 2.8 GiB of Python objects, for LVIS train 5.9 GiB (measured),
+    in every process of every stage; pycocotools evaluation reads the file itself.
     """
 
     def __init__(
@@ -78,7 +78,6 @@ class CocoDataset:
         image_dir: Path,
         images: list[ImageRecord],
         categories: list[Category],
-        raw: dict,
         boxes: np.ndarray,
         category_ids: np.ndarray,
         iscrowd: np.ndarray,
@@ -90,7 +89,6 @@ class CocoDataset:
         self.image_dir = image_dir
         self.images = images
         self.categories = categories
-        self.raw = raw
         self.split = split
         self.skipped_degenerate = skipped_degenerate
         self._boxes = boxes
@@ -141,7 +139,6 @@ class CocoDataset:
             image_dir=image_dir,
             images=images,
             categories=sorted(categories, key=lambda c: c.id),
-            raw=raw,
             boxes=boxes[keep][order].astype(np.float32),
             category_ids=ann_category_ids[keep][order],
             iscrowd=ann_iscrowd[keep][order],
@@ -271,13 +268,11 @@ class CocoDataset:
         return self._view(split, keep=split.base_mask(self._category_ids))
 
     def _view(self, split: CategorySplit, keep: np.ndarray | None) -> CocoDataset:
-        raw = self.raw
         boxes, category_ids, iscrowd, image_pos = self._boxes, self._category_ids, self._iscrowd, self._box_image_pos
         if keep is not None:
             boxes, category_ids, iscrowd, image_pos = boxes[keep], category_ids[keep], iscrowd[keep], image_pos[keep]
-            raw = {**raw, "annotations": [a for a in raw["annotations"] if split.is_base(a["category_id"])]}
         return CocoDataset(
-            path=self.path, image_dir=self.image_dir, images=self.images, categories=self.categories, raw=raw,
+            path=self.path, image_dir=self.image_dir, images=self.images, categories=self.categories,
             boxes=boxes, category_ids=category_ids, iscrowd=iscrowd, box_image_pos=image_pos,
             split=split, skipped_degenerate=self.skipped_degenerate,
         )

@@ -17,6 +17,8 @@ its own images, which, the window being shuffled, is most of every window.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -28,7 +30,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.head import assign_labels, sample_rois
-from vild_pipe.pipeline.shards import CacheFolder
+from vild_pipe.pipeline.shards import CacheFolder, bytes_per_row, format_bytes
+
+log = logging.getLogger(__name__)
 
 ORDER_PURPOSE, SAMPLE_PURPOSE = 21, 22   # keep the order's and the RoI sampling's random streams apart
 NO_LABEL = -1                            # a row that is not in the ViLD-text sample
@@ -280,6 +284,40 @@ class StepBatch:
     emb: torch.Tensor | None      # (u, D) float16 CLIP targets (rows outside image_mask unused)
 
 
+SHARED_MEMORY = "/dev/shm"
+
+
+def window_bytes(order: StepOrder, selection: RowSelection) -> int:
+    """About what one window's rows take as it travels from a worker: this rank's share of the window's images
+    times the cache's mean rows per image (ViLD's 300 image RoIs and 512 sampled RoIs select nearly all)."""
+    index = order.index
+    fields = {name: index.proposals.fields[name] for name in ("boxes", "is_gt", "features")}
+    if selection.image and index.embeddings is not None:
+        fields["emb"] = index.embeddings.fields["emb"]
+    images = order.block_images * order.buffer_blocks / order.world_size
+    return int(images * index.num_rows / max(1, len(index)) * bytes_per_row(fields))
+
+
+def workers_that_fit(workers: int, bytes_per_worker: int, folder: str = SHARED_MEMORY) -> int:
+    """As many of `workers` as the shared memory their windows travel through can hold, with a warning when
+    that is fewer: torch loses a window that does not fit in a worker's queue thread, and the step then waits
+    for it forever (measured with a container's default 64 MiB /dev/shm). The data order does not depend on
+    the number of workers, so neither do the weights."""
+    if workers < 1:
+        return workers
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return workers  # no such folder (not Linux): torch shares memory another way
+    fit = min(workers, free // max(1, bytes_per_worker))
+    if fit < workers:
+        log.warning("%s: %s free, but %d loader worker(s) would pass about %s of cached rows through it at once;"
+                    " using %d (0: reading in the main process). For speed: more shared memory (docker run"
+                    " --shm-size) or fewer --block-images / --buffer-blocks", folder, format_bytes(free), workers,
+                    format_bytes(workers * bytes_per_worker), fit)
+    return int(fit)
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then stops them."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -294,6 +332,7 @@ class StepLoader:
         self.order, self.first_step, self.stop_step = order, first_step, stop_step
         self.reader = WindowReader(order, selection, ground_truth, first_step, stop_step)
         options: dict[str, Any] = {}
+        workers = workers_that_fit(workers, window_bytes(order, selection) * prefetch)
         if workers > 0:
             options = {"prefetch_factor": prefetch, "worker_init_fn": _ignore_stop_signals,
                        "persistent_workers": False}
