@@ -302,9 +302,9 @@ def run_cocoeval(gt: COCO, results: Sequence[dict], category_ids: Sequence[int],
     by_category: dict[int, list[dict]] = {}
     for record in results:
         by_category.setdefault(int(record["category_id"]), []).append(record)
-    parts, evaluator = [], None
-    for start in range(0, len(category_ids), max(1, categories_per_run)):
-        chosen = category_ids[start:start + max(1, categories_per_run)]
+    parts, per_run = [], max(1, categories_per_run)
+    for start in range(0, max(1, len(category_ids)), per_run):  # one run even for no categories
+        chosen = category_ids[start:start + per_run]
         detections = load_results(gt, [record for cat in chosen for record in by_category.get(cat, ())], verbose)
         evaluator = COCOeval(gt, detections, iouType="bbox")
         evaluator.params.catIds = chosen
@@ -317,8 +317,6 @@ def run_cocoeval(gt: COCO, results: Sequence[dict], category_ids: Sequence[int],
             evaluator.evaluate()
             evaluator.accumulate()
         parts.append(evaluator.eval["precision"][:, :, :, 0, -1])  # (T IoUs, R recalls, K, A areas, M maxDets)
-    if evaluator is None:
-        raise ValueError("no categories to evaluate")
     return Precision(np.concatenate(parts, axis=2), category_ids, [int(i) for i in evaluator.params.imgIds],
                      np.asarray(evaluator.params.iouThrs))
 
