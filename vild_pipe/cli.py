@@ -326,7 +326,7 @@ def detect(images, **options):
                    "it outputs are class-agnostic either way.")
 @click.option("--min-size", type=int, help="Image shorter side, pixels [preset: small 192, resnet50-fpn 800].")
 @click.option("--max-size", type=int, help="Longer-side cap, pixels [preset: small 320, resnet50-fpn 1333].")
-@click.option("--iterations", type=int, help="Training steps [preset: small 600, resnet50-fpn 90000].")
+@click.option("--iterations", type=int, help="Training steps [preset: small 1600, resnet50-fpn 90000].")
 @click.option("--batch-size", type=int, help="Global batch, split over torchrun processes [small 4, resnet50-fpn 16].")
 @click.option("--lr", type=float, help="Peak SGD learning rate [0.02].")
 @click.option("--warmup", type=int, help="Linear warm-up steps [small 100, resnet50-fpn 1000].")
