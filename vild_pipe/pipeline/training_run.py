@@ -17,8 +17,13 @@ SCHEDULES = ("cosine", "step")
 
 def check_schedule(hyper: dict[str, Any]) -> None:
     """VildError unless the step count, batch, lr, warm-up and schedule make a schedule."""
-    if hyper["iterations"] < 1 or hyper["batch_size"] < 1 or hyper["lr"] <= 0 or hyper["warmup"] < 0:
-        raise VildError(f"iterations, batch size and lr must be positive and warmup >= 0 (got {hyper})")
+    for option, key in (("--iterations", "iterations"), ("--batch-size", "batch_size")):
+        if hyper[key] < 1:
+            raise VildError(f"{option} must be at least 1, got {hyper[key]}")
+    if not hyper["lr"] > 0:
+        raise VildError(f"--lr must be positive, got {hyper['lr']}")
+    if hyper["warmup"] < 0:
+        raise VildError(f"--warmup must be 0 or more, got {hyper['warmup']}")
     if hyper["schedule"] not in SCHEDULES:
         raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
 

@@ -190,7 +190,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     settings is returned as is). Logs one line with recall@0.5 and AR per group.
     """
     if top_k < 1:
-        raise VildError(f"top_k must be positive, got {top_k}")
+        raise VildError(f"--top-k must be at least 1, got {top_k}")
     dataset = CocoDataset.load(annotations, images)
     category_split = dataset.resolve_split(split)
     settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
@@ -238,8 +238,9 @@ def _check_settings(hyper: dict[str, Any], scale_jitter: Sequence[float], checkp
     check_schedule(hyper)
     if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
         raise VildError(f"scale jitter must be two factors 0 < low <= high, got {list(scale_jitter)}")
-    if checkpoint_every < 1 or top_k < 1:
-        raise VildError(f"checkpoint_every and top_k must be positive (got {checkpoint_every}, {top_k})")
+    for option, value in (("--checkpoint-every", checkpoint_every), ("--top-k", top_k)):
+        if value < 1:
+            raise VildError(f"{option} must be at least 1, got {value}")
 
 
 def _data_identity(train_set: CocoDataset) -> dict[str, Any]:
