@@ -77,12 +77,14 @@ def test_names_from_an_annotation_file_a_list_or_a_file(tmp_path):
 def test_an_unreadable_vocabulary_file_is_named_once_with_the_reason(tmp_path):
     with pytest.raises(VildError) as caught:
         vocabulary_names(vocab_file=tmp_path / "absent.txt")
-    assert str(caught.value) == f"{tmp_path / 'absent.txt'}: cannot read the vocabulary file (no such file or directory)"
+    assert str(caught.value) == (
+        f"{tmp_path / 'absent.txt'}: cannot read the vocabulary file (no such file or directory)")
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(VildError) as caught:
         vocabulary_names(vocab_file=latin1)
-    assert str(caught.value) == f"{latin1}: cannot read the vocabulary file (not UTF-8 text, invalid continuation byte at byte 3)"
+    assert str(caught.value) == (
+        f"{latin1}: cannot read the vocabulary file (not UTF-8 text, invalid continuation byte at byte 3)")
 
 
 def test_stage_writes_the_file(clip_files, tmp_path):

@@ -111,7 +111,8 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", default=2, show_default=True, help="Processes decoding images.")
-@click.option("--fp16/--no-fp16", default=True, show_default=True, help="fp16 autocast of the backbone on CUDA (boxes stay fp32).")
+@click.option("--fp16/--no-fp16", default=True, show_default=True,
+              help="fp16 autocast of the backbone on CUDA (boxes stay fp32).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--skip-bad-images", is_flag=True, help="Record unreadable images in the manifest and go on.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another config or detector.")

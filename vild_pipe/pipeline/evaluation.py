@@ -251,13 +251,9 @@ def _with_area(ann: dict) -> dict:
     return ann
 
 
-def load_results(gt: COCO, results: Sequence[dict], verbose: bool = False) -> COCO:
-    """pycocotools results object for `results` (copied: loadRes writes into the records).
-
-    An empty list gives a results object with no detections (loadRes itself fails on one); a record on an
-    image that the ground truth does not have is a DataError.
-    """
-    _check_image_ids(gt, results)
+def _load_results(gt: COCO, results: Sequence[dict], verbose: bool = False) -> COCO:
+    """pycocotools results object for `results` (copied: loadRes writes into the records); an empty list gives
+    a results object with no detections (loadRes itself fails on one)."""
     if not results:
         detections = COCO()
         detections.dataset = {"images": list(gt.dataset["images"]),
@@ -280,13 +276,6 @@ class Precision:
     iou_thresholds: np.ndarray
 
 
-def _check_image_ids(gt: COCO, results: Sequence[dict]) -> None:
-    unknown = {int(r["image_id"]) for r in results} - set(gt.getImgIds())
-    if unknown:
-        raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
-                        f"(first: {sorted(unknown)[:5]})")
-
-
 def run_cocoeval(gt: COCO, results: Sequence[dict], category_ids: Sequence[int],
                  image_ids: Sequence[int] | None = None, max_dets: int = COCO_MAX_DETS,
                  categories_per_run: int = CATEGORIES_PER_RUN, verbose: bool = False) -> Precision:
@@ -296,20 +285,25 @@ def run_cocoeval(gt: COCO, results: Sequence[dict], category_ids: Sequence[int],
     matches every image x category x area); "all" gives the same numbers as a default COCOeval's. COCOeval
     runs on `categories_per_run` categories at a time, each run on those categories' results only; a
     category's precision is the same either way (it is computed from that category's matches alone).
+    A record on an image that the ground truth does not have is a DataError.
     """
-    _check_image_ids(gt, results)
+    unknown = {int(r["image_id"]) for r in results} - set(gt.getImgIds())
+    if unknown:
+        raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
+                        f"(first: {sorted(unknown)[:5]})")
     category_ids = sorted(int(c) for c in category_ids)
+    image_ids = sorted(int(i) for i in image_ids) if image_ids is not None else None
     by_category: dict[int, list[dict]] = {}
     for record in results:
         by_category.setdefault(int(record["category_id"]), []).append(record)
     parts, per_run = [], max(1, categories_per_run)
     for start in range(0, max(1, len(category_ids)), per_run):  # one run even for no categories
         chosen = category_ids[start:start + per_run]
-        detections = load_results(gt, [record for cat in chosen for record in by_category.get(cat, ())], verbose)
+        detections = _load_results(gt, [record for cat in chosen for record in by_category.get(cat, ())], verbose)
         evaluator = COCOeval(gt, detections, iouType="bbox")
         evaluator.params.catIds = chosen
         if image_ids is not None:
-            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+            evaluator.params.imgIds = image_ids
         evaluator.params.maxDets = [1, 10, max_dets]
         evaluator.params.areaRng = [[0.0, 1e10]]
         evaluator.params.areaRngLbl = ["all"]

@@ -745,7 +745,8 @@ class CacheFolder:
             marker = _read_json(self.marker_path(index))
         except (ValueError, OSError) as err:
             raise DataError(
-                f"{self.marker_path(index)}: unreadable shard marker ({describe_error(err)}); delete it and rerun {self.stage}"
+                f"{self.marker_path(index)}: unreadable shard marker ({describe_error(err)});"
+                f" delete it and rerun {self.stage}"
             ) from err
         if marker is None:
             raise DataError(f"{self.marker_path(index)}: missing; {shard_name(index)} is not complete")

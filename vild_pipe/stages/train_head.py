@@ -292,8 +292,8 @@ def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.opti
     text_rows = labels != NO_LABEL
     # On the device: NCCL reduces only CUDA tensors, and a 1-D CPU tensor cannot divide CUDA ones.
     local = torch.tensor([float(text_rows.sum()), float(image_mask.sum()), float(len(labels))], device=device)
-    text_count, image_count, rows = all_reduce_sum(local).tolist()
-    counts = torch.tensor([text_count, image_count], device=device).clamp(min=1.0)
+    totals = all_reduce_sum(local)
+    counts, rows = totals[:2].clamp(min=1.0), int(totals[2])
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     regions = ddp_head(features)
@@ -320,7 +320,7 @@ def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.opti
     terms = {"text": float(means[0]) if texts is not None else None,
              "image": float(means[1]) if batch.emb is not None else None,
              "text_rois": int(counts[0]) if texts is not None else 0,
-             "image_rois": int(counts[1]) if batch.emb is not None else 0, "rois": int(rows)}
+             "image_rois": int(counts[1]) if batch.emb is not None else 0, "rois": rows}
     terms["loss"] = (terms["text"] or 0.0) + config["image_weight"] * (terms["image"] or 0.0)
     if not math.isfinite(terms["loss"]):
         raise VildError(f"train-head: loss is not finite at step {batch.step + 1} ({terms}); lower the learning rate")
