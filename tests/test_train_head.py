@@ -9,6 +9,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -210,7 +211,7 @@ def test_loader_workers_that_would_overfill_shared_memory_are_not_started(world,
     assert 0.8 * np.mean(sent) < estimate < 1.25 * np.mean(sent)
 
     expected = [b.features for b in StepLoader(order, selection, ground_truth, 0, 3, workers=0)]
-    for free, started in ((2 * 2 * estimate + 1, 2), (2 * estimate, 1), (estimate, 0)):
+    for free, started in ((2 * 3 * estimate + 1, 2), (3 * estimate, 1), (2 * estimate, 0)):   # prefetch 2 + 1
         monkeypatch.setattr("shutil.disk_usage", lambda folder: SimpleNamespace(free=int(free)))
         caplog.clear()
         loader = StepLoader(order, selection, ground_truth, 0, 3, workers=2, prefetch=2)
@@ -218,6 +219,38 @@ def test_loader_workers_that_would_overfill_shared_memory_are_not_started(world,
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == (started < 2) and all(m.startswith("/dev/shm: ") for m in warned)
         assert all(torch.equal(a.features, b) for a, b in zip(loader, expected))
+
+
+def test_each_rank_reads_only_the_rows_of_its_own_images(world, monkeypatch):
+    """Under torchrun a window's images are spread over the ranks: reading whole blocks made W ranks read the
+    cache W times. Every dataset read is recorded; a rank's reads must cover exactly its images' rows, once."""
+    index = CacheIndex.build(CacheFolder.open(world / "proposals"), CacheFolder.open(world / "embeddings"))
+    selection = RowSelection(text=True, image=True, sample_rois=None)
+    ground_truth = {int(i): (np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for i in index.image_ids}
+    shard_of = {str(folder.shard_path(s)): s for folder in (index.proposals, index.embeddings)
+                for s in range(folder.num_shards)}
+    reads = []
+    original = h5py.Dataset.__getitem__
+
+    def recording(dataset, key):
+        reads.append((dataset.name, shard_of[dataset.file.filename], key))
+        return original(dataset, key)
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    steps = IMAGES // 4
+    for world_size in (1, 2):
+        for rank in range(world_size):
+            order = StepOrder(index, 4, 0, 2, 2, rank=rank, world_size=world_size)
+            reads.clear()
+            assert len(list(StepLoader(order, selection, ground_truth, 0, steps, workers=0))) == steps
+            positions = np.arange(steps * 4)
+            mine = [order.image_at(p) for p in positions[order.is_mine(positions)]]
+            expected = sorted((int(index.shard[i]), int(index.row_starts[index.shard[i]][index.position[i]]) + row)
+                              for i in mine for row in range(index.rows(i)))
+            for name in ("/features", "/emb"):
+                rows = sorted((shard, row) for dataset, shard, key in reads if dataset == name
+                              for row in range(key.start, key.stop))
+                assert rows == expected, (name, rank, world_size)
 
 
 def start_driver(tmp_path, arguments):

@@ -8,12 +8,13 @@ step s trains on stream positions [s*B, (s+1)*B), and torchrun rank r of W on th
 processes train on what one would, and a resumed run on what an uninterrupted one would.
 
 The loader (`StepLoader`) hands whole windows to DataLoader workers round-robin (each worker opens its own
-HDF5 files); a worker reads the window's blocks, keeps this rank's images and selects their rows:
+HDF5 files); a worker reads the rows of this rank's images of the window (images that follow each other in a
+shard in one slice, so one process reads each block in one piece and W ranks each read about a W-th of the
+cache) and chooses their rows:
   - text rows: labels by IoU with the image's base GT boxes (`assign_labels`), optionally a balanced sample
     (`sample_rois`, its random stream a function of (seed, stream position));
   - image rows: the top `image_rois` proposals (stored by decreasing score; GT rows excluded).
-The main process cuts the windows' images into step batches. Under torchrun each rank reads the blocks of
-its own images, which, the window being shuffled, is most of every window.
+The main process cuts the windows' images into step batches.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.head import assign_labels, sample_rois
-from vild_pipe.pipeline.shards import CacheFolder, bytes_per_row, format_bytes
+from vild_pipe.pipeline.shards import CacheFolder, RowField, bytes_per_row, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -174,13 +175,22 @@ class RowSelection:
     seed: int = 0
 
 
-def select_rows(rows: dict[str, np.ndarray], gt: tuple[np.ndarray, np.ndarray] | None, selection: RowSelection,
-                position: int) -> dict[str, np.ndarray]:
-    """The rows of one image that train something: features, text label (NO_LABEL if none), image target."""
-    count = len(rows["is_gt"])
+@dataclass(frozen=True)
+class RowChoice:
+    """The rows of one image that train something (indices in row order), their text label and image flag."""
+
+    keep: np.ndarray          # (k,) row indices within the image
+    labels: np.ndarray        # (k,) NO_LABEL for rows outside the ViLD-text sample
+    image_mask: np.ndarray    # (k,) bool, rows with a ViLD-image target
+
+
+def choose_rows(boxes: np.ndarray, is_gt: np.ndarray, gt: tuple[np.ndarray, np.ndarray] | None,
+                selection: RowSelection, position: int) -> RowChoice:
+    """Which rows of one image train which loss; needs only the image's boxes, not its features."""
+    count = len(is_gt)
     labels = np.full(count, NO_LABEL, dtype=np.int64)
     if selection.text:
-        assigned = assign_labels(rows["boxes"], *gt).numpy() if gt is not None else np.zeros(count, dtype=np.int64)
+        assigned = assign_labels(boxes, *gt).numpy() if gt is not None else np.zeros(count, dtype=np.int64)
         if selection.sample_rois is None:
             labels = assigned
         else:
@@ -189,12 +199,9 @@ def select_rows(rows: dict[str, np.ndarray], gt: tuple[np.ndarray, np.ndarray] |
             labels[chosen] = assigned[chosen]
     image_mask = np.zeros(count, dtype=bool)
     if selection.image:
-        image_mask[np.flatnonzero(~rows["is_gt"])[:selection.image_rois]] = True
-    keep = (labels != NO_LABEL) | image_mask
-    selected = {"features": rows["features"][keep], "labels": labels[keep], "image_mask": image_mask[keep]}
-    if selection.image:
-        selected["emb"] = rows["emb"][keep]
-    return selected
+        image_mask[np.flatnonzero(~is_gt)[:selection.image_rois]] = True
+    keep = np.flatnonzero((labels != NO_LABEL) | image_mask)
+    return RowChoice(keep, labels[keep], image_mask[keep])
 
 
 class _ShardFiles:
@@ -247,29 +254,59 @@ class WindowReader(IterableDataset):
             files.close()
 
     def _read_window(self, files: _ShardFiles, window: Window, positions: np.ndarray, images: np.ndarray):
-        index = self.order.index
-        blocks = {}
-        for shard, first, stop in window.blocks:
+        """This rank's images of the window with their chosen rows, in stream order. Only their rows are read,
+        the images that follow each other in a shard in one slice per dataset, into one array per field
+        (shared memory in a worker, so handing it to the main process makes no copy of them)."""
+        index, selection = self.order.index, self.selection
+        if not len(images):
+            return positions, np.zeros(0, dtype=np.int64), {}
+        runs = {}                     # image -> (arrays of its run, its first row in them, its row count)
+        for run in _consecutive_images(index, images):
+            shard, first, last = int(index.shard[run[0]]), int(index.position[run[0]]), int(index.position[run[-1]])
             row_start = index.row_starts[shard]
-            rows = slice(int(row_start[first]), int(row_start[stop]))
+            rows = slice(int(row_start[first]), int(row_start[last + 1]))
             h5 = files.get(index.proposals, shard)
             arrays = {name: h5[name][rows] for name in self.fields}
-            if self.selection.image:
+            if selection.image:
                 arrays["emb"] = files.get(index.embeddings, shard)["emb"][rows]
-            blocks[shard, first] = (row_start[first:stop + 1] - row_start[first], arrays)
-        per_image = []
+            for image in run:
+                at = int(index.position[image])
+                runs[int(image)] = (arrays, int(row_start[at] - row_start[first]),
+                                    int(row_start[at + 1] - row_start[at]))
+        choices = []
         for image, position in zip(images, positions):
-            shard, at = int(index.shard[image]), int(index.position[image])
-            first = at - (at % self.order.block_images)
-            offsets, arrays = blocks[shard, first]
-            rows = slice(int(offsets[at - first]), int(offsets[at - first + 1]))
-            image_rows = {name: array[rows] for name, array in arrays.items()}
+            arrays, start, count = runs[int(image)]
             gt = self.ground_truth.get(int(index.image_ids[image]))
-            per_image.append(select_rows(image_rows, gt, self.selection, int(position)))
-        counts = np.array([len(item["labels"]) for item in per_image], dtype=np.int64)
-        names = per_image[0].keys() if per_image else ()
-        joined = {name: np.concatenate([item[name] for item in per_image]) for name in names}
+            choices.append(choose_rows(arrays["boxes"][start:start + count], arrays["is_gt"][start:start + count],
+                                       gt, selection, int(position)))
+        counts = np.array([len(choice.keep) for choice in choices], dtype=np.int64)
+        fields = {"features": index.proposals.fields["features"]}
+        if selection.image:
+            fields["emb"] = index.embeddings.fields["emb"]
+        joined = {name: _empty_rows(int(counts.sum()), field, shared=get_worker_info() is not None)
+                  for name, field in fields.items()}
+        at = 0
+        for image, choice in zip(images, choices):
+            arrays, start, _ = runs[int(image)]
+            for name, out in joined.items():
+                out.numpy()[at:at + len(choice.keep)] = arrays[name][start + choice.keep]
+            at += len(choice.keep)
+        joined["labels"] = torch.from_numpy(np.concatenate([choice.labels for choice in choices]))
+        joined["image_mask"] = torch.from_numpy(np.concatenate([choice.image_mask for choice in choices]))
         return positions, counts, joined
+
+
+def _consecutive_images(index: CacheIndex, images: np.ndarray) -> list[np.ndarray]:
+    """`images` sorted and cut into runs of images that follow each other in one shard."""
+    images = np.sort(images)
+    cuts = np.flatnonzero((np.diff(images) != 1) | (np.diff(index.shard[images]) != 0)) + 1
+    return np.split(images, cuts) if len(images) else []
+
+
+def _empty_rows(count: int, field: RowField, shared: bool) -> torch.Tensor:
+    """Room for `count` rows of a field; in shared memory when a DataLoader worker will hand it over."""
+    rows = torch.from_numpy(np.empty((count, *field.shape), dtype=field.dtype))
+    return rows.share_memory_() if shared else rows
 
 
 @dataclass
@@ -332,7 +369,7 @@ class StepLoader:
         self.order, self.first_step, self.stop_step = order, first_step, stop_step
         self.reader = WindowReader(order, selection, ground_truth, first_step, stop_step)
         options: dict[str, Any] = {}
-        workers = workers_that_fit(workers, window_bytes(order, selection) * prefetch)
+        workers = workers_that_fit(workers, window_bytes(order, selection) * (prefetch + 1))   # + the one it fills
         if workers > 0:
             options = {"prefetch_factor": prefetch, "worker_init_fn": _ignore_stop_signals,
                        "persistent_workers": False}
