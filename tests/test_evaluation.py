@@ -7,7 +7,7 @@ from torchvision.ops import batched_nms
 
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline.evaluation import (
-    coco_results,
+    Detections,
     crop_probabilities,
     detections_from_scores,
     ensemble_probabilities,
@@ -217,15 +217,24 @@ def test_one_nms_call_equals_torchvisions_loop_over_classes_on_an_lvis_sized_voc
     assert len(nms_per_class(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5)) == 0
 
 
-def test_coco_results_records():
+def test_detections_give_coco_results_records_and_their_json_in_pieces():
     boxes = torch.tensor([[10.0, 20.0, 50.0, 80.0], [0.0, 0.0, 5.5, 4.25]])
-    records = coco_results(7, boxes, torch.tensor([0.75, 0.5]), torch.tensor([2, 0]), category_ids=[11, 12, 13])
+    found = Detections.of_images([(7, boxes, torch.tensor([0.75, 0.5]), torch.tensor([2, 0])),
+                                  (8, np.array([[1.004, 2, 3.5, 4]]), np.array([0.25]), np.array([1]))],
+                                 category_ids=[11, 12, 13])
+    records = found.records()
     assert records == [
         {"image_id": 7, "category_id": 13, "bbox": [10.0, 20.0, 40.0, 60.0], "score": 0.75},
         {"image_id": 7, "category_id": 11, "bbox": [0.0, 0.0, 5.5, 4.25], "score": 0.5},
+        {"image_id": 8, "category_id": 12, "bbox": [1.0, 2.0, 2.5, 2.0], "score": 0.25},   # 1/100 px
     ]
-    assert json.loads(json.dumps(records)) == records
-    assert coco_results(1, np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=int), [1]) == []
+    assert found.records(np.array([2, 0])) == [records[2], records[0]]
+    for per_chunk in (1, 2, 3, 100):
+        assert b"".join(found.json_chunks(per_chunk)) == json.dumps(records).encode()
+    assert Detections.of_records(records).records() == records
+    for empty in (Detections.of_images([], [1]), Detections.of_images([(1, np.zeros((0, 4)), np.zeros(0),
+                                                                       np.zeros(0, dtype=int))], [1])):
+        assert len(empty) == 0 and empty.records() == [] and b"".join(empty.json_chunks()) == b"[]"
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -51,7 +51,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import h5py
 import joblib
@@ -218,13 +218,15 @@ def _remove_quietly(path: Path) -> None:
         pass
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    """Create `path` (which must not exist), write and fsync it; the caller publishes it by rename or link."""
+def _write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """Create `path` (which must not exist), write `data` (bytes, or pieces of them) and fsync it; the caller
+    publishes it by rename or link."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        for piece in [data] if isinstance(data, bytes) else data:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -243,8 +245,9 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     write_bytes_atomically(path, text.encode())
 
 
-def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Publish any small file (a picture, a table) whole or not at all; VildError naming it on failure.
+def write_bytes_atomically(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> None:
+    """Publish a file (a picture, a table; a large one as an iterable of pieces) whole or not at all;
+    VildError naming it on failure.
 
     Temp files of the same file that a killed run left behind are removed first (one log line each)."""
     path = Path(path)
@@ -273,11 +276,12 @@ def make_output_folder(path: str | os.PathLike) -> Path:
     return path
 
 
-def _publish_atomically(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
+def _publish_atomically(path: Path, data: bytes | Iterable[bytes], *, exclusive: bool = False) -> bool:
     """Write `path` so that readers see the old file or the whole new one; raises OSError.
 
-    exclusive=True publishes only if `path` does not exist yet (a hard link fails on an existing name) and
-    returns False if another writer got there first; otherwise the file is replaced and True returned.
+    exclusive=True (for `data` as bytes) publishes only if `path` does not exist yet (a hard link fails on an
+    existing name) and returns False if another writer got there first; otherwise the file is replaced and
+    True returned.
     """
     tmp = _tmp_path(path)
     try:

@@ -11,13 +11,14 @@ text embeddings of ALL the file's categories, base and novel (DESIGN.md §2, §4
   geometrically, text-heavy on base and image-heavy on novel categories (`ensemble_probabilities`).
 
 Each mode's detections (per-class NMS at IoU 0.5, at most 300 per image, score threshold 0: AP needs the
-tail) go to OUT/results-<mode>.json, a COCO results file, and are scored by pycocotools' COCOeval on those
-very records (`evaluation.evaluate_coco`), so the printed numbers are what COCOeval gives on the file.
+tail) go to OUT/results-<mode>.json, a COCO results file, and are scored by pycocotools' COCOeval on the
+very records written (`evaluation.evaluate_coco`), so the printed numbers are what COCOeval gives on the file.
 OUT/metrics.json holds every number per mode with the inputs that made them; OUT/metrics.md the table.
 
 The caches are read once for all modes, one image at a time (a shard's features are never all in memory);
-the detections are kept as arrays and turned into COCO records one mode at a time, which bounds the memory
-of COCO- and LVIS-sized runs. Ground-truth rows (`is_gt`, only in training caches) are never scored.
+the detections are kept as arrays (`evaluation.Detections`) and become COCO records only a part at a time (a
+slice of the results file, one COCOeval run's categories), which bounds the memory of COCO- and LVIS-sized
+runs. Ground-truth rows (`is_gt`, only in training caches) are never scored.
 """
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
-    BASE_TEXT_WEIGHT, COCO_MAX_DETS, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, coco_results,
+    BASE_TEXT_WEIGHT, COCO_MAX_DETS, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, Detections,
     crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
     load_ground_truth, metrics_table,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
 from vild_pipe.pipeline.shards import (
-    CacheFolder, make_output_folder, write_json_atomically, write_text_atomically,
+    CacheFolder, make_output_folder, write_bytes_atomically, write_json_atomically, write_text_atomically,
 )
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_rows, same_clip
 
@@ -133,14 +134,12 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     ground_truth = load_ground_truth(annotations)
     results: dict[str, dict[str, Any]] = {}
     for mode in active:
-        records = [record for image_id, boxes, scores, classes in detections[mode]
-                   for record in coco_results(image_id, boxes, scores, classes, category_ids)]
-        write_json_atomically(out / results_name(mode), records)
-        log.info("%s: %d detections -> %s", mode, len(records), out / results_name(mode))
-        results[mode] = evaluate_coco(ground_truth, records, category_split.base_ids, category_split.novel_ids,
-                                      image_ids=image_ids, max_dets=max_dets)
-        del records
+        found = Detections.of_images(detections[mode], category_ids)
         detections[mode] = []
+        write_bytes_atomically(out / results_name(mode), found.json_chunks())
+        log.info("%s: %d detections -> %s", mode, len(found), out / results_name(mode))
+        results[mode] = evaluate_coco(ground_truth, found, category_split.base_ids, category_split.novel_ids,
+                                      image_ids=image_ids, max_dets=max_dets)
 
     table = metrics_table(results)
     document = {
