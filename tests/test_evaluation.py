@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from vild_pipe.errors import DataError
+from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.evaluation import (
     Detections,
     crop_probabilities,
@@ -317,6 +317,52 @@ def test_evaluation_does_not_change_the_results_records(gt_file):
     before = json.dumps(results)
     evaluate_coco(gt_file, results, BASE_IDS, NOVEL_IDS)
     assert json.dumps(results) == before
+
+
+def lvis_dataset() -> dict:
+    """The ground truth with LVIS' per-image lists: checked-absent categories and not exhaustively drawn ones."""
+    dataset = gt_dataset()
+    lists = {1: ([4], [3]), 2: ([2], []), 3: ([], [])}   # image: (neg_category_ids, not_exhaustive_category_ids)
+    for image in dataset["images"]:
+        image["neg_category_ids"], image["not_exhaustive_category_ids"] = lists[image["id"]]
+    return dataset
+
+
+def category_ap(metrics, category_id):
+    return next(row["AP"] for row in metrics["per_category"] if row["id"] == category_id)
+
+
+def test_lvis_files_are_evaluated_federated_as_lvis_api_does():
+    """Image 2 has boxes of cats 1 and 5 and lists cat 2 as absent: cat 3 was never checked there. Image 1 lists
+    cat 3 (zebra) as not exhaustively drawn."""
+    dataset = lvis_dataset()
+    perfect = perfect_results({1, 2, 3, 5})
+    wrong = {"unchecked": {"image_id": 2, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0},
+             "checked absent": {"image_id": 2, "category_id": 2, "bbox": [150, 150, 30, 30], "score": 1.0},
+             "not exhaustive": {"image_id": 1, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0}}
+    lvis = {name: evaluate_coco(dataset, perfect + [record]) for name, record in wrong.items()}
+    coco = {name: evaluate_coco(dataset, perfect + [record], protocol="coco") for name, record in wrong.items()}
+    assert all(metrics["protocol"] == "lvis" and metrics["max_dets"] == 300 for metrics in lvis.values())
+    assert category_ap(lvis["unchecked"], 3) == pytest.approx(1.0)        # neither right nor wrong
+    assert category_ap(lvis["not exhaustive"], 3) == pytest.approx(1.0)   # an unmatched one is ignored
+    assert category_ap(lvis["checked absent"], 2) < 0.99                  # a false positive
+    assert lvis["unchecked"]["num_detections"] == len(perfect)
+    assert category_ap(coco["unchecked"], 3) < 0.99 and category_ap(coco["not exhaustive"], 3) < 0.99
+    assert evaluate_coco(gt_dataset(), perfect)["protocol"] == "coco"
+
+
+def test_lvis_keeps_the_300_best_detections_of_an_image_over_all_categories_before_anything_else():
+    """LVISResults cuts an image's detections before the federated filter: 300 of an unchecked category
+    scoring above the only detection of cat 5 push it out."""
+    dataset = lvis_dataset()
+    fillers = [{"image_id": 2, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 0.5}] * 300
+    results = perfect_results({1, 2, 3}) + [{"image_id": 2, "category_id": 5, "bbox": [0, 0, 30, 30], "score": 0.1}]
+    assert category_ap(evaluate_coco(dataset, results + fillers), 5) == 0.0
+    on_image = sum(record["image_id"] == 2 for record in results + fillers)             # 2 + 1 + 300
+    assert category_ap(evaluate_coco(dataset, results + fillers, max_dets=on_image - 1), 5) == 0.0
+    assert category_ap(evaluate_coco(dataset, results + fillers, max_dets=on_image), 5) == pytest.approx(1.0)
+    with pytest.raises(VildError, match="protocol"):
+        evaluate_coco(dataset, results, protocol="pascal")
 
 
 def test_bad_inputs_are_one_line_errors(gt_file, tmp_path):

@@ -257,6 +257,10 @@ EVALUATION_MODES = ["CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-en
 @click.option("--novel-text-weight", default=1 / 3, show_default="1/3", help="Ensemble: w on novel categories.")
 @click.option("--max-detections", default=300, show_default=True, help="Detections kept per image after NMS.")
 @click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the per-class NMS.")
+@click.option("--protocol", type=click.Choice(["auto", "coco", "lvis"]), default="auto", show_default=True,
+              help="lvis: LVIS' federated evaluation (a detection counts only for categories checked on its image,"
+                   " 300 per image); coco: plain COCOeval; auto: lvis for files whose images list"
+                   " neg_category_ids (LVIS), else coco.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def evaluate(proposals, annotations, out, embeddings, head_text, head_image, head_vild, modes, **options):
@@ -266,8 +270,8 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
     Every box is classified among ALL the categories of ANNOTATIONS (base and novel), by CLIP on its crop
     (CLIP-on-crops), by each head (ViLD-text, ViLD-image, ViLD), and by the ViLD head and CLIP together
     (ViLD-ensemble); a mode whose inputs are not given is skipped. Per-class NMS at IoU 0.5, up to 300
-    detections per image, COCOeval on the written results files. Heads of another CLIP model or detector
-    and caches that do not belong together are refused.
+    detections per image, COCOeval on the written results files (LVIS' federated protocol on LVIS files).
+    Heads of another CLIP model or detector and caches that do not belong together are refused.
     """
     from vild_pipe.pipeline.evaluation import metrics_table
     from vild_pipe.stages import evaluate as stage

@@ -22,7 +22,8 @@ above the threshold, best `max_detections` kept per image; computed exactly on a
 Metrics: pycocotools' COCOeval (bbox), run over the evaluated categories (100 at a time); every reported
 number is a mean of `eval['precision']` entries that are not -1, exactly as `COCOeval.summarize` and LVIS'
 `_summarize` take them, so categories without ground truth in the evaluated images drop out of every mean.
-Numbers are fractions in [0, 1]; None where a group has no category with ground truth.
+Numbers are fractions in [0, 1]; None where a group has no category with ground truth. LVIS files are
+evaluated federated, as lvis-api's LVISEval does, by handing COCOeval what that protocol counts (`federated`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import nms
 
-from vild_pipe.errors import DataError, describe_error
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.head import TEMPERATURE
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ NMS_IOU_THRESHOLD = 0.5
 MAX_DETECTIONS = 300
 COCO_MAX_DETS = 100
 """COCOeval's standard detections-per-image for AP (its `maxDets[-1]`); see `evaluate_coco`."""
+LVIS_MAX_DETS = 300
+"""LVIS' cap: an image's 300 highest-scoring detections over all categories (lvis-api's LVISResults)."""
+PROTOCOLS = ("auto", "coco", "lvis")
 CATEGORIES_PER_RUN = 100
 """COCOeval runs on this many categories at a time: its per (image, category) records for all 1203 LVIS
 categories on LVIS val would take 25-30 GiB; a category's precision does not depend on the others."""
@@ -324,12 +328,8 @@ def run_cocoeval(gt: COCO, results: Detections, category_ids: Sequence[int],
     matches every image x category x area); "all" gives the same numbers as a default COCOeval's. COCOeval
     runs on `categories_per_run` categories at a time, each run on those categories' results only; a
     category's precision is the same either way (it is computed from that category's matches alone).
-    A detection on an image that the ground truth does not have is a DataError.
+    Every detection must be on an image of `gt` (`evaluate_coco` checks).
     """
-    unknown = np.setdiff1d(results.image_ids, np.array(gt.getImgIds(), dtype=np.int64))
-    if len(unknown):
-        raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
-                        f"(first: {unknown[:5].tolist()})")
     category_ids = sorted(int(c) for c in category_ids)
     image_ids = sorted(int(i) for i in image_ids) if image_ids is not None else None
     parts, per_run = [], max(1, categories_per_run)
@@ -377,6 +377,54 @@ def mean_precision(precision: Precision, category_ids: Sequence[int] | None = No
     return float(values.mean()) if values.size else None
 
 
+def is_federated(gt: COCO) -> bool:
+    """Whether `gt` is federated like LVIS: every image lists the categories checked absent from it and those
+    whose boxes there are not all drawn."""
+    images = gt.dataset.get("images", [])
+    return bool(images) and all("neg_category_ids" in image and "not_exhaustive_category_ids" in image
+                                for image in images)
+
+
+FEDERATED_IGNORE_BOX = [-1e6, -1e6, 2e6, 2e6]
+"""A crowd box around any image: COCOeval ignores a detection that it covers and no real box matches."""
+
+
+def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
+              verbose: bool = False) -> tuple[COCO, Detections]:
+    """LVIS' federated protocol (lvis-api's LVISEval, box AP) put in COCOeval's terms: the ground truth and
+    detections on which a plain COCOeval gives LVISEval's precision.
+
+    - An image keeps its `max_per_image` highest-scoring detections over all categories (LVISResults).
+    - A detection counts only for a category that the image has boxes of or lists in `neg_category_ids`:
+      the others were never checked on that image, so a detection there is neither right nor wrong.
+    - An unmatched detection of a category in the image's `not_exhaustive_category_ids` is ignored (not
+      every box of it was drawn). COCOeval ignores a detection that matches no real box but falls on a
+      crowd box, so each such (image, category) gets one crowd box covering any image.
+    """
+    count = len(results)
+    order = np.lexsort((np.arange(count), -results.scores, results.image_ids))   # per image, best first
+    image_of = results.image_ids[order]
+    rank = np.empty(count, dtype=np.int64)
+    rank[order] = np.arange(count) - np.searchsorted(image_of, image_of, side="left")
+    images = gt.dataset["images"]
+    stride = max([0, *gt.getCatIds()]) + 1
+    checked = [int(ann["image_id"]) * stride + int(ann["category_id"]) for ann in gt.dataset["annotations"]]
+    checked += [int(image["id"]) * stride + int(c) for image in images for c in image["neg_category_ids"]]
+    keep = (rank < max_per_image) & np.isin(results.image_ids * stride + results.category_ids, checked)
+    kept = Detections(results.image_ids[keep], results.category_ids[keep], results.boxes[keep], results.scores[keep])
+
+    next_id = max([0, *gt.getAnnIds()]) + 1
+    ignored = [{"id": next_id + k, "image_id": image_id, "category_id": category_id, "iscrowd": 1,
+                "bbox": FEDERATED_IGNORE_BOX, "area": FEDERATED_IGNORE_BOX[2] * FEDERATED_IGNORE_BOX[3]}
+               for k, (image_id, category_id) in enumerate(
+                   (image["id"], c) for image in images for c in image["not_exhaustive_category_ids"])]
+    with_ignored = COCO()
+    with_ignored.dataset = dict(gt.dataset, annotations=gt.dataset["annotations"] + ignored)
+    with _quiet(verbose):
+        with_ignored.createIndex()
+    return with_ignored, kept
+
+
 def _frequencies_from_gt(gt: COCO) -> dict[int, str]:
     return {int(c["id"]): c["frequency"] for c in gt.dataset["categories"] if c.get("frequency") in LVIS_FREQUENCIES}
 
@@ -384,26 +432,42 @@ def _frequencies_from_gt(gt: COCO) -> dict[int, str]:
 def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | Sequence[dict],
                   base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
                   frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
-                  max_dets: int = COCO_MAX_DETS, categories_per_run: int = CATEGORIES_PER_RUN,
+                  max_dets: int | None = None, protocol: str = "auto", categories_per_run: int = CATEGORIES_PER_RUN,
                   verbose: bool = False) -> dict[str, Any]:
     """Box metrics of `results` (Detections, or COCO results records) against the ground truth `gt`.
 
     Evaluated categories: base + novel when a split is given (the COCO open-vocabulary protocol leaves the
     other 15 COCO categories out of "all"), else every category of `gt`. `frequencies` (id -> "r"/"c"/"f")
     default to the categories' LVIS `frequency` fields; pass {} for none. `image_ids` restricts the images
-    (default: all of `gt`'s). `max_dets` is COCOeval's detections per image and category for AP (COCO's
-    standard 100; LVIS counts 300 per image across categories, which pycocotools cannot express).
+    (default: all of `gt`'s).
+
+    `protocol` "coco": COCOeval as it is, `max_dets` (default 100) detections per image and category.
+    "lvis": LVIS' federated protocol (`federated`), `max_dets` (default 300) detections per image over all
+    categories. "auto" (default): "lvis" when every image of `gt` lists its `neg_category_ids` and
+    `not_exhaustive_category_ids` (LVIS files do), else "coco".
 
     Returns plain JSON-ready values: AP, AP50, AP75 (all evaluated categories), AP50_base / AP_base,
     AP50_novel / AP_novel, AP_r / AP_c / AP_f (only with frequencies), counts, and "per_category" rows
     {id, name, split, frequency, num_gt, AP, AP50}. A metric is None when its group has no ground truth.
     AP_r etc. follow LVIS: the mean, over the categories of that frequency with ground truth, of each
-    category's AP at IoU .50:.95 (LVIS' federated negatives and 300-per-image cap are not modelled).
-    pycocotools' own prints are swallowed unless `verbose`.
+    category's AP at IoU .50:.95. pycocotools' own prints are swallowed unless `verbose`.
     """
     gt = load_ground_truth(gt, verbose=verbose)
     if not isinstance(results, Detections):
         results = Detections.of_records(results)
+    unknown = np.setdiff1d(results.image_ids, np.array(gt.getImgIds(), dtype=np.int64))
+    if len(unknown):
+        raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
+                        f"(first: {unknown[:5].tolist()})")
+    if protocol not in PROTOCOLS:
+        raise VildError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "auto":
+        protocol = "lvis" if is_federated(gt) else "coco"
+    if protocol == "lvis":
+        max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
+        gt, results = federated(gt, results, max_dets, verbose)
+    elif max_dets is None:
+        max_dets = COCO_MAX_DETS
     base_ids = [int(c) for c in base_ids]
     novel_ids = [int(c) for c in novel_ids]
     known = set(gt.getCatIds())
@@ -439,6 +503,7 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
                                & np.isin(results.image_ids, precision.image_ids)).sum()),
         "num_categories": len(evaluated),
         "num_categories_with_gt": sum(row["num_gt"] > 0 for row in per_category),
+        "protocol": protocol,
         "max_dets": max_dets,
         "per_category": per_category,
     })

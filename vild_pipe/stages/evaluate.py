@@ -41,7 +41,7 @@ from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
-    BASE_TEXT_WEIGHT, COCO_MAX_DETS, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, Detections,
+    BASE_TEXT_WEIGHT, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, PROTOCOLS, Detections,
     crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
     load_ground_truth, metrics_table,
 )
@@ -84,8 +84,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         split: str | CategorySplit = "auto",
         ensemble_head: str = "ViLD", base_text_weight: float = BASE_TEXT_WEIGHT,
         novel_text_weight: float = NOVEL_TEXT_WEIGHT, max_detections: int = MAX_DETECTIONS,
-        nms_threshold: float = NMS_IOU_THRESHOLD, max_dets: int = COCO_MAX_DETS, device: str = "auto",
-        threads: int = 0) -> dict[str, dict[str, Any]]:
+        nms_threshold: float = NMS_IOU_THRESHOLD, protocol: str = "auto", max_dets: int | None = None,
+        device: str = "auto", threads: int = 0) -> dict[str, dict[str, Any]]:
     """Score the val caches in every mode whose inputs are given; write OUT/results-<mode>.json,
     OUT/metrics.json and OUT/metrics.md; return {mode: metrics} (see `evaluation.evaluate_coco`).
 
@@ -95,15 +95,15 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     embed-text file holding them all) or are computed with `clip` into OUT/text_all.pt. `modes` picks modes
     (default: all); a mode whose inputs are missing is skipped with one log line. `split` is the
     base/novel split of `annotations` (a data.splits spec or a CategorySplit); categories outside it are
-    neither classified nor evaluated. `max_dets` is COCOeval's detections per image
-    and category for AP; `max_detections` the detections kept per image.
+    neither classified nor evaluated. `protocol` and `max_dets` are `evaluation.evaluate_coco`'s (LVIS'
+    federated protocol for LVIS files, COCO's otherwise); `max_detections` the detections kept per image.
     """
     started = time.monotonic()
     if threads:
         torch.set_num_threads(threads)
     heads = {mode: path for mode, path in (heads or {}).items() if path is not None}
     wanted = _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections,
-                            nms_threshold, max_dets)
+                            nms_threshold, protocol, max_dets)
     torch_device = pick_device(device)
     out = Path(out)
 
@@ -139,7 +139,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         write_bytes_atomically(out / results_name(mode), found.json_chunks())
         log.info("%s: %d detections -> %s", mode, len(found), out / results_name(mode))
         results[mode] = evaluate_coco(ground_truth, found, category_split.base_ids, category_split.novel_ids,
-                                      image_ids=image_ids, max_dets=max_dets)
+                                      image_ids=image_ids, max_dets=max_dets, protocol=protocol)
 
     table = metrics_table(results)
     document = {
@@ -153,7 +153,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
                          "step": head.info.get("step")} for mode, head in loaded.items()},
         "settings": {"ensemble_head": ensemble_head, "base_text_weight": base_text_weight,
                      "novel_text_weight": novel_text_weight, "max_detections": max_detections,
-                     "nms_threshold": nms_threshold, "max_dets": max_dets},
+                     "nms_threshold": nms_threshold, "protocol": protocol, "max_dets": max_dets},
         "images_not_in_cache": missing,
         "seconds": round(time.monotonic() - started, 1),
         "modes": results,
@@ -168,7 +168,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
 # --------------------------------------------------------------------------- inputs and their identities
 
 def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections, nms_threshold,
-                   max_dets) -> list[str]:
+                   protocol, max_dets) -> list[str]:
     """The modes asked for, in table order; VildError for unknown modes, head keys or bad numbers."""
     wanted = list(MODES) if modes is None else list(dict.fromkeys(modes))
     unknown = [mode for mode in wanted if mode not in MODES]
@@ -181,7 +181,9 @@ def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_wei
         raise VildError(f"--ensemble-head {ensemble_head}: use one of {', '.join(HEAD_MODES)}")
     if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
         raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
-    if max_detections < 1 or max_dets < 1 or not 0.0 < nms_threshold <= 1.0:
+    if protocol not in PROTOCOLS:
+        raise VildError(f"--protocol {protocol}: use one of {', '.join(PROTOCOLS)}")
+    if max_detections < 1 or (max_dets is not None and max_dets < 1) or not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
                         f" {max_dets}, {nms_threshold})")
     return [mode for mode in MODES if mode in wanted]
