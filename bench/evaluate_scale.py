@@ -5,7 +5,8 @@
     python bench/evaluate_scale.py --kind lvis --images 3000              # 1203 categories, 100 a run
 
 Writes a synthetic annotation file of the real shape (COCO's 80 categories with the 48/17 names, or LVIS'
-1203 with 337 r / 461 c / 405 f; 7.3 or 12.4 boxes an image, as COCO val and LVIS val have), makes 300
+1203 with 337 r / 461 c / 405 f and per-image federated lists, so evaluated LVIS' way; 7.3 or 12.4 boxes an
+image, as COCO val and LVIS val have), makes 300
 detections an image near its boxes, then times, for one mode, what `vild-pipe evaluate` does with them:
   arrays   (the stage's way) `Detections` -> the results file in pieces -> `evaluate_coco` (records per run)
   records  (the stage's way until session 6) one list of COCO records -> one JSON string -> `evaluate_coco`
@@ -60,13 +61,17 @@ def annotation_file(path: Path, kind: str, images: int, rng: np.random.Generator
     per_image = rng.poisson(7.3 if kind == "coco" else 12.4, images) + 1
     records, annotations = [], []
     for image_id, count in enumerate(per_image.tolist(), start=1):
-        records.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480})
+        record = {"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": 640, "height": 480}
         wh = rng.uniform([12, 9], [380, 280], (count, 2))
         xy = rng.uniform(0, 1, (count, 2)) * ([640, 480] - wh)
-        for box, category in zip(np.round(np.concatenate([xy, wh], 1), 2).tolist(),
-                                 rng.choice(len(cats), count, p=weights / weights.sum()).tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category + 1,
+        labels = rng.choice(len(cats), count, p=weights / weights.sum()) + 1
+        for box, category in zip(np.round(np.concatenate([xy, wh], 1), 2).tolist(), labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                 "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        if kind == "lvis":   # federated: categories checked absent, and present ones not all drawn
+            record["neg_category_ids"] = np.setdiff1d(rng.integers(1, len(cats) + 1, 16), labels)[:8].tolist()
+            record["not_exhaustive_category_ids"] = labels[rng.random(count) < 0.1].tolist()
+        records.append(record)
     path.write_text(json.dumps({"images": records, "annotations": annotations, "categories": cats}))
 
 

@@ -226,6 +226,9 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
         evaluate.run(**settings(world, tmp_path / "nothing", embeddings=None, heads=None))
     with pytest.raises(VildError, match="unknown evaluation mode ViLD-txt"):
         evaluate.run(**settings(world, tmp_path / "typo", modes=["ViLD-txt"]))
+    with pytest.raises(DataError, match=r"val\.json: --protocol lvis needs images that list neg_category_ids"):
+        evaluate.run(**settings(world, tmp_path / "not-lvis", protocol="lvis"))
+    assert not (tmp_path / "not-lvis").exists()
 
 
 def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, tmp_path, caplog):

@@ -363,6 +363,8 @@ def test_lvis_keeps_the_300_best_detections_of_an_image_over_all_categories_befo
     assert category_ap(evaluate_coco(dataset, results + fillers, max_dets=on_image), 5) == pytest.approx(1.0)
     with pytest.raises(VildError, match="protocol"):
         evaluate_coco(dataset, results, protocol="pascal")
+    with pytest.raises(DataError, match="neg_category_ids"):
+        evaluate_coco(gt_dataset(), results, protocol="lvis")
 
 
 def test_bad_inputs_are_one_line_errors(gt_file, tmp_path):

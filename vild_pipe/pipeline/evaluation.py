@@ -464,6 +464,9 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     if protocol == "auto":
         protocol = "lvis" if is_federated(gt) else "coco"
     if protocol == "lvis":
+        if not is_federated(gt):
+            raise DataError("the LVIS protocol needs every image to list its neg_category_ids and"
+                            " not_exhaustive_category_ids (LVIS files do); use the COCO protocol")
         max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
         gt, results = federated(gt, results, max_dets, verbose)
     elif max_dets is None:

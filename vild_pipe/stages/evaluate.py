@@ -43,7 +43,7 @@ from vild_pipe.pipeline.embedding_cache import (
 from vild_pipe.pipeline.evaluation import (
     BASE_TEXT_WEIGHT, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, PROTOCOLS, Detections,
     crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
-    load_ground_truth, metrics_table,
+    is_federated, load_ground_truth, metrics_table,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
 from vild_pipe.pipeline.shards import (
@@ -110,6 +110,10 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     proposal_folder, embedding_folder = open_caches(proposals, embeddings)
     dataset = annotations_of(proposal_folder, annotations)
     category_split = dataset.resolve_split(split)
+    ground_truth = load_ground_truth(annotations)
+    if protocol == "lvis" and not is_federated(ground_truth):
+        raise DataError(f"{os.fspath(annotations)}: --protocol lvis needs images that list neg_category_ids and"
+                        " not_exhaustive_category_ids (LVIS files do); use --protocol coco")
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
 
     make_output_folder(out)
@@ -131,7 +135,6 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         log.warning("%s: %d of its images are not in the proposal cache (skipped when it was made?): they are"
                     " left out of the evaluation", os.fspath(annotations), len(missing))
 
-    ground_truth = load_ground_truth(annotations)
     results: dict[str, dict[str, Any]] = {}
     for mode in active:
         found = Detections.of_images(detections[mode], category_ids)
