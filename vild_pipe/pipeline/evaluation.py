@@ -432,8 +432,8 @@ def _frequencies_from_gt(gt: COCO) -> dict[int, str]:
 def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | Sequence[dict],
                   base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
                   frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
-                  max_dets: int | None = None, protocol: str = "auto", categories_per_run: int = CATEGORIES_PER_RUN,
-                  verbose: bool = False) -> dict[str, Any]:
+                  max_dets: int | None = None, protocol: str = "auto",
+                  categories_per_run: int = CATEGORIES_PER_RUN, verbose: bool = False) -> dict[str, Any]:
     """Box metrics of `results` (Detections, or COCO results records) against the ground truth `gt`.
 
     Evaluated categories: base + novel when a split is given (the COCO open-vocabulary protocol leaves the
@@ -463,10 +463,10 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
         raise VildError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     if protocol == "auto":
         protocol = "lvis" if is_federated(gt) else "coco"
+    elif protocol == "lvis" and not is_federated(gt):
+        raise DataError("the LVIS protocol needs every image to list its neg_category_ids and"
+                        " not_exhaustive_category_ids (LVIS files do); use the COCO protocol")
     if protocol == "lvis":
-        if not is_federated(gt):
-            raise DataError("the LVIS protocol needs every image to list its neg_category_ids and"
-                            " not_exhaustive_category_ids (LVIS files do); use the COCO protocol")
         max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
         gt, results = federated(gt, results, max_dets, verbose)
     elif max_dets is None:
