@@ -339,15 +339,18 @@ def test_lvis_files_are_evaluated_federated_as_lvis_api_does():
     perfect = perfect_results({1, 2, 3, 5})
     wrong = {"unchecked": {"image_id": 2, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0},
              "checked absent": {"image_id": 2, "category_id": 2, "bbox": [150, 150, 30, 30], "score": 1.0},
-             "not exhaustive": {"image_id": 1, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0}}
+             "not exhaustive": {"image_id": 1, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0},
+             "zero area": {"image_id": 2, "category_id": 1, "bbox": [150, 150, 0, 30], "score": 1.0}}
     lvis = {name: evaluate_coco(dataset, perfect + [record]) for name, record in wrong.items()}
     coco = {name: evaluate_coco(dataset, perfect + [record], protocol="coco") for name, record in wrong.items()}
     assert all(metrics["protocol"] == "lvis" and metrics["max_dets"] == 300 for metrics in lvis.values())
     assert category_ap(lvis["unchecked"], 3) == pytest.approx(1.0)        # neither right nor wrong
     assert category_ap(lvis["not exhaustive"], 3) == pytest.approx(1.0)   # an unmatched one is ignored
     assert category_ap(lvis["checked absent"], 2) < 0.99                  # a false positive
+    assert category_ap(lvis["zero area"], 1) == pytest.approx(1.0)        # lvis-api leaves it out
     assert lvis["unchecked"]["num_detections"] == len(perfect)
     assert category_ap(coco["unchecked"], 3) < 0.99 and category_ap(coco["not exhaustive"], 3) < 0.99
+    assert category_ap(coco["zero area"], 1) < 0.99
     assert evaluate_coco(gt_dataset(), perfect)["protocol"] == "coco"
 
 

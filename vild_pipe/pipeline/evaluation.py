@@ -400,7 +400,13 @@ def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
     - An unmatched detection of a category in the image's `not_exhaustive_category_ids` is ignored (not
       every box of it was drawn). COCOeval ignores a detection that matches no real box but falls on a
       crowd box, so each such (image, category) gets one crowd box covering any image.
+    - Boxes of zero area, detected or annotated, are left out (after the cap), and `iscrowd` means nothing,
+      as in lvis-api; its per-annotation `ignore` has no COCOeval equivalent and is refused.
     """
+    if any(ann.get("ignore") for ann in gt.dataset["annotations"]):
+        raise DataError("annotations marked 'ignore' cannot be evaluated with the LVIS protocol here")
+    annotations = [ann if not ann.get("iscrowd") else dict(ann, iscrowd=0)
+                   for ann in gt.dataset["annotations"] if ann["area"] > 0]
     count = len(results)
     order = np.lexsort((np.arange(count), -results.scores, results.image_ids))   # per image, best first
     image_of = results.image_ids[order]
@@ -408,9 +414,10 @@ def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
     rank[order] = np.arange(count) - np.searchsorted(image_of, image_of, side="left")
     images = gt.dataset["images"]
     stride = max([0, *gt.getCatIds()]) + 1
-    checked = [int(ann["image_id"]) * stride + int(ann["category_id"]) for ann in gt.dataset["annotations"]]
+    checked = [int(ann["image_id"]) * stride + int(ann["category_id"]) for ann in annotations]
     checked += [int(image["id"]) * stride + int(c) for image in images for c in image["neg_category_ids"]]
-    keep = (rank < max_per_image) & np.isin(results.image_ids * stride + results.category_ids, checked)
+    keep = ((rank < max_per_image) & (results.boxes[:, 2] * results.boxes[:, 3] > 0)
+            & np.isin(results.image_ids * stride + results.category_ids, checked))
     kept = Detections(results.image_ids[keep], results.category_ids[keep], results.boxes[keep], results.scores[keep])
 
     next_id = max([0, *gt.getAnnIds()]) + 1
@@ -419,7 +426,7 @@ def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
                for k, (image_id, category_id) in enumerate(
                    (image["id"], c) for image in images for c in image["not_exhaustive_category_ids"])]
     with_ignored = COCO()
-    with_ignored.dataset = dict(gt.dataset, annotations=gt.dataset["annotations"] + ignored)
+    with_ignored.dataset = dict(gt.dataset, annotations=annotations + ignored)
     with _quiet(verbose):
         with_ignored.createIndex()
     return with_ignored, kept

@@ -223,7 +223,7 @@ def _write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
     publishes it by rename or link."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        for piece in [data] if isinstance(data, bytes) else data:
+        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
             view = memoryview(piece)
             while view:
                 view = view[os.write(fd, view):]
