@@ -161,6 +161,7 @@ def test_the_printed_numbers_equal_a_fresh_cocoeval_on_each_results_file(world, 
     document = json.loads((out / "metrics.json").read_text())
     assert document["modes"] == json.loads(json.dumps(metrics))
     assert document["split"]["novel_ids"] == NOVEL_IDS
+    assert document["settings"]["protocol"] == "coco" and {m["protocol"] for m in metrics.values()} == {"coco"}
     table = (out / "metrics.md").read_text()
     assert all(f"| {mode} |" in table for mode in evaluate.MODES)
     assert f"{100 * metrics['CLIP-on-crops']['AP50_novel']:.1f}" in table

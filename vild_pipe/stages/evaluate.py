@@ -111,7 +111,9 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     dataset = annotations_of(proposal_folder, annotations)
     category_split = dataset.resolve_split(split)
     ground_truth = load_ground_truth(annotations)
-    if protocol == "lvis" and not is_federated(ground_truth):
+    if protocol == "auto":
+        protocol = "lvis" if is_federated(ground_truth) else "coco"
+    elif protocol == "lvis" and not is_federated(ground_truth):
         raise DataError(f"{os.fspath(annotations)}: --protocol lvis needs images that list neg_category_ids and"
                         " not_exhaustive_category_ids (LVIS files do); use --protocol coco")
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
@@ -121,9 +123,9 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     loaded = _load_heads(heads, active, ensemble_head, texts, proposal_folder, category_split, dataset, torch_device)
     if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
         _check_embedding_clip(embedding_folder, texts)
-    log.info("evaluate: %s on %s (%d categories: %d base, %d novel), on %s", ", ".join(active),
+    log.info("evaluate: %s on %s (%d categories: %d base, %d novel), on %s, %s protocol", ", ".join(active),
              proposal_folder.path, len(dataset.categories), len(category_split.base_ids),
-             len(category_split.novel_ids), torch_device)
+             len(category_split.novel_ids), torch_device, "LVIS' federated" if protocol == "lvis" else "COCO's")
 
     category_ids = _classified_categories(dataset, category_split)
     classifier = texts.embeddings[dataset.category_indices(np.array(category_ids))].to(torch_device)
