@@ -219,6 +219,11 @@ def test_loader_workers_that_would_overfill_shared_memory_are_not_started(world,
         warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warned) == (started < 2) and all(m.startswith("/dev/shm: ") for m in warned)
         assert all(torch.equal(a.features, b) for a, b in zip(loader, expected))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")   # two torchrun processes of the node share it: half each
+    monkeypatch.setattr("shutil.disk_usage", lambda folder: SimpleNamespace(free=int(2 * 2 * 3 * estimate + 2)))
+    assert StepLoader(order, selection, ground_truth, 0, 3, workers=2, prefetch=2).loader.num_workers == 2
+    monkeypatch.setattr("shutil.disk_usage", lambda folder: SimpleNamespace(free=int(2 * 3 * estimate + 2)))
+    assert StepLoader(order, selection, ground_truth, 0, 3, workers=2, prefetch=2).loader.num_workers == 1
 
 
 def test_each_rank_reads_only_the_rows_of_its_own_images(world, monkeypatch):

@@ -19,6 +19,7 @@ The main process cuts the windows' images into step batches.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 from dataclasses import dataclass, field
@@ -338,20 +339,22 @@ def window_bytes(order: StepOrder, selection: RowSelection) -> int:
 def workers_that_fit(workers: int, bytes_per_worker: int, folder: str = SHARED_MEMORY) -> int:
     """As many of `workers` as the shared memory their windows travel through can hold, with a warning when
     that is fewer: torch loses a window that does not fit in a worker's queue thread, and the step then waits
-    for it forever (measured with a container's default 64 MiB /dev/shm). The data order does not depend on
-    the number of workers, so neither do the weights."""
+    for it forever (measured with a container's default 64 MiB /dev/shm). The torchrun processes of a node
+    (LOCAL_WORLD_SIZE) share it, so each counts on its part. The data order does not depend on the number of
+    workers, so neither do the weights."""
     if workers < 1:
         return workers
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return workers  # no such folder (not Linux): torch shares memory another way
-    fit = min(workers, free // max(1, bytes_per_worker))
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    fit = min(workers, free // processes // max(1, bytes_per_worker))
     if fit < workers:
-        log.warning("%s: %s free, but %d loader worker(s) would pass about %s of cached rows through it at once;"
-                    " using %d (0: reading in the main process). For speed: more shared memory (docker run"
-                    " --shm-size) or fewer --block-images / --buffer-blocks", folder, format_bytes(free), workers,
-                    format_bytes(workers * bytes_per_worker), fit)
+        log.warning("%s: %s free for %d process(es), but %d loader worker(s) each would pass about %s of cached rows"
+                    " through it at once; using %d (0: reading in the main process). For speed: more shared memory"
+                    " (docker run --shm-size) or fewer --block-images / --buffer-blocks", folder, format_bytes(free),
+                    processes, workers, format_bytes(workers * bytes_per_worker), fit)
     return int(fit)
 
 
