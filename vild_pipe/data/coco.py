@@ -302,7 +302,7 @@ def _read_json(path: Path, where: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from exc
+        raise DataError(f"{where}: {describe_error(exc)}") from exc
     except UnicodeDecodeError as exc:
         raise DataError(f"{where}: not a UTF-8 JSON file ({exc.reason} at byte {exc.start})") from exc
     except OSError as exc:

@@ -385,6 +385,19 @@ def is_federated(gt: COCO) -> bool:
                                 for image in images)
 
 
+def resolve_protocol(gt: COCO, protocol: str, source: str = "the ground truth") -> str:
+    """"coco" or "lvis" for `protocol` ("auto": "lvis" when `gt` is federated); DataError naming `source` when
+    "lvis" is asked of a file without LVIS' per-image lists."""
+    if protocol not in PROTOCOLS:
+        raise VildError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "auto":
+        return "lvis" if is_federated(gt) else "coco"
+    if protocol == "lvis" and not is_federated(gt):
+        raise DataError(f"{source}: --protocol lvis needs images that list neg_category_ids and"
+                        " not_exhaustive_category_ids (LVIS files do); use --protocol coco")
+    return protocol
+
+
 FEDERATED_IGNORE_BOX = [-1e6, -1e6, 2e6, 2e6]
 """A crowd box around any image: COCOeval ignores a detection that it covers and no real box matches."""
 
@@ -466,13 +479,7 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     if len(unknown):
         raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
                         f"(first: {unknown[:5].tolist()})")
-    if protocol not in PROTOCOLS:
-        raise VildError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    if protocol == "auto":
-        protocol = "lvis" if is_federated(gt) else "coco"
-    elif protocol == "lvis" and not is_federated(gt):
-        raise DataError("the LVIS protocol needs every image to list its neg_category_ids and"
-                        " not_exhaustive_category_ids (LVIS files do); use the COCO protocol")
+    protocol = resolve_protocol(gt, protocol)
     if protocol == "lvis":
         max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
         gt, results = federated(gt, results, max_dets, verbose)

@@ -43,7 +43,7 @@ from vild_pipe.pipeline.embedding_cache import (
 from vild_pipe.pipeline.evaluation import (
     BASE_TEXT_WEIGHT, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, PROTOCOLS, Detections,
     crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
-    is_federated, load_ground_truth, metrics_table,
+    load_ground_truth, metrics_table, resolve_protocol,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
 from vild_pipe.pipeline.shards import (
@@ -111,11 +111,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     dataset = annotations_of(proposal_folder, annotations)
     category_split = dataset.resolve_split(split)
     ground_truth = load_ground_truth(annotations)
-    if protocol == "auto":
-        protocol = "lvis" if is_federated(ground_truth) else "coco"
-    elif protocol == "lvis" and not is_federated(ground_truth):
-        raise DataError(f"{os.fspath(annotations)}: --protocol lvis needs images that list neg_category_ids and"
-                        " not_exhaustive_category_ids (LVIS files do); use --protocol coco")
+    protocol = resolve_protocol(ground_truth, protocol, os.fspath(annotations))
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
 
     make_output_folder(out)
