@@ -347,7 +347,9 @@ def assert_resumed(kind: str, out: Path, output: str, before: dict) -> None:
         assert expected in output, output
     lines = output.splitlines()
     for name, content in before["stale"].items():
-        removed = [line for line in lines if name in line and "removed" in line]
+        # the whole name: a lock's name is also the start of its own temp file's name
+        whole_name = re.compile(rf"(?<![\w.@-]){re.escape(name)}(?![\w.@-])")
+        removed = [line for line in lines if whole_name.search(line) and "removed" in line]
         assert len(removed) == 1, f"{name}: {removed}"
         # gone, or a lock of the same shard taken since by the rerun (a temp file's name holds its writer's pid)
         assert not (out / name).exists() or (out / name).read_bytes() != content, f"{name} is still there"
