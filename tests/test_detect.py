@@ -12,9 +12,9 @@ from pycocotools.coco import COCO
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
-from vild_pipe.pipeline.evaluation import detections_from_scores, head_probabilities
 from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
 from vild_pipe.pipeline.proposals import propose_with_features
+from vild_pipe.pipeline.scoring import detections_from_scores, head_probabilities
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.stages import cache_embeddings, detect

@@ -17,10 +17,10 @@ import torch
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.embedding_cache import embedding_fields
-from vild_pipe.pipeline.evaluation import (
+from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
+from vild_pipe.pipeline.scoring import (
     crop_probabilities, detections_from_scores, ensemble_probabilities, head_probabilities,
 )
-from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, save_clip
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text
@@ -214,22 +214,32 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
     assert sorted(p.name for p in (tmp_path / "text-only").glob("results-*.json")) == ["results-ViLD-text.json"]
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) == 4
-    assert any(m == "ViLD-ensemble: skipped (needs the embedding cache and a ViLD head)" for m in skipped)
+    assert "ViLD-ensemble: skipped (needs the embedding cache (--embeddings) and a ViLD head (--head-vild))" in skipped
 
     caplog.clear()
-    metrics = evaluate.run(**settings(world, tmp_path / "crops-only", heads=None,
-                                      modes=["CLIP-on-crops", "ViLD-ensemble"]))
-    assert list(metrics) == ["CLIP-on-crops"]
-    assert [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()] == [
-        "ViLD-ensemble: skipped (needs a ViLD head)"]
+    metrics = evaluate.run(**settings(world, tmp_path / "crops-only", heads=None, modes=["CLIP-on-crops"]))
+    assert list(metrics) == ["CLIP-on-crops"] and "skipped" not in caplog.text
+    with pytest.raises(VildError, match=r"^--mode ViLD-ensemble needs a ViLD head \(--head-vild\)$"):
+        evaluate.run(**settings(world, tmp_path / "named", heads=None, modes=["CLIP-on-crops", "ViLD-ensemble"]))
+    assert not (tmp_path / "named").exists()
 
-    with pytest.raises(VildError, match="nothing to evaluate"):
+    with pytest.raises(VildError, match="nothing to evaluate: give the embedding cache"):
         evaluate.run(**settings(world, tmp_path / "nothing", embeddings=None, heads=None))
     with pytest.raises(VildError, match="unknown evaluation mode ViLD-txt"):
         evaluate.run(**settings(world, tmp_path / "typo", modes=["ViLD-txt"]))
     with pytest.raises(DataError, match=r"val\.json: --protocol lvis needs images that list neg_category_ids"):
         evaluate.run(**settings(world, tmp_path / "not-lvis", protocol="lvis"))
     assert not (tmp_path / "not-lvis").exists()
+
+
+def test_cocoeval_in_worker_processes_gives_the_same_numbers(world, every_mode, tmp_path, caplog):
+    _, metrics = every_mode
+    caplog.set_level(logging.INFO, logger="vild_pipe.stages.evaluate")
+    again = evaluate.run(**settings(world, tmp_path, modes=["CLIP-on-crops", "ViLD"], workers=2))
+    assert again == {mode: metrics[mode] for mode in ("CLIP-on-crops", "ViLD")}
+    assert "COCOeval in 2 processes" in caplog.text
+    with pytest.raises(VildError, match="^--workers must be at least 0, got -1$"):
+        evaluate.run(**settings(world, tmp_path / "bad", workers=-1))
 
 
 def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, tmp_path, caplog):

@@ -261,6 +261,9 @@ EVALUATION_MODES = ["CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-en
               help="lvis: LVIS' federated evaluation (a detection counts only for categories checked on its image,"
                    " 300 per image); coco: plain COCOeval; auto: lvis for files whose images list"
                    " neg_category_ids (LVIS), else coco.")
+@click.option("--workers", default=0, show_default=True,
+              help="Processes running COCOeval, categories split among them (0: by the size of the evaluation, at"
+                   " most one per CPU and 8; small ones stay in one). The numbers do not depend on it.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def evaluate(proposals, annotations, out, embeddings, head_text, head_image, head_vild, modes, **options):

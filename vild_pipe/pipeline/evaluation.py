@@ -1,23 +1,6 @@
-"""Scoring regions against a vocabulary, turning scores into detections, and COCO/LVIS-style box metrics.
+"""COCO/LVIS-style box metrics of detections, with pycocotools' COCOeval (no torch here: see `scoring`).
 
-Scoring (one image's boxes at a time; torch in, torch out, numpy accepted; every embedding is L2-normalised
-here in float32, so float16 cache rows give true cosines):
-
-- CLIP-on-crops: softmax over the categories of cos(crop embedding, text embedding) / tau.
-- Head modes (ViLD-text, ViLD-image, ViLD): softmax over [background, categories] of cos / tau with the
-  head's learned background embedding, background column dropped (not renormalised), as the official
-  `GenericDetectionGenerator` does.
-- ViLD-ensemble: per category, text^w * image^(1 - w), w = 2/3 on base and 1/3 on novel categories
-  (DESIGN.md section 2). The product is used as it is, NOT renormalised over the categories: the official
-  code (`projects/vild/ops/postprocess_ops.py`) takes `pow(text * image * third, 1/3)` and hands it
-  straight to NMS, and renormalising each row would change how boxes rank against each other within a
-  category, which is all that AP measures. (There the image side is a second distilled head branch, and
-  its `rare_mask` formula, read literally, gives rare categories text^(2/3); the weights here follow the
-  paper and DESIGN.md, and are parameters.)
-
-Detections: per-class NMS (as torchvision's `batched_nms`, IoU 0.5) over every (box, category) pair scoring
-above the threshold, best `max_detections` kept per image; computed exactly on a top-k subset (see
-`detections_from_scores`) so a 1203-category vocabulary costs no more than a small one.
+Detections are held as columns (`Detections`) and become COCO results records only a part at a time.
 
 Metrics: pycocotools' COCOeval (bbox), run over the evaluated categories (100 at a time); every reported
 number is a mean of `eval['precision']` entries that are not -1, exactly as `COCOeval.summarize` and LVIS'
@@ -29,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import logging
@@ -38,20 +22,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
+from joblib import Parallel, delayed
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
-from torchvision.ops import nms
+from pycocotools.cocoeval import COCOeval, Params
 
 from vild_pipe.errors import DataError, VildError, describe_error
-from vild_pipe.pipeline.head import TEMPERATURE
 
 log = logging.getLogger(__name__)
 
-BASE_TEXT_WEIGHT = 2.0 / 3.0
-NOVEL_TEXT_WEIGHT = 1.0 / 3.0
-NMS_IOU_THRESHOLD = 0.5
-MAX_DETECTIONS = 300
 COCO_MAX_DETS = 100
 """COCOeval's standard detections-per-image for AP (its `maxDets[-1]`); see `evaluate_coco`."""
 LVIS_MAX_DETS = 300
@@ -60,6 +38,10 @@ PROTOCOLS = ("auto", "coco", "lvis")
 CATEGORIES_PER_RUN = 100
 """COCOeval runs on this many categories at a time: its per (image, category) records for all 1203 LVIS
 categories on LVIS val would take 25-30 GiB; a category's precision does not depend on the others."""
+PAIRS_PER_WORKER = 50_000
+"""(image, category) pairs worth a COCOeval worker process (`workers_for`): at about 0.1 ms a pair (COCO val
+shape, 300 detections an image) that is 5 s of work, against a second or so to start a worker."""
+MAX_WORKERS = 8
 
 LVIS_FREQUENCIES = ("r", "c", "f")
 
@@ -77,122 +59,15 @@ METRIC_LABELS: dict[str, str] = {
 """Headline metrics in table order, with their column headings."""
 
 
-# ---------------------------------------------------------------------------------------------- scoring
-
-
-def _normalised(embeddings: torch.Tensor | np.ndarray, device: torch.device | None = None) -> torch.Tensor:
-    tensor = torch.as_tensor(embeddings)
-    if device is not None:
-        tensor = tensor.to(device)
-    return torch.nn.functional.normalize(tensor.float(), dim=-1)
-
-
-def crop_probabilities(crop_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor | np.ndarray,
-                       temperature: float = TEMPERATURE) -> torch.Tensor:
-    """(R, K) class probabilities of CLIP crop embeddings (R, D) over all K categories; rows sum to 1."""
-    crops = _normalised(crop_emb)
-    texts = _normalised(text_emb, crops.device)
-    return torch.softmax(crops @ texts.T / temperature, dim=1)
-
-
-def head_probabilities(region_emb: torch.Tensor | np.ndarray, text_emb: torch.Tensor | np.ndarray,
-                       background_emb: torch.Tensor | np.ndarray, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """(R, K) text-branch probabilities: softmax over [background, K categories], background column dropped.
-
-    Rows sum to 1 - p(background), so a box the head calls background scores low for every category.
-    """
-    regions = _normalised(region_emb)
-    classifier = torch.cat([_normalised(background_emb, regions.device).reshape(1, -1),
-                            _normalised(text_emb, regions.device)])
-    return torch.softmax(regions @ classifier.T / temperature, dim=1)[:, 1:]
-
-
-def ensemble_probabilities(head_probs: torch.Tensor | np.ndarray, crop_probs: torch.Tensor | np.ndarray,
-                           is_novel: torch.Tensor | np.ndarray | Sequence[bool],
-                           base_text_weight: float = BASE_TEXT_WEIGHT,
-                           novel_text_weight: float = NOVEL_TEXT_WEIGHT) -> torch.Tensor:
-    """ViLD-ensemble scores (R, K): head^w * crop^(1 - w), w per category from `is_novel` (K,); not renormalised.
-
-    Categories outside the split (neither base nor novel) take the base weights.
-    """
-    for name, weight in (("base_text_weight", base_text_weight), ("novel_text_weight", novel_text_weight)):
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {weight}")
-    head = torch.as_tensor(head_probs).float()
-    crop = torch.as_tensor(crop_probs).to(head.device).float()
-    if head.shape != crop.shape:
-        raise ValueError(f"head probabilities {tuple(head.shape)} and crop probabilities {tuple(crop.shape)} differ")
-    novel = torch.as_tensor(np.asarray(is_novel, dtype=bool)).to(head.device)
-    if novel.shape != head.shape[1:]:
-        raise ValueError(f"is_novel has shape {tuple(novel.shape)}, expected ({head.shape[1]},)")
-    text_weight = torch.where(novel, novel_text_weight, base_text_weight).to(head.dtype)
-    return head.pow(text_weight) * crop.pow(1.0 - text_weight)
-
-
-# ---------------------------------------------------------------------------------------------- detections
-
-
-def detections_from_scores(boxes: torch.Tensor | np.ndarray, probs: torch.Tensor | np.ndarray,
-                           iou_threshold: float = NMS_IOU_THRESHOLD, max_detections: int = MAX_DETECTIONS,
-                           score_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-class NMS over every (box, category) pair with score > `score_threshold`; best `max_detections`.
-
-    boxes (R, 4) xyxy, probs (R, K). Returns (boxes (N, 4) float32, scores (N,), class_index (N,) int64),
-    best first, N <= max_detections. Every box competes in every category (ViLD boxes are class-agnostic),
-    so boxes that overlap may both survive under different categories.
-
-    Greedy NMS keeps or drops a candidate looking only at higher-scoring candidates of its category, so NMS
-    run on the top-k candidates by score keeps exactly the full run's survivors among them; k doubles until
-    `max_detections` survive or every candidate is in, which keeps 1000 boxes x 1203 categories cheap.
-    """
-    if max_detections < 1:
-        raise ValueError(f"max_detections must be positive, got {max_detections}")
-    probs = torch.as_tensor(probs).float()
-    boxes = torch.as_tensor(boxes).to(probs.device).float().reshape(-1, 4)
-    if probs.ndim != 2 or probs.shape[0] != boxes.shape[0]:
-        raise ValueError(f"probabilities {tuple(probs.shape)} do not match {boxes.shape[0]} boxes")
-    flat_scores = probs.reshape(-1)
-    candidates = torch.nonzero(flat_scores > score_threshold).squeeze(1)
-    candidate_scores = flat_scores[candidates]
-    num_classes = probs.shape[1]
-    take = min(len(candidates), 4 * max_detections)
-    while True:
-        top_scores, order = torch.topk(candidate_scores, take)
-        chosen = candidates[order]
-        box_index, class_index = chosen // num_classes, chosen % num_classes
-        keep = nms_per_class(boxes[box_index], top_scores, class_index, iou_threshold)
-        if len(keep) >= max_detections or take == len(candidates):
-            break
-        take = min(len(candidates), 2 * take)
-    keep = keep[:max_detections]
-    return boxes[box_index[keep]], top_scores[keep], class_index[keep]
-
-
-def nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, iou_threshold: float
-                  ) -> torch.Tensor:
-    """torchvision's `batched_nms` as one `nms` call, each class's boxes moved to a region of their own.
-
-    batched_nms loops over the classes on a CPU above 1000 boxes: 1200 candidates spread over 770 LVIS
-    classes took 55 ms a box set that way, 3 ms this way. The shift is done in float64, so boxes shifted by
-    up to 1203 classes x 1333 px keep their float32 coordinates exactly.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    boxes = boxes.double()
-    shift = classes.to(boxes) * (boxes.max() - boxes.min() + 1)
-    return nms(boxes + shift[:, None], scores.double(), iou_threshold)
-
-
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     """(N, 4) [x1, y1, x2, y2] -> COCO [x, y, width, height]."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
 
 
-def _numpy(values: torch.Tensor | np.ndarray | Sequence) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
+def _numpy(values: Any) -> np.ndarray:
+    """`values` (an array, a sequence, or a torch tensor on any device) as a numpy array, without importing torch."""
+    return np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
 
 
 @dataclass
@@ -231,6 +106,13 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def rows(self, rows: slice | np.ndarray) -> Detections:
+        """The detections of `rows` (a slice, indices or a boolean mask)."""
+        return Detections(self.image_ids[rows], self.category_ids[rows], self.boxes[rows], self.scores[rows])
+
+    def of_categories(self, category_ids: Sequence[int]) -> Detections:
+        return self.rows(np.isin(self.category_ids, category_ids))
 
     def records(self, rows: slice | np.ndarray = slice(None)) -> list[dict]:
         """COCO results records {image_id, category_id, bbox, score} of `rows`, as plain Python numbers."""
@@ -321,35 +203,84 @@ class Precision:
 
 def run_cocoeval(gt: COCO, results: Detections, category_ids: Sequence[int],
                  image_ids: Sequence[int] | None = None, max_dets: int = COCO_MAX_DETS,
-                 categories_per_run: int = CATEGORIES_PER_RUN, verbose: bool = False) -> Precision:
+                 categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False) -> Precision:
     """COCOeval (bbox) over `category_ids`, evaluated and accumulated, for the area range "all" only.
 
     The small/medium/large ranges are not reported and would cost three quarters of the run time (COCOeval
     matches every image x category x area); "all" gives the same numbers as a default COCOeval's. COCOeval
-    runs on `categories_per_run` categories at a time, each run on those categories' results only; a
+    runs on at most `categories_per_run` categories at a time, each run on those categories' results only; a
     category's precision is the same either way (it is computed from that category's matches alone).
-    Every detection must be on an image of `gt` (`evaluate_coco` checks).
+    `workers` > 1: the runs go to that many processes, at least two runs a worker, each process handed only
+    its run's boxes (COCOeval is pure Python, one core a run). Every detection must be on an image of `gt`
+    (`evaluate_coco` checks).
     """
     category_ids = sorted(int(c) for c in category_ids)
-    image_ids = sorted(int(i) for i in image_ids) if image_ids is not None else None
-    parts, per_run = [], max(1, categories_per_run)
-    for start in range(0, max(1, len(category_ids)), per_run):  # one run even for no categories
-        chosen = category_ids[start:start + per_run]
-        records = results.records(np.flatnonzero(np.isin(results.category_ids, chosen)))
-        detections = _load_results(gt, records, verbose)
-        evaluator = COCOeval(gt, detections, iouType="bbox")
-        evaluator.params.catIds = chosen
-        if image_ids is not None:
-            evaluator.params.imgIds = image_ids
+    image_ids = sorted({int(i) for i in image_ids} if image_ids is not None else gt.getImgIds())
+    runs = _category_runs(category_ids, categories_per_run, workers)
+    if workers > 1 and len(runs) > 1:
+        parts = Parallel(n_jobs=min(workers, len(runs)))(
+            delayed(_precision_of_run)(_ground_truth_of(gt, chosen), results.of_categories(chosen), chosen,
+                                       image_ids, max_dets, verbose) for chosen in runs)
+    else:
+        parts = [_precision_of_run(gt, results.of_categories(chosen), chosen, image_ids, max_dets, verbose)
+                 for chosen in runs]
+    return Precision(np.concatenate(parts, axis=2), category_ids, image_ids, np.asarray(Params("bbox").iouThrs))
+
+
+def workers_for(num_images: int, num_categories: int, requested: int = 0) -> int:
+    """COCOeval processes for `run_cocoeval`: `requested` if > 0, else one per PAIRS_PER_WORKER (image,
+    category) pairs, at most one per CPU of this process and MAX_WORKERS (small runs stay in this process)."""
+    if requested > 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(num_images * num_categories // PAIRS_PER_WORKER, cpus, MAX_WORKERS))
+
+
+def _category_runs(category_ids: list[int], categories_per_run: int, workers: int) -> list[list[int]]:
+    """Consecutive runs of at most `categories_per_run` categories, at least 2 x `workers` when parallel (a run
+    takes time in proportion to its boxes, which vary by category: smaller runs even out the workers)."""
+    count = max(math.ceil(len(category_ids) / max(1, categories_per_run)), 2 * workers if workers > 1 else 1)
+    return [run.tolist() for run in np.array_split(np.array(category_ids, dtype=np.int64),
+                                                   max(1, min(count, len(category_ids))))]
+
+
+def _ground_truth_of(gt: COCO, category_ids: list[int]) -> dict[str, list]:
+    """What a bbox COCOeval of `category_ids` reads of `gt`: every image's id, those categories, their boxes
+    (no masks): a run's share of LVIS val pickles to a worker in a few megabytes."""
+    keys = ("id", "image_id", "category_id", "bbox", "area", "iscrowd", "ignore")
+    return {"images": [{"id": image_id} for image_id in gt.getImgIds()], "categories": gt.loadCats(category_ids),
+            "annotations": [{key: ann[key] for key in keys if key in ann}
+                            for ann in gt.loadAnns(gt.getAnnIds(catIds=category_ids))]}
+
+
+def _precision_of_run(gt: COCO | Mapping, results: Detections, category_ids: list[int], image_ids: list[int],
+                      max_dets: int, verbose: bool) -> np.ndarray:
+    """One COCOeval run's precision (T IoUs, R recalls, K categories) for the area range "all" at `max_dets`."""
+    gt = gt if isinstance(gt, COCO) else load_ground_truth(gt, verbose)
+    with _no_garbage_collection():
+        evaluator = COCOeval(gt, _load_results(gt, results.records(), verbose), iouType="bbox")
+        evaluator.params.catIds = category_ids
+        evaluator.params.imgIds = image_ids
         evaluator.params.maxDets = [1, 10, max_dets]
         evaluator.params.areaRng = [[0.0, 1e10]]
         evaluator.params.areaRngLbl = ["all"]
         with _quiet(verbose):
             evaluator.evaluate()
             evaluator.accumulate()
-        parts.append(evaluator.eval["precision"][:, :, :, 0, -1])  # (T IoUs, R recalls, K, A areas, M maxDets)
-    return Precision(np.concatenate(parts, axis=2), category_ids, [int(i) for i in evaluator.params.imgIds],
-                     np.asarray(evaluator.params.iouThrs))
+    return evaluator.eval["precision"][:, :, :, 0, -1]  # (T IoUs, R recalls, K, A areas, M maxDets)
+
+
+@contextlib.contextmanager
+def _no_garbage_collection():
+    """COCOeval makes millions of small dicts and arrays: the cycle collector's passes over them (and over
+    everything else the process holds) took 20-40% of a run's time (bench/evaluate_workers.py)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def mean_precision(precision: Precision, category_ids: Sequence[int] | None = None,
@@ -431,7 +362,7 @@ def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
     checked += [int(image["id"]) * stride + int(c) for image in images for c in image["neg_category_ids"]]
     keep = ((rank < max_per_image) & (results.boxes[:, 2] * results.boxes[:, 3] > 0)
             & np.isin(results.image_ids * stride + results.category_ids, checked))
-    kept = Detections(results.image_ids[keep], results.category_ids[keep], results.boxes[keep], results.scores[keep])
+    kept = results.rows(keep)
 
     next_id = max([0, *gt.getAnnIds()]) + 1
     ignored = [{"id": next_id + k, "image_id": image_id, "category_id": category_id, "iscrowd": 1,
@@ -453,7 +384,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
                   base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
                   frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
                   max_dets: int | None = None, protocol: str = "auto",
-                  categories_per_run: int = CATEGORIES_PER_RUN, verbose: bool = False) -> dict[str, Any]:
+                  categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False
+                  ) -> dict[str, Any]:
     """Box metrics of `results` (Detections, or COCO results records) against the ground truth `gt`.
 
     Evaluated categories: base + novel when a split is given (the COCO open-vocabulary protocol leaves the
@@ -470,7 +402,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     AP50_novel / AP_novel, AP_r / AP_c / AP_f (only with frequencies), counts, and "per_category" rows
     {id, name, split, frequency, num_gt, AP, AP50}. A metric is None when its group has no ground truth.
     AP_r etc. follow LVIS: the mean, over the categories of that frequency with ground truth, of each
-    category's AP at IoU .50:.95. pycocotools' own prints are swallowed unless `verbose`.
+    category's AP at IoU .50:.95. pycocotools' own prints are swallowed unless `verbose`. `workers`: processes
+    for the COCOeval runs (`run_cocoeval`); the numbers do not depend on it.
     """
     gt = load_ground_truth(gt, verbose=verbose)
     if not isinstance(results, Detections):
@@ -498,7 +431,7 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     frequencies = {int(c): f for c, f in frequencies.items() if int(c) in evaluated_set}
 
     precision = run_cocoeval(gt, results, evaluated, image_ids=image_ids, max_dets=max_dets,
-                             categories_per_run=categories_per_run, verbose=verbose)
+                             categories_per_run=categories_per_run, workers=workers, verbose=verbose)
 
     metrics: dict[str, Any] = {
         "AP": mean_precision(precision),

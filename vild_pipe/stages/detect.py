@@ -35,12 +35,12 @@ from vild_pipe.pipeline.detector import load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
-from vild_pipe.pipeline.evaluation import (
+from vild_pipe.pipeline.head import TEMPERATURE, load_head
+from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
 )
-from vild_pipe.pipeline.head import TEMPERATURE, load_head
-from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
 from vild_pipe.pipeline.shards import make_output_folder, write_bytes_atomically
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names

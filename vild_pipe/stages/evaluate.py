@@ -41,11 +41,13 @@ from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
-    BASE_TEXT_WEIGHT, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, PROTOCOLS, Detections,
-    crop_probabilities, detections_from_scores, ensemble_probabilities, evaluate_coco, head_probabilities,
-    load_ground_truth, metrics_table, resolve_protocol,
+    PROTOCOLS, Detections, evaluate_coco, load_ground_truth, metrics_table, resolve_protocol, workers_for,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
+from vild_pipe.pipeline.scoring import (
+    BASE_TEXT_WEIGHT, MAX_DETECTIONS, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
+    ensemble_probabilities, head_probabilities,
+)
 from vild_pipe.pipeline.shards import (
     CacheFolder, make_output_folder, write_bytes_atomically, write_json_atomically, write_text_atomically,
 )
@@ -57,6 +59,7 @@ CLIP_ON_CROPS = "CLIP-on-crops"
 ENSEMBLE = "ViLD-ensemble"
 HEAD_MODES = {"ViLD-text": "text", "ViLD-image": "image", "ViLD": "text+image"}
 """Each head mode and the losses its head is expected to have been trained with."""
+HEAD_OPTIONS = {"ViLD-text": "--head-text", "ViLD-image": "--head-image", "ViLD": "--head-vild"}
 MODES = (CLIP_ON_CROPS, *HEAD_MODES, ENSEMBLE)
 TEXT_NAME = "text_all.pt"
 METRICS_NAME = "metrics.json"
@@ -85,7 +88,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         ensemble_head: str = "ViLD", base_text_weight: float = BASE_TEXT_WEIGHT,
         novel_text_weight: float = NOVEL_TEXT_WEIGHT, max_detections: int = MAX_DETECTIONS,
         nms_threshold: float = NMS_IOU_THRESHOLD, protocol: str = "auto", max_dets: int | None = None,
-        device: str = "auto", threads: int = 0) -> dict[str, dict[str, Any]]:
+        workers: int = 0, device: str = "auto", threads: int = 0) -> dict[str, dict[str, Any]]:
     """Score the val caches in every mode whose inputs are given; write OUT/results-<mode>.json,
     OUT/metrics.json and OUT/metrics.md; return {mode: metrics} (see `evaluation.evaluate_coco`).
 
@@ -97,13 +100,14 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     base/novel split of `annotations` (a data.splits spec or a CategorySplit); categories outside it are
     neither classified nor evaluated. `protocol` and `max_dets` are `evaluation.evaluate_coco`'s (LVIS'
     federated protocol for LVIS files, COCO's otherwise); `max_detections` the detections kept per image.
+    `workers`: processes for COCOeval (0: by the evaluation's size, `evaluation.workers_for`).
     """
     started = time.monotonic()
     if threads:
         torch.set_num_threads(threads)
     heads = {mode: path for mode, path in (heads or {}).items() if path is not None}
     wanted = _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections,
-                            nms_threshold, protocol, max_dets)
+                            nms_threshold, protocol, max_dets, workers)
     torch_device = pick_device(device)
     out = Path(out)
 
@@ -112,7 +116,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     category_split = dataset.resolve_split(split)
     ground_truth = load_ground_truth(annotations)
     protocol = resolve_protocol(ground_truth, protocol, os.fspath(annotations))
-    active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head)
+    active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head, named=modes is not None)
 
     make_output_folder(out)
     texts = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
@@ -133,6 +137,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         log.warning("%s: %d of its images are not in the proposal cache (skipped when it was made?): they are"
                     " left out of the evaluation", os.fspath(annotations), len(missing))
 
+    workers = workers_for(len(image_ids), len(category_ids), workers)
+    log.info("COCOeval in %s", f"{workers} processes" if workers > 1 else "this process")
     results: dict[str, dict[str, Any]] = {}
     for mode in active:
         found = Detections.of_images(detections[mode], category_ids)
@@ -140,7 +146,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         write_bytes_atomically(out / results_name(mode), found.json_chunks())
         log.info("%s: %d detections -> %s", mode, len(found), out / results_name(mode))
         results[mode] = evaluate_coco(ground_truth, found, category_split.base_ids, category_split.novel_ids,
-                                      image_ids=image_ids, max_dets=max_dets, protocol=protocol)
+                                      image_ids=image_ids, max_dets=max_dets, protocol=protocol, workers=workers)
 
     table = metrics_table(results)
     document = {
@@ -169,7 +175,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
 # --------------------------------------------------------------------------- inputs and their identities
 
 def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections, nms_threshold,
-                   protocol, max_dets) -> list[str]:
+                   protocol, max_dets, workers) -> list[str]:
     """The modes asked for, in table order; VildError for unknown modes, head keys or bad numbers."""
     wanted = list(MODES) if modes is None else list(dict.fromkeys(modes))
     unknown = [mode for mode in wanted if mode not in MODES]
@@ -187,27 +193,35 @@ def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_wei
     if max_detections < 1 or (max_dets is not None and max_dets < 1) or not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
                         f" {max_dets}, {nms_threshold})")
+    if workers < 0:
+        raise VildError(f"--workers must be at least 0, got {workers}")
     return [mode for mode in MODES if mode in wanted]
 
 
-def _active_modes(wanted: list[str], heads: Mapping[str, Any], have_embeddings: bool,
-                  ensemble_head: str) -> list[str]:
-    """The wanted modes whose inputs are there; one info line for each one that is not."""
-    needs = {CLIP_ON_CROPS: [] if have_embeddings else ["the embedding cache"],
-             ENSEMBLE: ([] if have_embeddings else ["the embedding cache"])
-             + ([] if ensemble_head in heads else [f"a {ensemble_head} head"])}
+def _active_modes(wanted: list[str], heads: Mapping[str, Any], have_embeddings: bool, ensemble_head: str,
+                  named: bool) -> list[str]:
+    """The wanted modes whose inputs are there. By default a mode without its inputs is skipped with one info
+    line; a mode the user `named` (--mode) without them is refused."""
+    embeddings = [] if have_embeddings else ["the embedding cache (--embeddings)"]
+    needs = {CLIP_ON_CROPS: embeddings,
+             ENSEMBLE: embeddings + ([] if ensemble_head in heads else [_head_needed(ensemble_head)])}
     for mode in HEAD_MODES:
-        needs[mode] = [] if mode in heads else [f"a {mode} head"]
-    active = []
-    for mode in wanted:
-        if needs[mode]:
-            log.info("%s: skipped (needs %s)", mode, " and ".join(needs[mode]))
-        else:
-            active.append(mode)
+        needs[mode] = [] if mode in heads else [_head_needed(mode)]
+    missing = {mode: " and ".join(needs[mode]) for mode in wanted if needs[mode]}
+    if named and missing:
+        mode = next(iter(missing))
+        raise VildError(f"--mode {mode} needs {missing[mode]}")
+    for mode, what in missing.items():
+        log.info("%s: skipped (needs %s)", mode, what)
+    active = [mode for mode in wanted if mode not in missing]
     if not active:
-        raise VildError("nothing to evaluate: no mode asked for has its inputs (CLIP-on-crops needs the embedding"
-                        " cache, ViLD-text, ViLD-image and ViLD their heads)")
+        raise VildError("nothing to evaluate: give the embedding cache (--embeddings: CLIP-on-crops), a head"
+                        " (--head-text, --head-image, --head-vild), or both (ViLD-ensemble)")
     return active
+
+
+def _head_needed(mode: str) -> str:
+    return f"a {mode} head ({HEAD_OPTIONS[mode]})"
 
 
 def _classified_categories(dataset: CocoDataset, category_split: CategorySplit) -> list[int]:
