@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.embedding_cache import embedding_fields
@@ -217,8 +218,10 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
     assert "ViLD-ensemble: skipped (needs the embedding cache (--embeddings) and a ViLD head (--head-vild))" in skipped
 
     caplog.clear()
-    metrics = evaluate.run(**settings(world, tmp_path / "crops-only", heads=None, modes=["CLIP-on-crops"]))
+    metrics = evaluate.run(**settings(world, tmp_path / "text-only", heads=None, modes=["CLIP-on-crops"]))
     assert list(metrics) == ["CLIP-on-crops"] and "skipped" not in caplog.text
+    assert (f"{tmp_path / 'text-only'} also holds results-ViLD-text.json of an earlier run: metrics.json and"
+            " metrics.md cover this run's modes only") in caplog.text
     with pytest.raises(VildError, match=r"^--mode ViLD-ensemble needs a ViLD head \(--head-vild\)$"):
         evaluate.run(**settings(world, tmp_path / "named", heads=None, modes=["CLIP-on-crops", "ViLD-ensemble"]))
     assert not (tmp_path / "named").exists()
@@ -230,6 +233,22 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
     with pytest.raises(DataError, match=r"val\.json: --protocol lvis needs images that list neg_category_ids"):
         evaluate.run(**settings(world, tmp_path / "not-lvis", protocol="lvis"))
     assert not (tmp_path / "not-lvis").exists()
+
+
+def test_a_file_without_a_split_takes_the_heads_training_categories_as_base(world, tmp_path, caplog):
+    """Users' own val files seldom say which categories are novel; the head knows which it was trained on."""
+    dataset = json.loads((world["folder"] / "val.json").read_text())
+    for category in dataset["categories"]:
+        del category["split"]
+    (tmp_path / "val.json").write_text(json.dumps(dataset))
+    val = CocoDataset.load(tmp_path / "val.json")
+    caplog.set_level(logging.INFO, logger="vild_pipe.stages.evaluate")
+    split = evaluate._category_split(val, "auto", {"ViLD": world["heads"]["ViLD"]})
+    assert (split.base_ids, split.novel_ids) == (tuple(BASE_IDS), tuple(NOVEL_IDS))
+    assert "the 3 categories head" in caplog.text and "are base, the other 2 novel" in caplog.text
+    with pytest.raises(DataError, match="cannot choose a category split automatically"):
+        evaluate._category_split(val, "auto", {})
+    assert evaluate._category_split(val, "novel:heart", {"ViLD": world["heads"]["ViLD"]}).novel_ids == (7,)
 
 
 def test_cocoeval_in_worker_processes_gives_the_same_numbers(world, every_mode, tmp_path, caplog):

@@ -113,7 +113,9 @@ def test_auto_explains_when_nothing_fits():
         resolve_split(cats, "auto", source="mine.json")
     message = str(info.value)
     assert message.startswith("mine.json: cannot choose a category split automatically")
-    assert "1 of 4 categories have a 'split' field" in message and "novel:NAME" in message
+    names = [c.name for c in cats]
+    assert f"1 of 4 categories have a 'split' field (not category id 2, {names[1]!r})" in message
+    assert message.endswith("give a split: coco48-17, lvis, field, novel:NAME,NAME,..., novel-file:PATH")
 
 
 def test_unknown_spec():

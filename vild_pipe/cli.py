@@ -1,5 +1,6 @@
 """The `vild-pipe` command line: one thin command per stage. Parsing only; the stages do the work."""
 import logging
+import os
 import sys
 
 import click
@@ -19,6 +20,27 @@ class _Group(click.Group):
             sys.exit(2)
 
 
+class _Path(click.Path):
+    """click.Path whose failed checks read as every other input error, one line naming the path (click's own
+    usage block is for a mistyped command, not for a missing file)."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as err:
+            path = os.fspath(value)
+            if not os.path.exists(path):
+                problem = "no such file or directory"
+            elif os.path.isdir(path) and not self.dir_okay:
+                problem = "is a folder, a file is needed"
+            elif not os.path.isdir(path) and not self.file_okay:
+                problem = "is a file, a folder is needed"
+            else:
+                problem = err.format_message()
+            name = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+            raise VildError(f"{path}: {problem} ({name})") from err
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vild-pipe")
 @click.option("-v", "--verbose", is_flag=True, help="Debug-level log output on stderr (default: info).")
@@ -33,7 +55,7 @@ def main(verbose):
 
 
 @main.command("make-synthetic")
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("out", type=_Path(file_okay=False))
 @click.option("--seed", default=0, show_default=True, help="Same seed, byte-identical files.")
 @click.option("--train-images", default=600, show_default=True, help="Images in the train split.")
 @click.option("--val-images", default=150, show_default=True, help="Images in the val split.")
@@ -52,8 +74,8 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
 
 
 @main.command("fit-teacher")
-@click.argument("world", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(dir_okay=False), help="Teacher file [default: WORLD/teacher.pt].")
+@click.argument("world", type=_Path(exists=True, file_okay=False))
+@click.option("--out", type=_Path(dir_okay=False), help="Teacher file [default: WORLD/teacher.pt].")
 @click.option("--steps", default=1800, show_default=True, help="Optimiser steps.")
 @click.option("--batch-size", default=128, show_default=True, help="Crops per step.")
 @click.option("--lr", default=3e-3, show_default=True, help="Peak AdamW learning rate.")
@@ -73,7 +95,7 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, overwrite):
 
 
 @main.command()
-@click.option("--out", default="vild-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="vild-demo", show_default=True, type=_Path(file_okay=False),
               help="Folder for every stage's output.")
 @click.option("--quick", is_flag=True, help="Tiny sizes: a smoke test of the wiring, not of quality.")
 @click.option("--seed", default=0, show_default=True)
@@ -95,10 +117,10 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
 
 
 @main.command("dump-proposals")
-@click.argument("detector", type=click.Path(exists=True))
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.argument("detector", type=_Path(exists=True))
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.argument("out", type=_Path(file_okay=False))
+@click.option("--images", type=_Path(exists=True, file_okay=False),
               help="Image folder [default: the annotation file's folder].")
 @click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
 @click.option("--top-n", default=300, show_default=True, help="Boxes kept per image after the box head's NMS.")
@@ -127,12 +149,12 @@ def dump_proposals(detector, annotations, out, **options):
 
 
 @main.command("cache-embeddings")
-@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("proposals", type=_Path(exists=True, file_okay=False))
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.argument("out", type=_Path(file_okay=False))
 @click.option("--clip", "clip_model", required=True,
               help="CLIP model: a name such as ViT-B/32 (downloads once) or a local file for clip.load.")
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.option("--images", type=_Path(exists=True, file_okay=False),
               help="Image folder [default: the annotation file's folder].")
 @click.option("--crop-method", type=click.Choice(["fast", "reference"]), default="fast", show_default=True,
               help="fast: one batched roi_align on the device; reference: CLIP's own preprocess per PIL crop.")
@@ -160,13 +182,13 @@ def cache_embeddings(proposals, annotations, out, clip_model, **options):
 
 
 @main.command("embed-text")
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=_Path(dir_okay=False))
 @click.option("--clip", "clip", required=True,
               help="CLIP model: a local file (e.g. the fitted teacher.pt) or a CLIP model name.")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+@click.option("--annotations", type=_Path(exists=True, dir_okay=False),
               help="Take every category name of this COCO/LVIS annotation file (base and novel, id order).")
 @click.option("--vocab", help="Comma-separated category names instead, e.g. 'kite,zebra,hollow square'.")
-@click.option("--vocab-file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--vocab-file", type=_Path(exists=True, dir_okay=False),
               help="A file of category names instead, one per line (# comments and blank lines skipped).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 def embed_text(out, **options):
@@ -181,11 +203,11 @@ def embed_text(out, **options):
 
 
 @main.command("train-head")
-@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
-@click.argument("embeddings", type=click.Path(exists=True, file_okay=False))
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+@click.argument("proposals", type=_Path(exists=True, file_okay=False))
+@click.argument("embeddings", type=_Path(exists=True, file_okay=False))
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.argument("run_dir", type=_Path(file_okay=False))
+@click.option("--text", type=_Path(exists=True, dir_okay=False),
               help="embed-text file holding every base category name (its other names are ignored).")
 @click.option("--clip", help="Or: CLIP model (file or name) to compute the base text embeddings → RUN_DIR/text_base.pt.")
 @click.option("--losses", type=click.Choice(["text", "image", "text+image"]), default="text+image", show_default=True,
@@ -233,19 +255,19 @@ EVALUATION_MODES = ["CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-en
 
 
 @main.command()
-@click.argument("proposals", type=click.Path(exists=True, file_okay=False))
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--embeddings", type=click.Path(exists=True, file_okay=False),
+@click.argument("proposals", type=_Path(exists=True, file_okay=False))
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.argument("out", type=_Path(file_okay=False))
+@click.option("--embeddings", type=_Path(exists=True, file_okay=False),
               help="cache-embeddings of PROPOSALS: enables CLIP-on-crops and ViLD-ensemble.")
-@click.option("--head-text", type=click.Path(exists=True),
+@click.option("--head-text", type=_Path(exists=True),
               help="train-head run folder (or head.pt) trained with --losses text → ViLD-text.")
-@click.option("--head-image", type=click.Path(exists=True),
+@click.option("--head-image", type=_Path(exists=True),
               help="Head trained with --losses image → ViLD-image.")
-@click.option("--head-vild", type=click.Path(exists=True),
+@click.option("--head-vild", type=_Path(exists=True),
               help="Head trained with --losses text+image → ViLD (and, with --embeddings, ViLD-ensemble).")
 @click.option("--clip", help="CLIP model (file or name) to embed every category of ANNOTATIONS → OUT/text_all.pt.")
-@click.option("--text", type=click.Path(exists=True, dir_okay=False),
+@click.option("--text", type=_Path(exists=True, dir_okay=False),
               help="Or: an embed-text file holding every category name of ANNOTATIONS.")
 @click.option("--mode", "modes", multiple=True, type=click.Choice(EVALUATION_MODES),
               help="Evaluate only this mode (repeatable) [default: every mode whose inputs are given].")
@@ -284,15 +306,15 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 
 
 @main.command()
-@click.argument("images", nargs=-1, required=True, type=click.Path())
-@click.option("--detector", required=True, type=click.Path(exists=True), help="train-rpn run folder or checkpoint.")
-@click.option("--head", required=True, type=click.Path(exists=True), help="train-head run folder or head.pt.")
+@click.argument("images", nargs=-1, required=True, type=_Path())
+@click.option("--detector", required=True, type=_Path(exists=True), help="train-rpn run folder or checkpoint.")
+@click.option("--head", required=True, type=_Path(exists=True), help="train-head run folder or head.pt.")
 @click.option("--clip", required=True,
               help="The CLIP model (file or name) the head was trained against; another one is refused.")
 @click.option("--vocab", help="Comma-separated names to detect, e.g. 'zebra, teapot, red car'.")
-@click.option("--vocab-file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--vocab-file", type=_Path(exists=True, dir_okay=False),
               help="Or: a file of names, one per line (# comments and blank lines skipped).")
-@click.option("--out", default="detections", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="detections", show_default=True, type=_Path(file_okay=False),
               help="Folder for detections.json and one <image stem>.png per image.")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="Combine the head with CLIP's embedding of each box's 1x and 1.5x crops (ViLD-ensemble).")
@@ -319,9 +341,9 @@ def detect(images, **options):
 
 
 @main.command("train-rpn")
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.argument("run_dir", type=_Path(file_okay=False))
+@click.option("--images", type=_Path(exists=True, file_okay=False),
               help="Image folder [default: the annotation file's folder].")
 @click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
 @click.option("--backbone", type=click.Choice(["resnet50-fpn", "small"]), default="resnet50-fpn", show_default=True,
@@ -352,9 +374,9 @@ def detect(images, **options):
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes.")
 @click.option("--no-amp", "amp", flag_value=False, default=True, help="No mixed precision (only used on CUDA).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
-@click.option("--val", type=click.Path(exists=True, dir_okay=False),
+@click.option("--val", type=_Path(exists=True, dir_okay=False),
               help="Measure recall on this split at the end → RUN_DIR/recall.json.")
-@click.option("--val-images", type=click.Path(exists=True, file_okay=False), help="Image folder of --val.")
+@click.option("--val-images", type=_Path(exists=True, file_okay=False), help="Image folder of --val.")
 @click.option("--top-k", default=100, show_default=True, help="Boxes per image counted by recall.")
 def train_rpn(annotations, run_dir, **options):
     """Train the class-agnostic Faster R-CNN on the BASE boxes of ANNOTATIONS into RUN_DIR.
@@ -368,9 +390,9 @@ def train_rpn(annotations, run_dir, **options):
 
 
 @main.command()
-@click.argument("detector", type=click.Path(exists=True))
-@click.argument("annotations", type=click.Path(exists=True, dir_okay=False))
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.argument("detector", type=_Path(exists=True))
+@click.argument("annotations", type=_Path(exists=True, dir_okay=False))
+@click.option("--images", type=_Path(exists=True, file_okay=False),
               help="Image folder [default: the annotation file's folder].")
 @click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
 @click.option("--top-k", default=100, show_default=True, help="Boxes per image counted.")
@@ -379,7 +401,7 @@ def train_rpn(annotations, run_dir, **options):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--workers", default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+@click.option("--out", type=_Path(dir_okay=False), help="Also write the result as JSON here.")
 def recall(detector, annotations, **options):
     """Class-agnostic recall of DETECTOR's boxes on ANNOTATIONS, base and novel objects apart.
 

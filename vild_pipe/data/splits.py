@@ -155,10 +155,13 @@ def _resolve_auto(categories: Sequence[Category], prefix: str) -> CategorySplit:
     missing = _missing_coco_ov_names(categories)
     if not missing:
         return _split_coco48_17(categories, prefix)
+    lacking = next((c for c in categories if c.split is None), None) if with_split else None
+    which = f" (not category id {lacking.id}, {lacking.name!r})" if lacking is not None else ""
     raise DataError(
         f"{prefix}cannot choose a category split automatically: {with_split} of {len(categories)} categories "
-        f"have a 'split' field, {with_frequency} have an LVIS 'frequency', and {len(missing)} of the 65 COCO "
-        f"open-vocabulary names are missing; add 'split': 'base'|'novel' to every category or {SPEC_HELP}"
+        f"have a 'split' field{which}, {with_frequency} have an LVIS 'frequency', and {len(missing)} of the 65 "
+        f"COCO open-vocabulary names are missing; add 'split': 'base'|'novel' to every category or give a split:"
+        f" {SPEC_HELP.removeprefix('use one of: auto, ')}"
     )
 
 

@@ -113,7 +113,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
 
     proposal_folder, embedding_folder = open_caches(proposals, embeddings)
     dataset = annotations_of(proposal_folder, annotations)
-    category_split = dataset.resolve_split(split)
+    category_split = _category_split(dataset, split, heads)
     ground_truth = load_ground_truth(annotations)
     protocol = resolve_protocol(ground_truth, protocol, os.fspath(annotations))
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head, named=modes is not None)
@@ -148,6 +148,10 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         results[mode] = evaluate_coco(ground_truth, found, category_split.base_ids, category_split.novel_ids,
                                       image_ids=image_ids, max_dets=max_dets, protocol=protocol, workers=workers)
 
+    earlier = sorted(path.name for path in out.glob(results_name("*")) if path.name not in map(results_name, active))
+    if earlier:
+        log.warning("%s also holds %s of an earlier run: %s and %s cover this run's modes only", out,
+                    ", ".join(earlier), METRICS_NAME, TABLE_NAME)
     table = metrics_table(results)
     document = {
         "annotations": {"path": os.fspath(annotations), "sha256": proposal_folder.inputs["annotations"]["sha256"]},
@@ -243,6 +247,27 @@ def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device
     if text is None:
         return embed_text(clip, names, out=out / TEXT_NAME, device=str(device))
     return load_text_rows(text, names)
+
+
+def _category_split(dataset: CocoDataset, split: str | CategorySplit, heads: Mapping[str, Any]) -> CategorySplit:
+    """The file's base/novel split. Where `auto` finds none in the file itself (no 'split' fields, neither
+    COCO's nor LVIS' categories), the categories a given head was trained on are base and the others novel:
+    the head knows which categories it saw boxes of."""
+    try:
+        return dataset.resolve_split(split)
+    except DataError as err:
+        if split != "auto" or not heads:
+            raise
+        not_in_file = err
+    file = resolve_head_file(heads[next(mode for mode in HEAD_MODES if mode in heads)])
+    base_names = {name.strip().lower() for name in load_head(file)[1].get("base_names") or []}
+    base = tuple(c.id for c in dataset.categories if c.name.strip().lower() in base_names)
+    if not base:
+        raise not_in_file
+    novel = tuple(c.id for c in dataset.categories if c.id not in base)
+    log.info("split: the %d categories head %s was trained on are base, the other %d novel (the file names no"
+             " split)", len(base), file, len(novel))
+    return CategorySplit(base_ids=base, novel_ids=novel, spec=f"base: the categories of {file}")
 
 
 def _describe_clip(identity: Mapping[str, Any]) -> str:
