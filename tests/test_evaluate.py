@@ -283,6 +283,7 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     assert "4x7x7" in messages["other channels"] and "8x7x7" in messages["other channels"]
     assert "trained on features of detector model.pt (ffffffffffff)" in messages["other detector"]
     assert all("\n" not in message and str(tmp_path) in message for message in messages.values())
+    assert not (tmp_path / "out").exists(), "a refused run leaves no output folder"
 
     other = CacheFolder.open_or_create(
         tmp_path / "other-embeddings", stage="cache-embeddings", config={},
@@ -300,6 +301,7 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     TextEmbeddings(["circle"], torch.eye(1, DIM), clip).save(tmp_path / "one-name.pt")
     with pytest.raises(DataError, match="lacks the categories square, star"):
         evaluate.run(**settings(world, tmp_path / "out", clip=None, text=tmp_path / "one-name.pt"))
+    assert not (tmp_path / "out").exists()
 
     caplog.set_level(logging.WARNING, logger="vild_pipe.stages.evaluate")
     evaluate.run(**settings(world, tmp_path / "swapped", embeddings=None, modes=["ViLD-image"],

@@ -118,11 +118,14 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     protocol = resolve_protocol(ground_truth, protocol, os.fspath(annotations))
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head, named=modes is not None)
 
-    make_output_folder(out)
-    texts = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
+    texts, unsaved = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
     loaded = _load_heads(heads, active, ensemble_head, texts, proposal_folder, category_split, dataset, torch_device)
     if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
         _check_embedding_clip(embedding_folder, texts)
+    make_output_folder(out)
+    if unsaved:
+        texts.save(out / TEXT_NAME)
+        log.info("wrote the text embeddings of %d categories to %s", len(texts.names), out / TEXT_NAME)
     log.info("evaluate: %s on %s (%d categories: %d base, %d novel), on %s, %s protocol", ", ".join(active),
              proposal_folder.path, len(dataset.categories), len(category_split.base_ids),
              len(category_split.novel_ids), torch_device, "LVIS' federated" if protocol == "lvis" else "COCO's")
@@ -238,15 +241,19 @@ def _classified_categories(dataset: CocoDataset, category_split: CategorySplit) 
     return category_ids
 
 
-def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device: torch.device) -> TextEmbeddings:
-    """Text embeddings of every category, rows in the annotation file's category (id) order."""
+def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device: torch.device
+                     ) -> tuple[TextEmbeddings, bool]:
+    """Text embeddings of every category, rows in the annotation file's category (id) order, and whether they
+    are still to be written to OUT (after every check: a refused run leaves no output folder behind)."""
     if text is not None and clip is not None:
         raise VildError("give either --text (an embed-text file) or --clip (to compute the text embeddings), not both")
     if text is None and clip is None:
         raise VildError("the categories' text embeddings are needed: give --clip (the CLIP model) or --text")
+    if text is None and (out / TEXT_NAME).is_file():
+        return embed_text(clip, names, out=out / TEXT_NAME, device=str(device)), False   # reused if it fits
     if text is None:
-        return embed_text(clip, names, out=out / TEXT_NAME, device=str(device))
-    return load_text_rows(text, names)
+        return embed_text(clip, names, device=str(device)), True
+    return load_text_rows(text, names), False
 
 
 def _category_split(dataset: CocoDataset, split: str | CategorySplit, heads: Mapping[str, Any]) -> CategorySplit:
