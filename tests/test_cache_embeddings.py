@@ -442,8 +442,10 @@ def test_a_cache_of_another_model_or_proposal_cache_is_refused(photos, proposals
     make_proposal_cache(photos, other_proposals, seed=1)
     with pytest.raises(VildError, match="inputs.proposals"):
         cache_embeddings.run(**stage_kwargs(photos, (other_proposals,), teacher_file, reference[0]))
-    with pytest.raises(DataError, match="made from another proposal cache"):
+    with pytest.raises(DataError, match="made from another proposal cache") as raised:
         open_cache_pair(other_proposals, reference[0])
+    made_from = f"({proposals[0]}, fingerprint {CacheFolder.open(proposals[0]).fingerprint}), not from"
+    assert f"another proposal cache {made_from}" in str(raised.value)
     assert_same_cache(reference[0], reference[0])  # still intact and readable
 
 

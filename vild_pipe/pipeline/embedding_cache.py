@@ -3,8 +3,9 @@
 An embedding cache (stage `cache-embeddings`) has the same shards as the proposal cache it was made from:
 shard `shard-00012.h5` of both holds the same images, in the same order, with the same `row_start`, so row
 r of one is the box of row r of the other. Its manifest names the proposal cache's fingerprint and the CLIP
-model's identity; `open_cache_pair` refuses a pair that does not belong together, and `annotations_of` an
-annotation file other than the one the proposal cache was made from.
+model's identity (and, for messages only, where the proposal cache was); `open_cache_pair` refuses a pair that
+does not belong together, and `annotations_of` an annotation file other than the one the proposal cache was
+made from.
 """
 from __future__ import annotations
 
@@ -70,16 +71,25 @@ def open_cache_pair(
     proposal_folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)
     embedding_folder = CacheFolder.open(embeddings, stage=STAGE)
     if not belongs_to(embedding_folder, proposal_folder):
-        made_from = embedding_folder.inputs.get("proposals", {})
         raise DataError(
             f"{embedding_folder.path}: embedding cache was made from another proposal cache"
-            f" ({made_from.get('path')}, fingerprint {made_from.get('fingerprint')}), not from"
-            f" {proposal_folder.path} (fingerprint {proposal_folder.fingerprint}); rerun cache-embeddings on it"
+            f" ({_made_from(embedding_folder)}), not from {proposal_folder.path} (fingerprint"
+            f" {proposal_folder.fingerprint}); rerun cache-embeddings on it"
         )
     if require_complete:
         proposal_folder.require_complete()
         embedding_folder.require_complete()
     return proposal_folder, embedding_folder
+
+
+def _made_from(embeddings: CacheFolder) -> str:
+    """What the embedding cache records of its proposal cache: where it was (caches made before the path was
+    kept record none) and its fingerprint."""
+    known = [embeddings.manifest.get("sources", {}).get("proposals"),
+             embeddings.inputs.get("proposals", {}).get("fingerprint")]
+    if known[1] is not None:
+        known[1] = f"fingerprint {known[1]}"
+    return ", ".join(part for part in known if part) or "which one is not recorded"
 
 
 def open_caches(proposals: str | os.PathLike, embeddings: str | os.PathLike | None

@@ -550,6 +550,7 @@ class CacheFolder:
         num_shards: int,
         images_per_shard: int,
         overwrite: bool = False,
+        sources: Mapping[str, str] | None = None,
     ) -> CacheFolder:
         """The cache in `path` for these settings: created if new, resumed if its fingerprint matches.
 
@@ -557,6 +558,8 @@ class CacheFolder:
         `overwrite`, which replaces it. Overwrite never discards a matching cache, so every worker of an
         array job may pass it; it refuses while another run is writing a shard of the old cache, and it
         never replaces a cache of another stage (that is almost always a wrong path, not a stale cache).
+        `sources` (input name -> where it was read) is kept in the manifest for messages, outside the
+        fingerprint: a copied or moved input is the same input.
         """
         path = Path(path)
         row_fields = {name: _as_row_field(spec) for name, spec in fields.items()}
@@ -581,6 +584,7 @@ class CacheFolder:
             **identity,
             # Documentation only, outside the fingerprint: rewording a description must not void a cache.
             "field_descriptions": {name: f.description for name, f in row_fields.items()},
+            "sources": dict(sources or {}),
             "created": _now_iso(),
             "complete": False,
             "shards": [],

@@ -125,6 +125,7 @@ def run(
         folder = CacheFolder.open_or_create(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=proposal_folder.num_shards,
             images_per_shard=proposal_folder.images_per_shard, overwrite=overwrite,
+            sources={"proposals": os.path.abspath(proposal_folder.path)},
         )
         worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
         pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
