@@ -174,3 +174,27 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
     assert error(DataError, images=[tmp_path / "broken.jpg"]) == (
         f"{tmp_path / 'broken.jpg'}: cannot decode image (truncated or not an image)")
     assert not (tmp_path / "out" / "detections.json").exists()
+
+
+def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(models, tmp_path, monkeypatch):
+    """Both detectors give 16x7x7 features, so only the sha256 train-head records tells them apart."""
+    torch.manual_seed(2)
+    config = DetectorConfig.preset("small", **TINY_DETECTOR)
+    save_final_model(tmp_path / "other-rpn", build_detector(config), config, step=0)
+    other = load_detector(tmp_path / "other-rpn")[2]
+    ours = load_detector(models["detector"])[2]
+    head, info = load_head(models["head"])
+    (tmp_path / "trained").mkdir()
+    save_head(tmp_path / "trained" / "head.pt", head, {**info, "detector": other})
+    monkeypatch.chdir(tmp_path / "trained")
+
+    with pytest.raises(DataError) as raised:
+        detect.run(**detect_kwargs(models, tmp_path / "out", head="head.pt", ensemble=False))
+    message = str(raised.value)
+    assert message.startswith("head.pt: head was trained on features of detector") and "\n" not in message
+    assert f"model.pt ({other['sha256'][:12]})" in message and f"model.pt ({ours['sha256'][:12]})" in message
+    assert other["sha256"] != ours["sha256"] and not (tmp_path / "out").exists()
+
+    summary = detect.run(**detect_kwargs(models, tmp_path / "out", head="head.pt", detector=tmp_path / "other-rpn",
+                                         ensemble=False, top_k=3))
+    assert summary["detections"] == 3 and summary["detector"] == other

@@ -104,12 +104,12 @@ def write_caches(folder, clip_file, texts: np.ndarray, seed=0):
     return clip
 
 
-def write_head(path, clip, losses, in_channels=CHANNELS, embed_dim=DIM, seed=0, trained_on=None):
+def write_head(path, clip, losses, in_channels=CHANNELS, embed_dim=DIM, seed=0, trained_on=None, detector=None):
     torch.manual_seed(seed)
     head = ViLDHead(HeadConfig(in_channels, representation_size=16, embed_dim=embed_dim))
     save_head(path, head, {"losses": losses, "clip": clip, "embed_dim": embed_dim, "step": 0,
-                           "proposals": trained_on, "embeddings": None, "base_names": ["circle", "square", "star"],
-                           "temperature": 0.01, "config": {}})
+                           "proposals": trained_on, "detector": detector, "embeddings": None,
+                           "base_names": ["circle", "square", "star"], "temperature": 0.01, "config": {}})
     return path
 
 
@@ -261,6 +261,28 @@ def test_cocoeval_in_worker_processes_gives_the_same_numbers(world, every_mode, 
         evaluate.run(**settings(world, tmp_path / "bad", workers=-1))
 
 
+def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(world, tmp_path, monkeypatch):
+    """The head records its detector's sha256: the check needs no training cache, wherever evaluate runs from
+    (the training cache's path, as typed, leads nowhere from here)."""
+    trained_on = {"path": "cache/prop-train", "fingerprint": "0" * 32}
+    other = {"checkpoint": "model.pt", "sha256": "f" * 64, "step": 9}
+    head = write_head(tmp_path / "head.pt", world["clip"], "text", trained_on=trained_on, detector=other)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DataError) as raised:
+        evaluate.run(**settings(world, tmp_path / "out", embeddings=None, heads={"ViLD-text": head}))
+    message = str(raised.value)
+    assert message.startswith(f"{head}: head was trained on features of detector model.pt (ffffffffffff),")
+    assert f"the proposal cache {world['folder'] / 'proposals'} comes from model.pt (dddddddddddd)" in message
+    assert "\n" not in message
+
+    same = write_head(tmp_path / "same.pt", world["clip"], "text", trained_on=trained_on,
+                      detector={**other, "sha256": "d" * 64})
+    results = evaluate.run(**settings(world, tmp_path / "same", embeddings=None, modes=["ViLD-text"],
+                                      heads={"ViLD-text": same}))
+    assert list(results) == ["ViLD-text"]
+
+
 def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, tmp_path, caplog):
     folder, clip = world["folder"], world["clip"]
     other_detector = CacheFolder.open_or_create(
@@ -289,7 +311,7 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
         tmp_path / "other-embeddings", stage="cache-embeddings", config={},
         inputs={"clip": clip, "proposals": {"fingerprint": "not-this-one"}}, fields=embedding_fields(DIM),
         num_shards=3, images_per_shard=PER_SHARD)
-    with pytest.raises(DataError, match="made from another proposal cache"):
+    with pytest.raises(DataError, match=r"made from another proposal cache \(fingerprint not-this-one\), not from"):
         evaluate.run(**settings(world, tmp_path / "out", embeddings=None) | {"embeddings": other.path})
 
     edited = json.loads((folder / "val.json").read_text())

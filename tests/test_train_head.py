@@ -31,6 +31,7 @@ from child_processes import free_port, run_to_end
 IMAGES, PROPOSALS, CHANNELS, DIM, PER_SHARD = 24, 10, 4, 16, 5
 CLIP = {"model": "tiny-clip", "sha256": "a" * 64, "embed_dim": DIM, "input_resolution": 32}
 SPLIT = {"spec": "field", "base_ids": [1, 2, 3], "novel_ids": [4]}
+DETECTOR = {"checkpoint": "model.pt", "sha256": "c" * 64, "step": 100}
 
 DRIVER = '''
 import json, sys
@@ -83,7 +84,8 @@ def write_world(folder, seed=0):
     shards = -(-IMAGES // PER_SHARD)
     proposals = CacheFolder.open_or_create(
         folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": True, "split": SPLIT},
-        inputs={"annotations": {"file": "train.json", "sha256": sha256_file(annotation_file)}},
+        inputs={"annotations": {"file": "train.json", "sha256": sha256_file(annotation_file)},
+                "detector": DETECTOR},
         fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)
     embeddings = CacheFolder.open_or_create(
         folder / "embeddings", stage="cache-embeddings", config={},
@@ -140,6 +142,7 @@ def test_both_losses_fall_and_the_head_is_saved_with_its_identities(world, refer
     assert info["losses"] == "text+image" and info["clip"] == CLIP and info["embed_dim"] == DIM
     assert info["step"] == 40 and info["base_names"] == ["circle", "square", "star"]
     assert info["proposals"]["fingerprint"] == CacheFolder.open(world / "proposals").fingerprint
+    assert info["detector"] == DETECTOR   # detect and evaluate refuse the head with another detector
     assert info["embeddings"]["fingerprint"] == CacheFolder.open(world / "embeddings").fingerprint
     assert info["config"]["data"]["text"]["names"] == ["circle", "square", "star"]   # the novel name never enters
     assert summary["steps"] == 40 and summary["trained_steps"] == 40

@@ -559,6 +559,11 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
     return model, config, identity
 
 
+def describe_detector(identity: dict[str, Any]) -> str:
+    """A detector identity in a message: checkpoint name and the start of its sha256."""
+    return f"{identity.get('checkpoint')} ({str(identity.get('sha256'))[:12]})"
+
+
 # --------------------------------------------------------------------------- inference
 
 @torch.no_grad()

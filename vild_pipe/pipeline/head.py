@@ -160,7 +160,9 @@ def resolve_head_file(path: str | os.PathLike) -> Path:
 def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ViLDHead, dict[str, Any]]:
     """(head in eval mode on `device`, info) from a train-head run folder or head file.
 
-    info holds "losses", "clip", "embed_dim", "step", "proposals", "embeddings", "text", "config", "head_config".
+    info holds "losses", "clip", "embed_dim", "step", "proposals", "detector" (the identity of the detector whose
+    features the head was trained on; absent from heads written before it was recorded), "embeddings", "text",
+    "config", "head_config".
     """
     file = resolve_head_file(path)
     state = load_checkpoint(file, remove_stale_tmp=False)

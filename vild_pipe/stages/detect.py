@@ -12,7 +12,8 @@ Writes OUT/detections.json (COCO format: the vocabulary as categories, detection
 `score`) and OUT/<image stem>.png, the image with its detections drawn.
 
 The text embeddings come from `clip`, which must be the CLIP model the head was trained against (its
-recorded identity is checked): a head's region embeddings live in its own teacher's space.
+recorded identity is checked): a head's region embeddings live in its own teacher's space. Likewise `detector`
+must be the one whose features the head was trained on (the sha256 train-head records).
 """
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ from tqdm import tqdm
 from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
-from vild_pipe.pipeline.detector import load_detector
+from vild_pipe.pipeline.detector import describe_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
-from vild_pipe.pipeline.head import TEMPERATURE, load_head
+from vild_pipe.pipeline.head import TEMPERATURE, load_head, resolve_head_file
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
 from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
@@ -74,7 +75,8 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     paths = _image_paths(images)
     torch_device = pick_device(device)
 
-    vild_head, info = load_head(head, torch_device)
+    head_file = resolve_head_file(head)
+    vild_head, info = load_head(head_file, torch_device)
     head_clip = info.get("clip") or {}
     if not same_clip(head_clip, clip_file_identity(clip)):
         raise DataError(f"--clip {clip}: the head {os.fspath(head)} was trained against CLIP {head_clip.get('model')}"
@@ -86,6 +88,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         raise DataError(f"{os.fspath(head)}: head takes {config.in_channels}x{config.resolution}x{config.resolution}"
                         f" RoI features, detector {os.fspath(detector)} gives {channels}x{resolution}x{resolution};"
                         " use the detector the head was trained on")
+    _check_same_detector(head_file, info, detector, detector_identity)
     teacher = load_teacher(clip, torch_device)
     if teacher.embed_dim != config.embed_dim:
         raise DataError(f"--clip {clip}: embeds in {teacher.embed_dim} dimensions, the head in {config.embed_dim}")
@@ -127,6 +130,16 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             "images": len(found), "detections": total, "per_image": [len(d.scores) for d in found],
             "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
+
+
+def _check_same_detector(head_file: Path, info: dict, detector, identity: dict) -> None:
+    """DataError when the head records the detector it was trained on and it is not this one: another detector's
+    features of the same shape mean nothing to the head. Heads written before train-head recorded it pass."""
+    trained_on = info.get("detector") or {}
+    if trained_on.get("sha256") and trained_on["sha256"] != identity["sha256"]:
+        raise DataError(f"{head_file}: head was trained on features of detector {describe_detector(trained_on)},"
+                        f" --detector {os.fspath(detector)} is {describe_detector(identity)}; use the head's"
+                        " detector, or a head trained on this detector's proposals")
 
 
 def _save_drawing(drawing: Image.Image, path: Path) -> None:

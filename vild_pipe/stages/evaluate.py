@@ -36,6 +36,7 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.detector import describe_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
@@ -323,23 +324,31 @@ def _check_head(loaded: _LoadedHead, texts: TextEmbeddings, proposals: CacheFold
 
 
 def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
-    """DataError when the head's training cache is still there and came from another detector than `proposals`
-    (features of another detector mean nothing to the head); nothing to check when it has moved."""
-    trained_on = loaded.info.get("proposals") or {}
+    """DataError when the head was trained on features of another detector than the one `proposals` came from
+    (they mean nothing to the head). The head records that detector's sha256; a head written before it did is
+    checked through its training cache when that is still where it was, else not at all."""
+    theirs = loaded.info.get("detector") or _detector_of_training_cache(loaded.info)
+    ours = proposals.inputs.get("detector") or {}
+    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
+        raise DataError(f"{loaded.file}: head was trained on features of detector {describe_detector(theirs)},"
+                        f" the proposal cache {proposals.path} comes from {describe_detector(ours)}; dump proposals"
+                        " with the head's detector, or use a head trained on this detector's proposals")
+
+
+def _detector_of_training_cache(info: Mapping[str, Any]) -> dict:
+    """The detector identity in the manifest of the head's training proposal cache, when the recorded path (as
+    typed, so relative to wherever train-head ran) still leads to that very cache; {} otherwise."""
+    trained_on = info.get("proposals") or {}
     path = trained_on.get("path")
     if not path or not (Path(path) / "manifest.json").is_file():
-        return
+        return {}
     try:
         folder = CacheFolder.open(path, stage=PROPOSAL_STAGE)
     except DataError:
-        return
+        return {}
     if folder.fingerprint != trained_on.get("fingerprint"):
-        return
-    theirs, ours = folder.inputs.get("detector") or {}, proposals.inputs.get("detector") or {}
-    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
-        raise DataError(f"{loaded.file}: head was trained on features of detector {theirs.get('checkpoint')}"
-                        f" ({theirs['sha256'][:12]}), the proposal cache {proposals.path} comes from"
-                        f" {ours.get('checkpoint')} ({ours['sha256'][:12]}); dump proposals with the head's detector")
+        return {}
+    return folder.inputs.get("detector") or {}
 
 
 def _check_embedding_clip(embeddings: CacheFolder, texts: TextEmbeddings) -> None:

@@ -2,7 +2,8 @@
 
 RUN (the run folder) holds:
     last.pt          resumable training state (head, optimiser, scheduler, step, RNG states, config)
-    head.pt          the final head: weights, HeadConfig, losses, CLIP identity, the caches and text it used
+    head.pt          the final head: weights, HeadConfig, losses, CLIP and detector identities, the caches and text
+                     it used
     text_base.pt     the base categories' text embeddings, when computed here from `clip`
     metrics.jsonl    one JSON line per step: loss terms, lr, step time, RoIs/s
 
@@ -356,6 +357,8 @@ def _head_info(config: dict[str, Any], step: int, proposals: CacheFolder, embedd
     return {
         "losses": config["losses"], "clip": clip, "embed_dim": config["head"]["embed_dim"], "step": step,
         "proposals": {"path": os.fspath(proposals.path), "fingerprint": proposals.fingerprint},
+        # The features' source, by content: detect and evaluate refuse a head with another detector's features.
+        "detector": proposals.inputs.get("detector"),
         "embeddings": ({"path": os.fspath(embeddings.path), "fingerprint": embeddings.fingerprint}
                        if embeddings is not None else None),
         "text": ({"path": os.fspath(text) if text is not None else os.fspath(run_dir / TEXT_NAME),
