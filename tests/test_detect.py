@@ -2,6 +2,8 @@
 CLIP and an untrained head: the COCO JSON and the drawings, the ensemble's crop embeddings equal to what
 cache-embeddings stores for the same boxes, and one-line errors for bad vocabularies, images and models."""
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +176,23 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
     assert error(DataError, images=[tmp_path / "broken.jpg"]) == (
         f"{tmp_path / 'broken.jpg'}: cannot decode image (truncated or not an image)")
     assert not (tmp_path / "out" / "detections.json").exists()
+
+
+def test_skip_bad_images_goes_on_past_an_unreadable_one(models, tmp_path, caplog):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(models["photo"], folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(b"")
+    shutil.copy(models["photo"], folder / "c.jpg")
+    with pytest.raises(DataError, match="b.jpg: cannot decode image"):
+        detect.run(**detect_kwargs(models, tmp_path / "stopped", images=[folder]))
+    caplog.set_level(logging.WARNING, logger=detect.__name__)
+    summary = detect.run(**detect_kwargs(models, tmp_path / "out", images=[folder], skip_bad_images=True))
+    assert summary["skipped"] == [str(folder / "b.jpg")] and summary["images"] == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{folder / 'b.jpg'}: cannot decode image (truncated or not an image) (skipped: --skip-bad-images)"]
+    written = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [image["file_name"] for image in written["images"]] == [str(folder / "a.jpg"), str(folder / "c.jpg")]
 
 
 def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(models, tmp_path, monkeypatch):

@@ -326,6 +326,8 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 @click.option("--base-text-weight", default=2 / 3, show_default="2/3",
               help="Ensemble: head^w * clip^(1-w), w for the names among the head's base categories.")
 @click.option("--novel-text-weight", default=1 / 3, show_default="1/3", help="Ensemble: w for every other name.")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Go on past an unreadable image (one warning line each) instead of stopping at it.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def detect(images, **options):
@@ -337,7 +339,8 @@ def detect(images, **options):
     """
     from vild_pipe.stages import detect as stage
     summary = stage.run(list(images), **options)
-    click.echo(f"{summary['detections']} detections on {summary['images']} image(s) → {summary['json']}")
+    skipped = f" ({len(summary['skipped'])} unreadable, skipped)" if summary["skipped"] else ""
+    click.echo(f"{summary['detections']} detections on {summary['images']} image(s){skipped} → {summary['json']}")
 
 
 @main.command("train-rpn")

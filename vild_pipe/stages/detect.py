@@ -57,7 +57,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         clip: str | None = None, ensemble: bool = True, score_threshold: float = 0.05, top_k: int = 100,
         proposals: int = 300, nms_threshold: float = NMS_IOU_THRESHOLD,
         base_text_weight: float = BASE_TEXT_WEIGHT, novel_text_weight: float = NOVEL_TEXT_WEIGHT,
-        crop_batch_size: int = 256, device: str = "auto", threads: int = 0) -> dict:
+        crop_batch_size: int = 256, skip_bad_images: bool = False, device: str = "auto", threads: int = 0) -> dict:
     """Detect the `vocab` (comma-separated) or `vocab_file` names in `images`; write OUT/detections.json and
     OUT/<stem>.png per image; return a summary.
 
@@ -65,6 +65,8 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     CLIP model (file or name) the head was trained against, required. `proposals` boxes per image are
     scored; detections above `score_threshold`, at most `top_k` per image after per-class NMS at
     `nms_threshold`, are kept. `ensemble` False uses the head alone (no CLIP image encoding).
+    `skip_bad_images`: an unreadable image is left out with a warning (listed in the summary's "skipped")
+    instead of stopping the run.
     """
     started = time.monotonic()
     if threads:
@@ -102,8 +104,16 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     make_output_folder(out)
     found: list[ImageDetections] = []
     drawings: list[str] = []
+    skipped: list[str] = []
     for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
-        image = read_rgb_image(path)
+        try:
+            image = read_rgb_image(path)
+        except DataError as err:
+            if not skip_bad_images:
+                raise
+            log.warning("%s (skipped: --skip-bad-images)", err)
+            skipped.append(os.fspath(path))
+            continue
         pixels = pil_to_uint8_chw(image).to(torch_device)
         proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=nms_threshold)[0]
         with torch.no_grad():
@@ -127,7 +137,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     seconds = time.monotonic() - started
     log.info("detect: %d detections on %d image(s) in %.1f s -> %s", total, len(found), seconds, out / JSON_NAME)
     return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": drawings, "names": names,
-            "images": len(found), "detections": total, "per_image": [len(d.scores) for d in found],
+            "images": len(found), "skipped": skipped, "detections": total, "per_image": [len(d.scores) for d in found],
             "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
 
