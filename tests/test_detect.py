@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.checkpoint import save_checkpoint
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
 from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
 from vild_pipe.pipeline.proposals import propose_with_features
@@ -160,7 +161,11 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
 
     assert "empty category name" in error(VildError, vocab="")
     assert "duplicate category name 'zebra'" in error(VildError, vocab="zebra, red car, zebra")
-    assert "give the category names one way" in error(VildError, vocab=None)
+    no_names = "give the names to detect with --vocab NAME,NAME,... or --vocab-file FILE (one of the two)"
+    assert error(VildError, vocab=None) == no_names
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("zebra\n")
+    assert error(VildError, vocab_file=names_file) == no_names  # and --vocab too
     missing = tmp_path / "nowhere" / "missing.jpg"
     assert error(VildError, images=[models["photo"], missing]) == f"{missing}: no such image file or folder"
     (tmp_path / "empty").mkdir()
@@ -172,6 +177,17 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
     torch.manual_seed(1)
     save_clip(TINY_CLIP.build(), other_clip)
     assert "was trained against CLIP tiny-clip.pt" in error(DataError, clip=str(other_clip))
+    assert error(VildError, clip="nope.pt") == "--clip nope.pt: no such file"
+    gone = tmp_path / "gone" / "clip"
+    assert error(VildError, clip=str(gone)) == f"--clip {gone}: no such file"
+    assert "was trained against CLIP tiny-clip.pt" in error(DataError, clip="ViT-B/32")  # a name, not a path
+    assert error(VildError, head=models["detector"]) == (
+        f"{models['detector']}: a train-rpn run folder, not a train-head one; give a train-head run folder or its"
+        " head.pt")
+    unfinished = tmp_path / "rpn-unfinished"
+    unfinished.mkdir()
+    save_checkpoint(unfinished / "last.pt", {"step": 3, "config": {"detector": {"backbone": "small"}}})
+    assert error(VildError, head=unfinished).startswith(f"{unfinished}: a train-rpn run folder, not a train-head one")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     assert error(DataError, images=[tmp_path / "broken.jpg"]) == (
         f"{tmp_path / 'broken.jpg'}: cannot decode image (truncated or not an image)")

@@ -129,8 +129,10 @@ def test_resnet50_fpn_matches_torchvision_layout_and_loads_a_local_backbone_file
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(DataError, match="wrong.pth: does not fit"):
         build_detector(DetectorConfig(backbone_init=str(tmp_path / "wrong.pth")))
-    with pytest.raises(VildError, match="no ImageNet weights"):
+    with pytest.raises(VildError) as caught:
         build_detector(DetectorConfig.preset("small", backbone_init="imagenet"))
+    assert str(caught.value) == ("--backbone-init imagenet: the small backbone has no ImageNet weights;"
+                                 " use --backbone-init none or a state-dict file")
 
 
 def test_training_roi_pool_matches_torchvision_roi_align_values_and_gradients():

@@ -6,6 +6,7 @@ sizes and DataLoader worker counts. Every run uses one CPU thread (torchrun's de
 partition matmuls by thread, so the thread count moves results in the last bits.
 """
 import json
+import logging
 import os
 import re
 import signal
@@ -269,17 +270,31 @@ def test_torchrun_two_ranks_fill_the_same_cache_as_one_process(world, detector, 
     assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
 
 
-def test_two_shard_jobs_fill_one_cache_and_the_last_one_finalizes_it(world, detector, reference, tmp_path):
+def test_two_shard_jobs_fill_one_cache_and_the_last_one_finalizes_it(world, detector, reference, tmp_path, caplog):
     # Concurrent writers are the torchrun test's business; here the split of the work and the final manifest.
     out = tmp_path / "cache"
-    first = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", batch_size=2))
+    with caplog.at_level(logging.INFO, logger="vild_pipe"):
+        first = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", batch_size=2))
     assert first["shards_written"] == [1, 3] and not first["complete"]
+    measured = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert len(measured) == 1 and measured[0].startswith(f"{out}: 2 of 4 shards complete, ")
+    assert measured[0].endswith("; the cache is finished when the other workers' shards are written")
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
     second = dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2", batch_size=5))
     assert second["shards_written"] == [0, 2] and second["complete"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]
     assert_same_cache(out, reference[0])
+
+
+def test_a_worker_dealt_no_shard_says_so(world, detector, tmp_path, caplog):
+    out = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="vild_pipe"):
+        summary = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", images_per_shard=100))
+    assert summary["shards_written"] == [] and not summary["complete"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "worker 1 of 2: no shards for this worker (the cache has 1)" in messages
+    assert not [m for m in messages if "already complete" in m]
 
 
 def test_bad_image_names_the_file_keeps_earlier_shards_and_can_be_skipped(world, detector, reference, tmp_path):
@@ -321,15 +336,19 @@ def test_other_config_is_refused_and_overwrite_replaces_the_cache(world, detecto
     kwargs = stage_kwargs(world, detector, out, annotations=str(world / "val.json"), top_n=4)
     dump_proposals.run(**kwargs)
     before = read_cache(out)
-    with pytest.raises(VildError, match=r"different config or inputs \(config.top_n\).*--overwrite"):
+    with pytest.raises(VildError) as caught:
         dump_proposals.run(**{**kwargs, "top_n": 2})
+    assert str(caught.value) == (f"{out}: cache was made with a different config or inputs (config.top_n: 4 -> 2);"
+                                 " use another folder or --overwrite")
 
     other = tmp_path / "other-rpn"
     config = DetectorConfig.preset("small", **TINY_DETECTOR)
     torch.manual_seed(1)
     save_final_model(other, build_detector(config), config, step=0)
-    with pytest.raises(VildError, match=r"inputs.detector.sha256"):
+    with pytest.raises(VildError) as caught:
         dump_proposals.run(**{**kwargs, "detector": str(other)})
+    old, new = sha256_file(detector / "model.pt")[:12], sha256_file(other / "model.pt")[:12]
+    assert f"(inputs.detector.sha256: {old} -> {new})" in str(caught.value)
 
     dump_proposals.run(**{**kwargs, "top_n": 2, "overwrite": True})
     after = read_cache(out)

@@ -248,9 +248,13 @@ def test_same_settings_resume_different_settings_are_refused_naming_the_keys(tmp
         open_cache(tmp_path / "cache", config={"top_n": 9, "nms": 0.7}, inputs=other_weights)
     message = str(caught.value)
     assert "\n" not in message and message.startswith(str(tmp_path / "cache"))
-    assert "(config.top_n, inputs.weights_sha256)" in message and "--overwrite" in message
-    with pytest.raises(VildError, match=r"\(num_shards\)"):
+    assert message == (f"{tmp_path / 'cache'}: cache was made with a different config or inputs (config.top_n: 5 -> 9;"
+                       " inputs.weights_sha256: abababababab -> cdcdcdcdcdcd); use another folder or --overwrite")
+    with pytest.raises(VildError, match=r"\(num_shards: 4 -> 5\)"):
         open_cache(tmp_path / "cache", num_shards=5)
+    with pytest.raises(VildError) as caught:  # a long value is cut between items
+        open_cache(tmp_path / "cache", config={"top_n": 5, "nms": 0.7, "classes": list("abcdefghijklmnop")})
+    assert '(config.classes: (absent) -> ["a", "b", "c", "d", "e", "f", "g", ...);' in str(caught.value)
     assert folder.complete_shards() == [0]
 
 

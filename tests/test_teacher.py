@@ -74,6 +74,12 @@ def test_loader_errors_are_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DataError, match="bad.pt: not a loadable CLIP checkpoint"):
         load_teacher(str(bad))
+    annotations = tmp_path / "annotations_va.json"
+    annotations.write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(DataError) as caught:
+        load_teacher(str(annotations))
+    assert str(caught.value) == (f"{annotations}: not a loadable CLIP checkpoint"
+                                 " (not a PyTorch file, it looks like JSON)")
 
 
 def test_one_point_five_box_geometry():

@@ -70,8 +70,10 @@ def test_names_from_an_annotation_file_a_list_or_a_file(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("# my names\nkite\n\nzebra\n")
     assert vocabulary_names(vocab_file=names) == ["kite", "zebra"]
-    with pytest.raises(VildError, match="one way"):
+    with pytest.raises(VildError) as caught:
         vocabulary_names(annotations=annotations, vocab="kite")
+    assert str(caught.value) == ("give the category names one way: --annotations FILE, --vocab NAME,NAME,..."
+                                 " or --vocab-file FILE")
 
 
 def test_an_unreadable_vocabulary_file_is_named_once_with_the_reason(tmp_path):

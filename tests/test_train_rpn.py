@@ -4,15 +4,19 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
@@ -200,6 +204,32 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_a_config_change_is_refused(world
         train(world, run_dir, lr=0.03)
     with pytest.raises(VildError, match="detector.fpn_channels: 16 -> 24"):
         train(world, run_dir, detector_options={**TINY, "fpn_channels": 24})
+
+
+def test_imagenet_init_offline_is_one_line_and_leaves_no_run_folder(world, tmp_path, monkeypatch):
+    """No network: torch.hub's download fails as it does offline; the user gets the option and the way round it."""
+    def offline(*args, **kwargs):
+        raise URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no weights cached from an earlier download
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train-rpn", str(world / "train.json"), str(run_dir), "--backbone-init",
+                                       "imagenet", "--iterations", "1", "--workers", "0", "--device", "cpu"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert errors == ["error: --backbone-init imagenet: could not download torchvision's ResNet-50 ImageNet weights"
+                      " (network error: name or service not known); give a local state-dict file with"
+                      " --backbone-init PATH"]
+    assert not run_dir.exists()
+
+
+def test_recall_of_a_file_that_is_not_a_checkpoint_is_one_short_line(world, reference):
+    metrics = reference[0] / METRICS_NAME
+    result = CliRunner().invoke(main, ["recall", str(metrics), str(world / "val.json"), "--device", "cpu"])
+    assert result.exit_code == 2 and "weights_only" not in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: {metrics}: not a readable checkpoint (not a PyTorch file, it looks like JSON)"]
 
 
 def test_inference_settings_may_change_on_a_finished_run(world, reference, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+from urllib.error import HTTPError, URLError
 
 
 class VildError(Exception):
@@ -31,6 +32,12 @@ def describe_error(err: BaseException) -> str:
     str(OSError) repeats the path and the errno ("[Errno 28] No space left on device: '/x/y'"); the errno's
     text alone is what the user needs next to the path.
     """
+    if isinstance(err, URLError) and not isinstance(err, HTTPError):
+        # "<urlopen error [Errno -2] Name or service not known>": the socket error inside is the reason
+        reason = err.reason
+        if isinstance(reason, OSError) and reason.strerror:
+            return f"network error: {reason.strerror[:1].lower()}{reason.strerror[1:]}"
+        return f"network error: {reason}"
     if isinstance(err, OSError) and err.errno:
         return _OS_REASONS.get(err.errno) or os.strerror(err.errno).lower()
     if isinstance(err, UnicodeDecodeError):

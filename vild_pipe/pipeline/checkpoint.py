@@ -27,12 +27,16 @@ never runs pickled code and keeps working across torch's change of the `weights_
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import signal
 import threading
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,13 +118,69 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return None
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except OSError as err:
-        raise VildError(f"{path}: cannot read checkpoint ({describe_error(err)})") from err
     except Exception as err:
-        raise DataError(f"{path}: not a readable checkpoint, truncated or corrupt ({describe_error(err)})") from err
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:  # EINVAL: torch's zip reader on a cut file
+            raise VildError(f"{path}: cannot read checkpoint ({describe_error(err)})") from err
+        raise DataError(f"{path}: not a readable checkpoint ({describe_load_error(path, err)})") from err
     if not isinstance(state, dict):
         raise DataError(f"{path}: not a checkpoint written by vild-pipe (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b"\x80"     # a pickle of protocol 2 or more: torch's legacy format, or a plain pickle
+
+
+def describe_load_error(path: str | os.PathLike, err: BaseException,
+                        otherwise: str | None = "truncated or corrupt") -> str:
+    """Why `torch.load(path)` failed with `err`, in a few words for "PATH: not a readable checkpoint (REASON)".
+
+    torch's own messages run to paragraphs of advice about `weights_only` that does not fit the usual cases:
+    a JSON or text file given by mistake, a file cut short, or a pickle of other objects than tensors (which
+    must not be loaded with `weights_only=False` on a stranger's word). The file's first bytes tell which.
+    `otherwise` names the failure of a file that looks whole, with torch's first sentence after it; None gives
+    the exception's type instead (for callers whose failure may come after the load).
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(512)
+    except OSError as read_err:
+        return f"cannot read it: {describe_error(read_err)}"
+    if not head:
+        return "empty file"
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        return f"not a PyTorch file{_looks_like(head)}"
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        return "truncated or corrupt: its zip directory is missing"
+    if isinstance(err, pickle.UnpicklingError) and "weights only load failed" in str(err).lower():
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        example = f", e.g. {found.group(1)}," if found else ","
+        return f"holds pickled Python objects besides tensors{example} which vild-pipe does not load"
+    sentence = "" if isinstance(err, OSError) else _first_sentence(describe_error(err))
+    if otherwise is None:
+        return f"{type(err).__name__}: {sentence}" if sentence else type(err).__name__
+    return f"{otherwise}: {sentence}" if sentence else otherwise
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of `text`, cut at a word boundary past `limit` characters."""
+    sentence = re.split(r"(?<=\w)\. ", text)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _looks_like(head: bytes) -> str:
+    """", it looks like JSON" / ", it looks like text" for a file's first bytes, else nothing."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # a multi-byte character cut by the 512-byte read is still text
+            return ""
+        text = head[:err.start].decode("utf-8")
+    if not text.strip() or not all(c.isprintable() or c.isspace() for c in text):
+        return ""
+    return ", it looks like JSON" if text.lstrip().startswith(("{", "[")) else ", it looks like text"
 
 
 def rng_state() -> dict[str, Any]:

@@ -44,7 +44,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import _setup_scales, initLevelMapper
 
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from vild_pipe.pipeline.shards import sha256_file
 
@@ -239,7 +239,7 @@ class SmallBackbone(nn.Sequential):
 
 def _load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
-        raise VildError(f"{path}: backbone weights file not found (backbone_init is 'none', 'imagenet' or a file)")
+        raise VildError(f"{path}: backbone weights file not found (--backbone-init takes none, imagenet or a file)")
     state = load_checkpoint(path, remove_stale_tmp=False)
     if state is not None and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -265,13 +265,22 @@ def _load_backbone_weights(module: nn.Module, path: str, ignore_prefixes: Sequen
         raise DataError(f"{path}: holds weights the backbone does not have, e.g. {', '.join(unexpected[:3])}")
 
 
+def _imagenet_resnet50_weights() -> dict[str, torch.Tensor]:
+    """torchvision's ResNet-50 ImageNet weights (downloaded once into torch's hub cache); offline, one line
+    saying so and how to give them as a file instead."""
+    try:
+        return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    except Exception as err:  # URLError offline, OSError on a read-only cache, RuntimeError on a bad hash
+        raise VildError(f"--backbone-init imagenet: could not download torchvision's ResNet-50 ImageNet weights"
+                        f" ({describe_error(err)}); give a local state-dict file with --backbone-init PATH") from err
+
+
 def _resnet50_fpn_backbone(config: DetectorConfig, init_weights: bool) -> BackboneWithFPN:
     pretrained = config.backbone_init != "none"
     body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else (lambda c: nn.GroupNorm(32, c)))
     if pretrained and init_weights:
         if config.backbone_init == "imagenet":
-            weights = ResNet50_Weights.IMAGENET1K_V1
-            body.load_state_dict(weights.get_state_dict(progress=True))
+            body.load_state_dict(_imagenet_resnet50_weights())
         else:
             _load_backbone_weights(body, config.backbone_init, ignore_prefixes=("fc.",))
     trainable = config.trainable_backbone_layers if pretrained else 5
@@ -281,7 +290,8 @@ def _resnet50_fpn_backbone(config: DetectorConfig, init_weights: bool) -> Backbo
 def _small_fpn_backbone(config: DetectorConfig, init_weights: bool) -> BackboneWithFPN:
     body = SmallBackbone(config.small_widths)
     if config.backbone_init == "imagenet":
-        raise VildError("the small backbone has no ImageNet weights: use backbone_init 'none' or a state-dict file")
+        raise VildError("--backbone-init imagenet: the small backbone has no ImageNet weights;"
+                        " use --backbone-init none or a state-dict file")
     if config.backbone_init != "none" and init_weights:
         _load_backbone_weights(body, config.backbone_init)
     widths = dict(zip((f"stage{i}" for i in range(1, 5)), config.small_widths))

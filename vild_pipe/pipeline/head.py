@@ -23,6 +23,7 @@ from torchvision.ops import box_iou
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from vild_pipe.pipeline.detector import MODEL_NAME as DETECTOR_MODEL_NAME
 
 TEMPERATURE = 0.01          # ViLD's τ: cosine logits are divided by it
 IMAGE_LOSS_WEIGHT = 0.5     # ViLD's w for the ViLD-image term
@@ -150,11 +151,27 @@ def resolve_head_file(path: str | os.PathLike) -> Path:
     if path.is_dir():
         if (path / HEAD_NAME).is_file():
             return path / HEAD_NAME
+        if _is_train_rpn_folder(path):
+            raise VildError(f"{path}: a train-rpn run folder, not a train-head one; give a train-head run folder"
+                            f" or its {HEAD_NAME}")
         hint = " (training not finished: rerun train-head)" if (path / CHECKPOINT_NAME).is_file() else ""
         raise VildError(f"{path}: no {HEAD_NAME} in this run folder{hint}")
     if not path.is_file():
         raise VildError(f"{path}: no such head file or train-head run folder")
     return path
+
+
+def _is_train_rpn_folder(path: Path) -> bool:
+    """Whether a folder without a head is train-rpn's: its final detector, or a checkpoint of a detector's
+    training (train-rpn's config has a "detector" section, train-head's none)."""
+    if (path / DETECTOR_MODEL_NAME).is_file():
+        return True
+    try:
+        state = load_checkpoint(path / CHECKPOINT_NAME, remove_stale_tmp=False)
+    except VildError:
+        return False
+    config = (state or {}).get("config")
+    return isinstance(config, dict) and "detector" in config
 
 
 def load_head(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ViLDHead, dict[str, Any]]:

@@ -17,7 +17,9 @@ from typing import Callable, Hashable, Iterable
 import torch
 
 from vild_pipe.pipeline.distributed import cleanup_distributed, init_distributed
-from vild_pipe.pipeline.shards import CacheFolder, ShardLock, ShardWriter, format_bytes, shard_name, try_lock_shard
+from vild_pipe.pipeline.shards import (
+    CacheFolder, ShardLock, ShardWriter, format_bytes, shard_name, shards_for_worker, try_lock_shard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +185,20 @@ def cache_summary(folder: CacheFolder, written: list[int], complete: bool, secon
     }
 
 
+def log_nothing_to_write(num_shards: int, worker: int, num_workers: int) -> None:
+    """Why this worker writes nothing: it was dealt no shard (more workers than shards), or all of its are done."""
+    if shards_for_worker(num_shards, worker, num_workers):
+        log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
+    else:
+        log.info("worker %d of %d: no shards for this worker (the cache has %d)", worker, num_workers, num_shards)
+
+
 def log_measured_cost(folder: CacheFolder, summary: dict) -> None:
     if summary["images"]:
         log.info("%s: %d of %d shards complete, %d images, %d rows, %s measured (%s per image)%s", folder.path,
                  summary["complete_shards"], summary["num_shards"], summary["images"], summary["rows"],
                  format_bytes(summary["bytes"]), format_bytes(summary["bytes_per_image"]),
-                 "" if summary["complete"] else "; other workers are still writing theirs")
+                 "" if summary["complete"] else "; the cache is finished when the other workers' shards are written")
     if summary["skipped_images"]:
         log.warning("%d images were skipped as unreadable; they are listed in the shard markers and, once the"
                     " cache is complete, in %s", len(summary["skipped_images"]), folder.path / "manifest.json")

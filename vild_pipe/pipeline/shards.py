@@ -610,8 +610,9 @@ class CacheFolder:
                 pass  # another run is replacing the cache right now: wait for its manifest
             elif existing is not None or unreadable or orphans:
                 if existing is not None:
-                    differing = _differing_keys({key: existing.get(key) for key in identity}, identity)
-                    problem = f"made with a different config or inputs ({_list_keys(differing)})"
+                    old_identity = {key: existing.get(key) for key in identity}
+                    changes = _describe_changes(old_identity, identity, _differing_keys(old_identity, identity))
+                    problem = f"made with a different config or inputs ({changes})"
                 elif unreadable:
                     problem = f"left with an unreadable {MANIFEST_NAME} ({unreadable})"
                 else:
@@ -847,6 +848,31 @@ def _manifest_bytes(manifest: dict) -> bytes:
 def _list_keys(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _describe_changes(old: dict, new: dict, keys: list[str], limit: int = 4) -> str:
+    """"config.top_n: 20 -> 30; ..." for the first `limit` differing dotted keys: the user sees what changed."""
+    shown = "; ".join(f"{key}: {_short_value(old, key)} -> {_short_value(new, key)}" for key in keys[:limit])
+    return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+_HASH_RE = re.compile(r"[0-9a-f]{32,}")
+
+
+def _short_value(tree: dict, dotted: str) -> str:
+    """The value at a dotted key as short JSON: a hash cut to 12 digits, anything long cut to 40 characters."""
+    value: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "(absent)"
+        value = value[part]
+    if isinstance(value, str) and _HASH_RE.fullmatch(value):
+        return value[:12]
+    text = json.dumps(value, sort_keys=True)
+    if len(text) <= 40:
+        return text
+    cut = text[:37]
+    return cut[:cut.rfind(", ")] + ", ..." if ", " in cut else cut + "..."  # a list or dict cut between items
 
 
 def _cache_files(path: Path) -> list[str]:

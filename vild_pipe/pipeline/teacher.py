@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from vild_pipe.data.prompts import prompt_texts
 from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.pipeline.checkpoint import describe_load_error
 from vild_pipe.pipeline.shards import sha256_file
 
 with warnings.catch_warnings():
@@ -97,6 +98,14 @@ class Teacher:
         return F.normalize(torch.stack(per_name), dim=-1)
 
 
+def check_clip_file(name_or_path: str) -> None:
+    """VildError when a --clip value reads as a file (a path separator or a .pt/.pth suffix, and no CLIP model
+    name such as ViT-B/32) that is not there: said first, before it is compared with a recorded model."""
+    looks_like_a_file = os.sep in name_or_path or "/" in name_or_path or name_or_path.lower().endswith((".pt", ".pth"))
+    if looks_like_a_file and name_or_path not in clip.available_models() and not os.path.exists(name_or_path):
+        raise VildError(f"--clip {name_or_path}: no such file")
+
+
 def load_teacher(name_or_path: str, device="cpu") -> Teacher:
     """Load any CLIP model through `clip.load`; fp16 on CUDA (clip's own behaviour), fp32 on the CPU."""
     device = torch.device(device)
@@ -110,8 +119,8 @@ def load_teacher(name_or_path: str, device="cpu") -> Teacher:
             model, preprocess = clip.load(name_or_path, device=device, jit=False)
     except (RuntimeError, KeyError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         if is_file:
-            raise DataError(f"{name_or_path}: not a loadable CLIP checkpoint ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0][:160]})") from err
+            reason = describe_load_error(name_or_path, err, otherwise=None)
+            raise DataError(f"{name_or_path}: not a loadable CLIP checkpoint ({reason})") from err
         raise VildError(f"{name_or_path}: could not load CLIP model ({describe_error(err)})") from err
     model.eval()
     if is_file:

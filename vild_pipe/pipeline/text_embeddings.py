@@ -76,7 +76,8 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
     comma-separated list, or a file with one name per line (blank lines and `#` comments skipped)."""
     given = [source for source in (annotations, vocab, vocab_file) if source is not None]
     if len(given) != 1:
-        raise VildError("give the category names one way: an annotation file, --vocab NAME,NAME,... or --vocab-file")
+        raise VildError("give the category names one way: --annotations FILE, --vocab NAME,NAME,..."
+                        " or --vocab-file FILE")
     if annotations is not None:
         return check_names(CocoDataset.load(annotations).category_names, os.fspath(annotations))
     if vocab is not None:

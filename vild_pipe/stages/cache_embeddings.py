@@ -47,6 +47,7 @@ from vild_pipe.pipeline.shard_work import (
     cache_summary,
     joined_process_group,
     log_measured_cost,
+    log_nothing_to_write,
 )
 from vild_pipe.pipeline.shards import (
     CacheFolder,
@@ -143,7 +144,7 @@ def run(
             )
         else:
             written = []
-            log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
+            log_nothing_to_write(folder.num_shards, worker, num_workers)
 
         complete = folder.finalize()
         summary = cache_summary(folder, written, complete, time.monotonic() - started)

@@ -43,7 +43,7 @@ from vild_pipe.pipeline.scoring import (
     ensemble_probabilities, head_probabilities,
 )
 from vild_pipe.pipeline.shards import make_output_folder, write_bytes_atomically
-from vild_pipe.pipeline.teacher import Teacher, load_teacher
+from vild_pipe.pipeline.teacher import Teacher, check_clip_file, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     started = time.monotonic()
     if threads:
         torch.set_num_threads(threads)
+    if (vocab is None) == (vocab_file is None):
+        raise VildError("give the names to detect with --vocab NAME,NAME,... or --vocab-file FILE (one of the two)")
     names = vocabulary_names(vocab=vocab, vocab_file=vocab_file)
     _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
                    novel_text_weight)
@@ -179,6 +181,7 @@ def _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_
                    novel_text_weight) -> None:
     if not clip:
         raise VildError("--clip is required: the CLIP model (file or name) the head was trained against")
+    check_clip_file(clip)
     if top_k < 1 or proposals < 1 or crop_batch_size < 1:
         raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
                         f" {crop_batch_size})")

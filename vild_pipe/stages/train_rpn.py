@@ -110,7 +110,6 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
         "hflip": bool(hflip), "seed": int(seed), "amp": use_amp,
     }
     if is_main(info):
-        make_run_dir(run_dir)
         log.info("train-rpn: %d images, %d base boxes (split %s; novel boxes removed); %s backbone (init %s), "
                  "%d steps of %d images on %d process(es), %s%s", len(train_set), train_set.num_boxes,
                  train_set.split.spec, detector.backbone, detector.backbone_init, hyper["iterations"],
@@ -118,6 +117,8 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
 
     seed_everything(seed, info.rank)
     model = build_detector(detector).to(info.device)
+    if is_main(info):
+        make_run_dir(run_dir)  # after the backbone's weights are in hand: a failed download leaves no folder
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=hyper["lr"],
                                 momentum=momentum, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor_schedule(hyper))
