@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -280,7 +281,12 @@ def test_two_shard_jobs_fill_one_cache_and_the_last_one_finalizes_it(world, dete
     assert len(measured) == 1 and measured[0].startswith(f"{out}: 2 of 4 shards complete, ")
     assert measured[0].endswith("; the cache is finished when the other workers' shards are written")
     assert json.loads((out / "manifest.json").read_text())["complete"] is False
-    second = dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2", batch_size=5))
+    local = tmp_path / "node-local"   # the second job reads its own copies: the same inputs by content
+    local.mkdir()
+    shutil.copy(detector / "model.pt", local / "rpn-copy.pt")
+    (local / "train-link.json").symlink_to(world / "train.json")
+    second = dump_proposals.run(**stage_kwargs(world, local / "rpn-copy.pt", out, shard="0/2", batch_size=5,
+                                               annotations=str(local / "train-link.json"), images=str(world)))
     assert second["shards_written"] == [0, 2] and second["complete"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] and [s["shard"] for s in manifest["shards"]] == [0, 1, 2, 3]

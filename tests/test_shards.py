@@ -17,6 +17,7 @@ import pytest
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline import shards
 from vild_pipe.pipeline.shards import (
+    MANIFEST_NAME,
     CacheFolder,
     RowField,
     ShardReader,
@@ -256,6 +257,36 @@ def test_same_settings_resume_different_settings_are_refused_naming_the_keys(tmp
         open_cache(tmp_path / "cache", config={"top_n": 5, "nms": 0.7, "classes": list("abcdefghijklmnop")})
     assert '(config.classes: (absent) -> ["a", "b", "c", "d", "e", "f", "g", ...);' in str(caught.value)
     assert folder.complete_shards() == [0]
+
+
+def test_an_input_copied_renamed_or_linked_elsewhere_is_the_same_input(tmp_path):
+    """Inputs are known by their content hash; their names are where they were read (a node's local copy)."""
+    def inputs(checkpoint, sha256, annotations="train.json"):
+        return {"detector": {"checkpoint": checkpoint, "sha256": sha256, "step": 9},
+                "annotations": {"file": annotations, "sha256": "12" * 32}, "clip": {"model": "ViT-B/32", "sha256": None}}
+    folder = open_cache(tmp_path / "cache", inputs=inputs("model.pt", "ab" * 32))
+    write_shard(folder, 0, [1, 2])
+    copied = open_cache(tmp_path / "cache", inputs=inputs("best.pt", "ab" * 32, annotations="train-link.json"))
+    assert copied.fingerprint == folder.fingerprint and copied.complete_shards() == [0]
+    assert copied.inputs["detector"]["checkpoint"] == "model.pt", "the manifest keeps the first run's names"
+    assert open_cache(tmp_path / "elsewhere", inputs=inputs("best.pt", "ab" * 32)).fingerprint == folder.fingerprint
+
+    with pytest.raises(VildError) as caught:
+        open_cache(tmp_path / "cache", inputs=inputs("model.pt", "cd" * 32))
+    assert "(inputs.detector.sha256: abababababab -> cdcdcdcdcdcd)" in str(caught.value)
+    named = {**inputs("model.pt", "ab" * 32), "clip": {"model": "RN50", "sha256": None}}
+    with pytest.raises(VildError, match=r"inputs\.clip\.model: \"ViT-B/32\" -> \"RN50\""):
+        open_cache(tmp_path / "cache", inputs=named)   # without a hash the name is what identifies it
+
+
+def test_a_cache_whose_fingerprint_still_covers_its_input_names_is_resumed(tmp_path):
+    """Caches made before names left the fingerprint match by content, and keep their fingerprint."""
+    folder = open_cache(tmp_path / "cache", inputs={"detector": {"checkpoint": "model.pt", "sha256": "ab" * 32}})
+    manifest = json.loads((folder.path / MANIFEST_NAME).read_text())
+    manifest["fingerprint"] = "0" * 32
+    (folder.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    resumed = open_cache(tmp_path / "cache", inputs={"detector": {"checkpoint": "copy.pt", "sha256": "ab" * 32}})
+    assert resumed.fingerprint == "0" * 32
 
 
 def test_overwrite_replaces_only_cache_files_and_never_a_matching_cache_or_another_stage(tmp_path):

@@ -3,7 +3,8 @@
 A cache is a folder:
 
     manifest.json        what made the cache: stage, full config, identity of the inputs, row fields, layout,
-                         and a fingerprint (joblib.hash of all of these); written once, identical from every writer
+                         and a fingerprint (joblib.hash of all of these, less the names of inputs known by a
+                         content hash: a copied input is the same input); written once, identical from every writer
     shard-00012.h5       images [12*images_per_shard, 13*images_per_shard) of the input, flat row arrays
     shard-00012.json     done-marker of shard 12: images, rows, bytes, skipped images, seconds
     shard-00012.lock     held while some process writes shard 12 (pid, host, start time)
@@ -576,7 +577,7 @@ class CacheFolder:
         clash = [name for name in identity["fields"] if name in _RESERVED_NAMES]
         if clash:
             raise ValueError(f"row field names {clash} are reserved for the shard index datasets")
-        fingerprint = joblib.hash(identity)
+        fingerprint = joblib.hash(_content(identity))
         manifest = {
             "format": "vild-pipe cache",
             "schema_version": SCHEMA_VERSION,
@@ -597,8 +598,10 @@ class CacheFolder:
         deadline = time.monotonic() + OVERWRITE_WAIT_S
         while True:
             existing, unreadable = cls._peek_manifest(path)
-            if existing is not None and existing.get("fingerprint") == fingerprint:
-                manifest = existing
+            old_identity = {key: existing.get(key) for key in identity} if existing is not None else None
+            if existing is not None and (existing.get("fingerprint") == fingerprint
+                                         or _content(old_identity) == _content(identity)):
+                manifest = existing   # (a cache made before fingerprints left names out matches by content)
                 break
             if existing is not None and existing.get("stage") != stage:
                 raise VildError(
@@ -610,8 +613,8 @@ class CacheFolder:
                 pass  # another run is replacing the cache right now: wait for its manifest
             elif existing is not None or unreadable or orphans:
                 if existing is not None:
-                    old_identity = {key: existing.get(key) for key in identity}
-                    changes = _describe_changes(old_identity, identity, _differing_keys(old_identity, identity))
+                    changes = _describe_changes(old_identity, identity,
+                                                _differing_keys(_content(old_identity), _content(identity)))
                     problem = f"made with a different config or inputs ({changes})"
                 elif unreadable:
                     problem = f"left with an unreadable {MANIFEST_NAME} ({unreadable})"
@@ -848,6 +851,20 @@ def _manifest_bytes(manifest: dict) -> bytes:
 def _list_keys(keys: list[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+INPUT_NAME_KEYS = ("file", "checkpoint", "model", "path")
+"""Keys of an input's identity that say where it was read, not what it holds: left out of the comparison and the
+fingerprint wherever the input also has a content hash, so a copied, renamed or linked input (a node's local copy
+on a cluster) is the same input."""
+
+
+def _content(identity: dict) -> dict:
+    """`identity` without the input names that a content hash makes redundant (INPUT_NAME_KEYS)."""
+    inputs = {name: {key: value for key, value in entry.items() if key not in INPUT_NAME_KEYS}
+              if isinstance(entry, dict) and (entry.get("sha256") or entry.get("fingerprint")) else entry
+              for name, entry in (identity.get("inputs") or {}).items()}
+    return {**identity, "inputs": inputs}
 
 
 def _describe_changes(old: dict, new: dict, keys: list[str], limit: int = 4) -> str:
