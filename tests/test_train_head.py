@@ -22,7 +22,7 @@ from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.embedding_cache import embedding_fields
 from vild_pipe.pipeline.head import HEAD_NAME, load_head
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
-from vild_pipe.pipeline.text_embeddings import TextEmbeddings
+from vild_pipe.pipeline.text_embeddings import TextEmbeddings, load_text_embeddings
 from vild_pipe.stages import train_head
 from vild_pipe.stages.dump_proposals import proposal_fields
 
@@ -168,6 +168,11 @@ def test_rerun_is_a_no_op_and_a_config_change_is_refused(world, reference):
     assert all(torch.equal(before[k], v) for k, v in head_weights(run_dir).items())
     with pytest.raises(VildError, match="another config"):
         train_head.run(**settings(world, run_dir, lr=0.1))
+    texts = load_text_embeddings(world / "text.pt")
+    TextEmbeddings(texts.names, texts.embeddings, {**texts.clip, "model": "teacher-copy.pt"}, texts.templates).save(
+        run_dir.parent / "copied-clip-text.pt")
+    assert train_head.run(**settings(world, run_dir, text=str(run_dir.parent / "copied-clip-text.pt")))[
+        "trained_steps"] == 0, "the same CLIP under another file name is the same run"
 
 
 def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):

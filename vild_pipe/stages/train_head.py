@@ -132,7 +132,9 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         text_matrix = texts.embeddings.to(info.device) if use_text else None
 
         with GracefulStop() as stop:
-            step = resume_or_start(run_dir, config, head, optimiser, scheduler)
+            # the CLIP file's name may change (a copy, a link): its sha256 and the texts' digest are compared
+            step = resume_or_start(run_dir, config, head, optimiser, scheduler,
+                                   resumable_changes=["data.text.clip.model"])
             first_step = step
             if is_main(info):
                 keep_metrics_until(run_dir / METRICS_NAME, step)
