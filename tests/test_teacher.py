@@ -80,6 +80,12 @@ def test_loader_errors_are_one_line(tmp_path):
         load_teacher(str(annotations))
     assert str(caught.value) == (f"{annotations}: not a loadable CLIP checkpoint"
                                  " (not a PyTorch file, it looks like JSON)")
+    tensors = tmp_path / "head.pt"
+    torch.save({"weight": torch.zeros(2)}, tensors)
+    with pytest.raises(DataError) as caught:
+        load_teacher(str(tensors))
+    assert str(caught.value) == (f"{tensors}: not a CLIP model's weights (a PyTorch file without"
+                                 " 'visual.layer1.0.conv1.weight'; a detector, head or text-embeddings file?)")
 
 
 def test_one_point_five_box_geometry():
