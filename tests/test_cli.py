@@ -26,13 +26,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 
 def test_a_missing_or_wrong_kind_of_path_is_one_line_naming_it_and_exit_2(tmp_path):
     (tmp_path / "val.json").write_text("{}")
+    out = str(tmp_path / "out")
     cases = {
-        ("evaluate", str(tmp_path / "nope"), str(tmp_path / "val.json"), "out"):
+        ("evaluate", str(tmp_path / "nope"), str(tmp_path / "val.json"), out):
             f"error: {tmp_path / 'nope'}: no such file or directory (PROPOSALS)",
-        ("evaluate", str(tmp_path / "val.json"), str(tmp_path / "val.json"), "out"):
+        ("evaluate", str(tmp_path / "val.json"), str(tmp_path / "val.json"), out):
             f"error: {tmp_path / 'val.json'}: is a file, a folder is needed (PROPOSALS)",
-        ("evaluate", str(tmp_path), str(tmp_path), "out"): f"error: {tmp_path}: is a folder, a file is needed"
-                                                             " (ANNOTATIONS)",
+        ("evaluate", str(tmp_path), str(tmp_path), out):
+            f"error: {tmp_path}: is a folder, a file is needed (ANNOTATIONS)",
         ("detect", "x.jpg", "--detector", str(tmp_path / "rpn"), "--head", "h", "--clip", "c"):
             f"error: {tmp_path / 'rpn'}: no such file or directory (--detector)",
     }

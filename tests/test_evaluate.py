@@ -249,6 +249,10 @@ def test_a_file_without_a_split_takes_the_heads_training_categories_as_base(worl
     with pytest.raises(DataError, match="cannot choose a category split automatically"):
         evaluate._category_split(val, "auto", {})
     assert evaluate._category_split(val, "novel:heart", {"ViLD": world["heads"]["ViLD"]}).novel_ids == (7,)
+    dataset["categories"][2]["split"] = "unseen"   # a split the file gives wrongly is not replaced by the head's
+    (tmp_path / "val.json").write_text(json.dumps(dataset))
+    with pytest.raises(DataError, match="cannot choose a category split automatically"):
+        evaluate._category_split(CocoDataset.load(tmp_path / "val.json"), "auto", {"ViLD": world["heads"]["ViLD"]})
 
 
 def test_cocoeval_in_worker_processes_gives_the_same_numbers(world, every_mode, tmp_path, caplog):
@@ -306,6 +310,12 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     assert "trained on features of detector model.pt (ffffffffffff)" in messages["other detector"]
     assert all("\n" not in message and str(tmp_path) in message for message in messages.values())
     assert not (tmp_path / "out").exists(), "a refused run leaves no output folder"
+    earlier = tmp_path / "earlier"   # an output folder whose text_all.pt another CLIP made: kept as it is
+    TextEmbeddings(["circle"], torch.eye(1, DIM), {**clip, "sha256": "9" * 64}).save(earlier / "text_all.pt")
+    before = (earlier / "text_all.pt").read_bytes()
+    with pytest.raises(DataError, match="use one model"):
+        evaluate.run(**settings(world, earlier, heads={"ViLD-text": cases["other CLIP"]}))
+    assert (earlier / "text_all.pt").read_bytes() == before
 
     other = CacheFolder.open_or_create(
         tmp_path / "other-embeddings", stage="cache-embeddings", config={},

@@ -325,6 +325,15 @@ def test_cocoeval_runs_in_worker_processes_give_every_metric_of_one_run_here(pro
     assert here["AP50_novel"] > 0 and here["num_detections"] > 0
 
 
+def test_workers_follow_the_size_the_cpus_and_the_memory(monkeypatch):
+    monkeypatch.setattr(evaluation.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(evaluation, "_available_memory", lambda: 64 * 2**30)
+    assert [evaluation.workers_for(*size) for size in ((150, 15), (5000, 65), (19809, 1203))] == [1, 6, 8]
+    monkeypatch.setattr(evaluation, "_available_memory", lambda: 8 * 2**30)   # LVIS val: 2.4 GB a run of 100
+    assert evaluation.workers_for(19809, 1203) == 1 and evaluation.workers_for(5000, 65) == 6
+    assert evaluation.workers_for(150, 15, requested=3) == 3
+
+
 def test_the_metrics_module_imports_no_torch():
     """COCOeval's worker processes import it: with torch each would take seconds and 0.65 GB to start."""
     check = "import sys, vild_pipe.pipeline.evaluation; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"

@@ -285,7 +285,8 @@ EVALUATION_MODES = ["CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-en
                    " neg_category_ids (LVIS), else coco.")
 @click.option("--workers", default=0, show_default=True,
               help="Processes running COCOeval, categories split among them (0: by the size of the evaluation, at"
-                   " most one per CPU and 8; small ones stay in one). The numbers do not depend on it.")
+                   " most one per CPU, 8, and what half the free memory holds; small ones stay in one). Memory grows"
+                   " with workers; the numbers do not depend on it.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 def evaluate(proposals, annotations, out, embeddings, head_text, head_image, head_vild, modes, **options):
@@ -294,7 +295,8 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 
     Every box is classified among ALL the categories of ANNOTATIONS (base and novel), by CLIP on its crop
     (CLIP-on-crops), by each head (ViLD-text, ViLD-image, ViLD), and by the ViLD head and CLIP together
-    (ViLD-ensemble); a mode whose inputs are not given is skipped. Per-class NMS at IoU 0.5, up to 300
+    (ViLD-ensemble); a mode whose inputs are not given is skipped (refused if named with --mode). Per-class
+    NMS at IoU 0.5, up to 300
     detections per image, COCOeval on the written results files (LVIS' federated protocol on LVIS files).
     Heads of another CLIP model or detector and caches that do not belong together are refused.
     """

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+from typing import Any
 from urllib.error import HTTPError, URLError
 
 
@@ -46,3 +48,18 @@ def describe_error(err: BaseException) -> str:
         return f"not valid JSON (line {err.lineno} column {err.colno}: {err.msg})"
     lines = str(err).strip().splitlines()
     return " ".join(lines[0].split()) if lines else type(err).__name__
+
+
+_HASH_RE = re.compile(r"[0-9a-f]{32,}")
+
+
+def short_value(value: Any, limit: int = 40) -> str:
+    """A config or identity value in a one-line message ("top_n: 20 -> 30"): JSON, a hash cut to 12 digits,
+    anything longer than `limit` characters cut, between the items of a list or dict where it can be."""
+    if isinstance(value, str) and _HASH_RE.fullmatch(value):
+        return value[:12]
+    text = json.dumps(value, sort_keys=True)
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3]
+    return cut[:cut.rfind(", ")] + ", ..." if ", " in cut else cut + "..."

@@ -112,7 +112,8 @@ def _names_for(ids: Sequence[int], categories: Iterable[Category], which: str) -
     return [name_by_id[i] for i in ids]
 
 
-def _normalise(name: str) -> str:
+def normalised_name(name: str) -> str:
+    """A category name as names are matched: case and surrounding spaces do not count."""
     return name.strip().lower()
 
 
@@ -168,7 +169,7 @@ def _resolve_auto(categories: Sequence[Category], prefix: str) -> CategorySplit:
 def _ids_by_name(categories: Sequence[Category], prefix: str) -> dict[str, int]:
     ids: dict[str, int] = {}
     for c in categories:
-        key = _normalise(c.name)
+        key = normalised_name(c.name)
         if key in ids:
             raise DataError(f"{prefix}category names {c.name!r} (id {ids[key]}) and id {c.id} match the same name")
         ids[key] = c.id
@@ -176,7 +177,7 @@ def _ids_by_name(categories: Sequence[Category], prefix: str) -> dict[str, int]:
 
 
 def _missing_coco_ov_names(categories: Sequence[Category]) -> list[str]:
-    present = {_normalise(c.name) for c in categories}
+    present = {normalised_name(c.name) for c in categories}
     return [n for n in COCO_OV_BASE_NAMES + COCO_OV_NOVEL_NAMES if n not in present]
 
 
@@ -233,7 +234,7 @@ def _split_novel_names(
     if not names:
         raise DataError(f"{prefix}{where}: no novel category names given")
     ids = _ids_by_name(categories, prefix)
-    wanted = list(dict.fromkeys(_normalise(n) for n in names))
+    wanted = list(dict.fromkeys(normalised_name(n) for n in names))
     unknown = [n for n in wanted if n not in ids]
     if unknown:
         raise DataError(f"{prefix}{where}: unknown category names: {', '.join(unknown)}")

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.errors import DataError, VildError, describe_error, short_value
 from vild_pipe.pipeline.distributed import any_rank, barrier, gather_objects, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -360,8 +360,7 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _short(value: Any, missing: bool) -> str:
-    text = "(absent)" if missing else json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return "(absent)" if missing else short_value(value)
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], resumable_changes: Iterable[str] = ()) -> list[str]:

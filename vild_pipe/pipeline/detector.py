@@ -574,6 +574,15 @@ def describe_detector(identity: dict[str, Any]) -> str:
     return f"{identity.get('checkpoint')} ({str(identity.get('sha256'))[:12]})"
 
 
+def check_head_detector(head_file: str | os.PathLike, trained_on: dict[str, Any], ours: dict[str, Any],
+                        ours_named: str, remedy: str) -> None:
+    """DataError when both detectors are known by sha256 and differ: another detector's features, even of the
+    same shape, mean nothing to a head. `ours_named` says where ours comes from, `remedy` what to do."""
+    if trained_on.get("sha256") and ours.get("sha256") and trained_on["sha256"] != ours["sha256"]:
+        raise DataError(f"{os.fspath(head_file)}: head was trained on features of detector"
+                        f" {describe_detector(trained_on)}, {ours_named} {describe_detector(ours)}; {remedy}")
+
+
 # --------------------------------------------------------------------------- inference
 
 @torch.no_grad()

@@ -40,8 +40,11 @@ CATEGORIES_PER_RUN = 100
 categories on LVIS val would take 25-30 GiB; a category's precision does not depend on the others."""
 PAIRS_PER_WORKER = 50_000
 """(image, category) pairs worth a COCOeval worker process (`workers_for`): at about 0.1 ms a pair (COCO val
-shape, 300 detections an image) that is 5 s of work, against a second or so to start a worker."""
+shape, 300 detections an image) that is 5 s of work, against 0.3 s to start a worker and hand it its boxes."""
 MAX_WORKERS = 8
+BYTES_PER_PAIR = 1200
+"""COCOeval's memory per (image, category) pair of a run: 0.33 GiB for 3,000 LVIS-shaped images x 100 categories
+(bench/RESULTS.md), about 2.2 GiB for LVIS val's 19,809; workers each hold a run's worth at once."""
 
 LVIS_FREQUENCIES = ("r", "c", "f")
 
@@ -229,11 +232,24 @@ def run_cocoeval(gt: COCO, results: Detections, category_ids: Sequence[int],
 
 def workers_for(num_images: int, num_categories: int, requested: int = 0) -> int:
     """COCOeval processes for `run_cocoeval`: `requested` if > 0, else one per PAIRS_PER_WORKER (image,
-    category) pairs, at most one per CPU of this process and MAX_WORKERS (small runs stay in this process)."""
+    category) pairs, at most one per CPU of this process, MAX_WORKERS, and as many as half the memory now
+    available holds at BYTES_PER_PAIR for a run of up to CATEGORIES_PER_RUN categories (small runs stay here)."""
     if requested > 0:
         return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(num_images * num_categories // PAIRS_PER_WORKER, cpus, MAX_WORKERS))
+    per_worker = BYTES_PER_PAIR * num_images * min(num_categories, CATEGORIES_PER_RUN)
+    available = _available_memory()
+    fit = available // 2 // max(1, per_worker) if available is not None else MAX_WORKERS
+    return max(1, min(num_images * num_categories // PAIRS_PER_WORKER, cpus, MAX_WORKERS, fit))
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
 
 
 def _category_runs(category_ids: list[int], categories_per_run: int, workers: int) -> list[list[int]]:
@@ -248,9 +264,10 @@ def _ground_truth_of(gt: COCO, category_ids: list[int]) -> dict[str, list]:
     """What a bbox COCOeval of `category_ids` reads of `gt`: every image's id, those categories, their boxes
     (no masks): a run's share of LVIS val pickles to a worker in a few megabytes."""
     keys = ("id", "image_id", "category_id", "bbox", "area", "iscrowd", "ignore")
+    chosen = set(category_ids)
     return {"images": [{"id": image_id} for image_id in gt.getImgIds()], "categories": gt.loadCats(category_ids),
             "annotations": [{key: ann[key] for key in keys if key in ann}
-                            for ann in gt.loadAnns(gt.getAnnIds(catIds=category_ids))]}
+                            for ann in gt.dataset["annotations"] if ann["category_id"] in chosen]}
 
 
 def _precision_of_run(gt: COCO | Mapping, results: Detections, category_ids: list[int], image_ids: list[int],

@@ -58,7 +58,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.errors import DataError, VildError, describe_error, short_value
 
 log = logging.getLogger(__name__)
 
@@ -873,23 +873,14 @@ def _describe_changes(old: dict, new: dict, keys: list[str], limit: int = 4) -> 
     return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-_HASH_RE = re.compile(r"[0-9a-f]{32,}")
-
-
 def _short_value(tree: dict, dotted: str) -> str:
-    """The value at a dotted key as short JSON: a hash cut to 12 digits, anything long cut to 40 characters."""
+    """The value at a dotted key, as `errors.short_value` writes it, or "(absent)"."""
     value: Any = tree
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
             return "(absent)"
         value = value[part]
-    if isinstance(value, str) and _HASH_RE.fullmatch(value):
-        return value[:12]
-    text = json.dumps(value, sort_keys=True)
-    if len(text) <= 40:
-        return text
-    cut = text[:37]
-    return cut[:cut.rfind(", ")] + ", ..." if ", " in cut else cut + "..."  # a list or dict cut between items
+    return short_value(value)
 
 
 def _cache_files(path: Path) -> list[str]:

@@ -119,8 +119,9 @@ def load_teacher(name_or_path: str, device="cpu") -> Teacher:
             model, preprocess = clip.load(name_or_path, device=device, jit=False)
     except (RuntimeError, KeyError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         if is_file and isinstance(err, KeyError):   # a readable torch file, but clip's model builder lacks a key
+            missing = repr(err.args[0]) if err.args else "a key CLIP's model needs"
             raise DataError(f"{name_or_path}: not a CLIP model's weights (a PyTorch file without"
-                            f" {err.args[0]!r}; a detector, head or text-embeddings file?)") from err
+                            f" {missing}; a detector, head or text-embeddings file?)") from err
         if is_file:
             reason = describe_load_error(name_or_path, err, otherwise=None)
             raise DataError(f"{name_or_path}: not a loadable CLIP checkpoint ({reason})") from err

@@ -128,7 +128,9 @@ def load_text_rows(path: str | os.PathLike, names: Sequence[str]) -> TextEmbeddi
     return TextEmbeddings(list(names), loaded.embeddings[rows], loaded.clip, loaded.templates)
 
 
-def _reusable(out: Path, identity: dict, names: list[str]) -> TextEmbeddings | None:
+def reusable_text_embeddings(out: str | os.PathLike, clip: str, names: Sequence[str]) -> TextEmbeddings | None:
+    """The text embeddings in `out` if it was made by the CLIP model `clip` for exactly `names`, else None."""
+    out = Path(out)
     if not out.is_file():
         return None
     try:
@@ -136,7 +138,8 @@ def _reusable(out: Path, identity: dict, names: list[str]) -> TextEmbeddings | N
     except DataError as err:
         log.info("recomputing %s: %s", out, err)
         return None
-    if saved.names == names and same_clip(saved.clip, identity) and saved.templates == templates_hash():
+    same_model = same_clip(saved.clip, clip_file_identity(clip))
+    if saved.names == list(names) and same_model and saved.templates == templates_hash():
         return saved
     log.info("recomputing %s: it was made for other names, another CLIP model or other prompt templates", out)
     return None
@@ -151,7 +154,7 @@ def embed_text(clip: str, names: Sequence[str], out: str | os.PathLike | None = 
     """
     names = check_names(names, os.fspath(out) if out is not None else "category names")
     if out is not None:
-        reused = _reusable(Path(out), clip_file_identity(clip), names)
+        reused = reusable_text_embeddings(out, clip, names)
         if reused is not None:
             log.info("text embeddings for %d names reused from %s", len(names), out)
             return reused

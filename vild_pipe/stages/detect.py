@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
-from vild_pipe.pipeline.detector import describe_detector, load_detector
+from vild_pipe.pipeline.detector import check_head_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
@@ -92,7 +92,9 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         raise DataError(f"{os.fspath(head)}: head takes {config.in_channels}x{config.resolution}x{config.resolution}"
                         f" RoI features, detector {os.fspath(detector)} gives {channels}x{resolution}x{resolution};"
                         " use the detector the head was trained on")
-    _check_same_detector(head_file, info, detector, detector_identity)
+    check_head_detector(head_file, info.get("detector") or {}, detector_identity,
+                        f"--detector {os.fspath(detector)} is",
+                        "use the head's detector, or a head trained on this detector's proposals")
     teacher = load_teacher(clip, torch_device)
     if teacher.embed_dim != config.embed_dim:
         raise DataError(f"--clip {clip}: embeds in {teacher.embed_dim} dimensions, the head in {config.embed_dim}")
@@ -142,16 +144,6 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             "images": len(found), "skipped": skipped, "detections": total, "per_image": [len(d.scores) for d in found],
             "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
-
-
-def _check_same_detector(head_file: Path, info: dict, detector, identity: dict) -> None:
-    """DataError when the head records the detector it was trained on and it is not this one: another detector's
-    features of the same shape mean nothing to the head. Heads written before train-head recorded it pass."""
-    trained_on = info.get("detector") or {}
-    if trained_on.get("sha256") and trained_on["sha256"] != identity["sha256"]:
-        raise DataError(f"{head_file}: head was trained on features of detector {describe_detector(trained_on)},"
-                        f" --detector {os.fspath(detector)} is {describe_detector(identity)}; use the head's"
-                        " detector, or a head trained on this detector's proposals")
 
 
 def _save_drawing(drawing: Image.Image, path: Path) -> None:

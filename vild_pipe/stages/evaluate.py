@@ -34,9 +34,9 @@ import torch
 from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.data.splits import CategorySplit
+from vild_pipe.data.splits import CategorySplit, normalised_name
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.detector import describe_detector
+from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
@@ -52,7 +52,9 @@ from vild_pipe.pipeline.scoring import (
 from vild_pipe.pipeline.shards import (
     CacheFolder, make_output_folder, write_bytes_atomically, write_json_atomically, write_text_atomically,
 )
-from vild_pipe.pipeline.text_embeddings import TextEmbeddings, embed_text, load_text_rows, same_clip
+from vild_pipe.pipeline.text_embeddings import (
+    TextEmbeddings, embed_text, load_text_rows, reusable_text_embeddings, same_clip,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     (the embedding cache of `proposals`) feeds CLIP-on-crops and the ensemble, which combines it with the
     head of mode `ensemble_head`. Text embeddings of every category of `annotations` come from `text` (an
     embed-text file holding them all) or are computed with `clip` into OUT/text_all.pt. `modes` picks modes
-    (default: all); a mode whose inputs are missing is skipped with one log line. `split` is the
+    (default: all, a mode whose inputs are missing skipped with one log line; a mode named here without its
+    inputs is refused). `split` is the
     base/novel split of `annotations` (a data.splits spec or a CategorySplit); categories outside it are
     neither classified nor evaluated. `protocol` and `max_dets` are `evaluation.evaluate_coco`'s (LVIS'
     federated protocol for LVIS files, COCO's otherwise); `max_detections` the detections kept per image.
@@ -250,11 +253,13 @@ def _text_embeddings(text, clip: str | None, names: list[str], out: Path, device
         raise VildError("give either --text (an embed-text file) or --clip (to compute the text embeddings), not both")
     if text is None and clip is None:
         raise VildError("the categories' text embeddings are needed: give --clip (the CLIP model) or --text")
-    if text is None and (out / TEXT_NAME).is_file():
-        return embed_text(clip, names, out=out / TEXT_NAME, device=str(device)), False   # reused if it fits
-    if text is None:
-        return embed_text(clip, names, device=str(device)), True
-    return load_text_rows(text, names), False
+    if text is not None:
+        return load_text_rows(text, names), False
+    reused = reusable_text_embeddings(out / TEXT_NAME, clip, names)
+    if reused is not None:
+        log.info("text embeddings of %d categories reused from %s", len(names), out / TEXT_NAME)
+        return reused, False
+    return embed_text(clip, names, device=str(device)), True
 
 
 def _category_split(dataset: CocoDataset, split: str | CategorySplit, heads: Mapping[str, Any]) -> CategorySplit:
@@ -264,12 +269,12 @@ def _category_split(dataset: CocoDataset, split: str | CategorySplit, heads: Map
     try:
         return dataset.resolve_split(split)
     except DataError as err:
-        if split != "auto" or not heads:
-            raise
+        if split != "auto" or not heads or any(c.split is not None for c in dataset.categories):
+            raise   # a split the file gives, wrongly, is the user's to mend
         not_in_file = err
     file = resolve_head_file(heads[next(mode for mode in HEAD_MODES if mode in heads)])
-    base_names = {name.strip().lower() for name in load_head(file)[1].get("base_names") or []}
-    base = tuple(c.id for c in dataset.categories if c.name.strip().lower() in base_names)
+    base_names = {normalised_name(name) for name in load_head(file)[1].get("base_names") or []}
+    base = tuple(c.id for c in dataset.categories if normalised_name(c.name) in base_names)
     if not base:
         raise not_in_file
     novel = tuple(c.id for c in dataset.categories if c.id not in base)
@@ -302,7 +307,8 @@ def _load_heads(heads: Mapping[str, Any], active: list[str], ensemble_head: str,
         if losses != HEAD_MODES[mode]:
             log.warning("%s: the %s head was trained with losses %r, not %r", file, mode, losses, HEAD_MODES[mode])
         base_names = loaded[mode].info.get("base_names")
-        if base_names is not None and sorted(base_names) != sorted(category_split.base_names(dataset.categories)):
+        here = category_split.base_names(dataset.categories)
+        if base_names is not None and sorted(map(normalised_name, base_names)) != sorted(map(normalised_name, here)):
             log.warning("%s: the head's base categories differ from the base categories of split %r here",
                         file, category_split.spec)
     return loaded
@@ -327,12 +333,9 @@ def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
     """DataError when the head was trained on features of another detector than the one `proposals` came from
     (they mean nothing to the head). The head records that detector's sha256; a head written before it did is
     checked through its training cache when that is still where it was, else not at all."""
-    theirs = loaded.info.get("detector") or _detector_of_training_cache(loaded.info)
-    ours = proposals.inputs.get("detector") or {}
-    if theirs.get("sha256") and ours.get("sha256") and theirs["sha256"] != ours["sha256"]:
-        raise DataError(f"{loaded.file}: head was trained on features of detector {describe_detector(theirs)},"
-                        f" the proposal cache {proposals.path} comes from {describe_detector(ours)}; dump proposals"
-                        " with the head's detector, or use a head trained on this detector's proposals")
+    check_head_detector(loaded.file, loaded.info.get("detector") or _detector_of_training_cache(loaded.info),
+                        proposals.inputs.get("detector") or {}, f"the proposal cache {proposals.path} comes from",
+                        "dump proposals with the head's detector, or use a head trained on this detector's proposals")
 
 
 def _detector_of_training_cache(info: Mapping[str, Any]) -> dict:
