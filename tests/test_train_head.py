@@ -182,10 +182,16 @@ def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):
     assert "\n" not in str(err.value)
     names = ["circle", "square", "star", "moon"]
     TextEmbeddings(names, torch.eye(4, DIM), {**CLIP, "sha256": "b" * 64}).save(tmp_path / "other_clip.pt")
+    TextEmbeddings(["circle"], torch.eye(1, DIM), CLIP).save(tmp_path / "one-name.pt")
     with pytest.raises(DataError, match="use one model"):
         train_head.run(**settings(world, tmp_path / "run", text=str(tmp_path / "other_clip.pt")))
     with pytest.raises(DataError, match="another annotation file"):
         train_head.run(**settings(world, tmp_path / "run", annotations=str(other / "train.json")))
+    with pytest.raises(DataError, match="lacks the categories"):
+        train_head.run(**settings(world, tmp_path / "run", text=str(tmp_path / "one-name.pt")))
+    with pytest.raises(DataError, match=r"^--clip \S+text\.pt: text embeddings are from CLIP text\.pt"):
+        train_head.run(**settings(world, tmp_path / "run", text=None, clip=str(world / "text.pt")))  # not this CLIP
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run folder"
 
 
 def test_order_is_a_function_of_seed_and_step_and_covers_each_epoch(world):

@@ -50,7 +50,7 @@ from vild_pipe.pipeline.training_run import (
     append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
 )
 from vild_pipe.pipeline.text_embeddings import (
-    TextEmbeddings, embed_text, load_text_embeddings, load_text_rows, same_clip,
+    TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows, same_clip,
 )
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         proposal_folder, embedding_folder = _open_caches(proposals, embeddings, use_image)
         train_set = _training_annotations(annotations, proposal_folder, split)
         base_names = train_set.split.base_names(train_set.categories)
+        texts = _base_text_embeddings(text, clip, base_names, run_dir, embedding_folder, info, required=use_text)
         if is_main(info):
             make_run_dir(run_dir)
-        texts = _base_text_embeddings(text, clip, base_names, run_dir, embedding_folder, info, required=use_text)
         head_config = HeadConfig(*_feature_shape(proposal_folder), representation_size=representation_size,
                                  conv_layers=conv_layers,
                                  embed_dim=_embed_dim(embedding_folder, texts))
@@ -228,7 +228,8 @@ def _training_annotations(annotations, proposals: CacheFolder, split: str | None
 
 def _base_text_embeddings(text, clip, base_names: list[str], run_dir: Path, embeddings: CacheFolder | None,
                           info, required: bool) -> TextEmbeddings | None:
-    """The base categories' text embeddings, rows in base-name order; checked against the image embeddings."""
+    """The base categories' text embeddings, rows in base-name order; checked against the image embeddings
+    before RUN_DIR is made (a refused run leaves no folder), except the dimension of ones computed with --clip."""
     if text is not None and clip is not None:
         raise VildError("give either --text (an embed-text file) or --clip (to compute the text embeddings), not both")
     if text is None and clip is None:
@@ -237,20 +238,27 @@ def _base_text_embeddings(text, clip, base_names: list[str], run_dir: Path, embe
         return None
     if text is not None:
         texts = load_text_rows(text, base_names)
-        where = os.fspath(text)
-    else:
-        if is_main(info):
-            embed_text(clip, base_names, out=run_dir / TEXT_NAME)
-        barrier()
-        texts = load_text_embeddings(run_dir / TEXT_NAME)
-        where = os.fspath(run_dir / TEXT_NAME)
-    if embeddings is not None:
-        image_clip = clip_identity(embeddings)
-        if not same_clip(texts.clip, image_clip) or texts.embed_dim != embedding_dim(embeddings):
-            raise DataError(f"{where}: text embeddings are from CLIP {texts.clip.get('model')}"
-                            f" ({str(texts.clip.get('sha256'))[:12]}), the image embeddings in {embeddings.path}"
-                            f" from {image_clip.get('model')} ({str(image_clip.get('sha256'))[:12]}); use one model")
+        _check_same_clip(os.fspath(text), texts.clip, texts.embed_dim, embeddings)
+        return texts
+    _check_same_clip(f"--clip {clip}", clip_file_identity(clip), None, embeddings)
+    if is_main(info):
+        make_run_dir(run_dir)
+        embed_text(clip, base_names, out=run_dir / TEXT_NAME)
+    barrier()
+    texts = load_text_embeddings(run_dir / TEXT_NAME)
+    _check_same_clip(os.fspath(run_dir / TEXT_NAME), texts.clip, texts.embed_dim, embeddings)
     return texts
+
+
+def _check_same_clip(where: str, text_clip: dict, embed_dim: int | None, embeddings: CacheFolder | None) -> None:
+    """DataError unless the text embeddings (of `where`) come from the CLIP model of the image embeddings."""
+    if embeddings is None:
+        return
+    image_clip = clip_identity(embeddings)
+    if not same_clip(text_clip, image_clip) or embed_dim not in (None, embedding_dim(embeddings)):
+        raise DataError(f"{where}: text embeddings are from CLIP {text_clip.get('model')}"
+                        f" ({str(text_clip.get('sha256'))[:12]}), the image embeddings in {embeddings.path}"
+                        f" from {image_clip.get('model')} ({str(image_clip.get('sha256'))[:12]}); use one model")
 
 
 def _optimiser(head: ViLDHead, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
