@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.error import HTTPError, URLError
 
@@ -63,3 +64,31 @@ def short_value(value: Any, limit: int = 40) -> str:
         return text
     cut = text[:limit - 3]
     return cut[:cut.rfind(", ")] + ", ..." if ", " in cut else cut + "..."
+
+
+def value_changes(old: Mapping[str, Any], new: Mapping[str, Any], skip: Iterable[str] = ()) -> list[str]:
+    """"key: old -> new" for every dotted key of two nested mappings whose values differ, "(absent)" where one
+    lacks it, values as `short_value` writes them; keys in `skip` (dotted) and those below them left out."""
+    skipped = set(skip)
+    old_flat, new_flat = _flatten(old), _flatten(new)
+    changes = []
+    for key in sorted(old_flat.keys() | new_flat.keys()):
+        if key in skipped or any(key.startswith(prefix + ".") for prefix in skipped):
+            continue
+        if key not in old_flat or key not in new_flat or old_flat[key] != new_flat[key]:
+            before = short_value(old_flat[key]) if key in old_flat else "(absent)"
+            after = short_value(new_flat[key]) if key in new_flat else "(absent)"
+            changes.append(f"{key}: {before} -> {after}")
+    return changes
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a nested mapping's leaves (an empty mapping is a leaf)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vild_pipe.errors import DataError, VildError, describe_error, short_value
+from vild_pipe.errors import DataError, VildError, describe_error, value_changes
 from vild_pipe.pipeline.distributed import any_rank, barrier, gather_objects, unwrap_model
 
 log = logging.getLogger(__name__)
@@ -348,32 +348,9 @@ def _plain_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=str, sort_keys=True))
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _short(value: Any, missing: bool) -> str:
-    return "(absent)" if missing else short_value(value)
-
-
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], resumable_changes: Iterable[str] = ()) -> list[str]:
     """'key: old -> new' for every (dotted) config key that differs, except those listed as resumable."""
-    allowed = set(resumable_changes)
-    old, new = _flatten(_plain_config(saved)), _flatten(_plain_config(current))
-    differences = []
-    for key in sorted(old.keys() | new.keys()):
-        if key in allowed or any(key.startswith(prefix + ".") for prefix in allowed):
-            continue
-        if key not in old or key not in new or old[key] != new[key]:
-            differences.append(f"{key}: {_short(old.get(key), key not in old)} -> {_short(new.get(key), key not in new)}")
-    return differences
+    return value_changes(_plain_config(saved), _plain_config(current), skip=resumable_changes)
 
 
 def save_training_state(

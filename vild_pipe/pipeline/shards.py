@@ -58,7 +58,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError, describe_error, short_value
+from vild_pipe.errors import DataError, VildError, describe_error, value_changes
 
 log = logging.getLogger(__name__)
 
@@ -343,13 +343,6 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=_json_default))
 
 
-def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new))
-        return [k for key in keys for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
-    return [] if old == new else [prefix.rstrip(".")]
-
-
 def _remove_tmp_if_stale(path: Path) -> None:
     """Remove a temp file left by a killed run (one log line); a temp file being written is left alone."""
     if _tmp_is_stale(path):
@@ -613,9 +606,9 @@ class CacheFolder:
                 pass  # another run is replacing the cache right now: wait for its manifest
             elif existing is not None or unreadable or orphans:
                 if existing is not None:
-                    changes = _describe_changes(old_identity, identity,
-                                                _differing_keys(_content(old_identity), _content(identity)))
-                    problem = f"made with a different config or inputs ({changes})"
+                    changes = value_changes(_content(old_identity), _content(identity))
+                    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+                    problem = f"made with a different config or inputs ({shown})"
                 elif unreadable:
                     problem = f"left with an unreadable {MANIFEST_NAME} ({unreadable})"
                 else:
@@ -865,22 +858,6 @@ def _content(identity: dict) -> dict:
               if isinstance(entry, dict) and (entry.get("sha256") or entry.get("fingerprint")) else entry
               for name, entry in (identity.get("inputs") or {}).items()}
     return {**identity, "inputs": inputs}
-
-
-def _describe_changes(old: dict, new: dict, keys: list[str], limit: int = 4) -> str:
-    """"config.top_n: 20 -> 30; ..." for the first `limit` differing dotted keys: the user sees what changed."""
-    shown = "; ".join(f"{key}: {_short_value(old, key)} -> {_short_value(new, key)}" for key in keys[:limit])
-    return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def _short_value(tree: dict, dotted: str) -> str:
-    """The value at a dotted key, as `errors.short_value` writes it, or "(absent)"."""
-    value: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return "(absent)"
-        value = value[part]
-    return short_value(value)
 
 
 def _cache_files(path: Path) -> list[str]:
