@@ -333,6 +333,12 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     TextEmbeddings(["circle"], torch.eye(1, DIM), clip).save(tmp_path / "one-name.pt")
     with pytest.raises(DataError, match="lacks the categories square, star"):
         evaluate.run(**settings(world, tmp_path / "out", clip=None, text=tmp_path / "one-name.pt"))
+    other_text = tmp_path / "other-clip-text.pt"
+    TextEmbeddings([c["name"] for c in CATEGORIES], torch.eye(5, DIM), {**clip, "sha256": "9" * 64}).save(other_text)
+    with pytest.raises(DataError) as raised:   # the crops' CLIP and the texts' must be one model
+        evaluate.run(**settings(world, tmp_path / "out", heads=None, clip=None, text=other_text))
+    assert str(raised.value).startswith(f"{other_text}: text embeddings are from CLIP {clip['model']} (999999999999,")
+    assert str(raised.value).endswith("; use one model")
     assert not (tmp_path / "out").exists()
 
     caplog.set_level(logging.WARNING, logger="vild_pipe.stages.evaluate")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline.shards import CacheFolder, RowField, sha256_file
+from vild_pipe.pipeline.text_embeddings import describe_clip, same_clip
 
 STAGE = "cache-embeddings"
 PROPOSAL_STAGE = "dump-proposals"
@@ -57,6 +58,17 @@ def embedding_dim(embeddings: CacheFolder) -> int:
 def clip_identity(embeddings: CacheFolder) -> dict:
     """The CLIP model an embedding cache was computed with (`Teacher.identity`)."""
     return embeddings.inputs["clip"]
+
+
+def check_text_clip(embeddings: CacheFolder | None, where: str, text_clip: dict, embed_dim: int | None = None) -> None:
+    """DataError unless the text embeddings of `where` come from the CLIP model that embedded the cache's crops
+    (and have its embedding size, when `embed_dim` is known): the two must share one space."""
+    if embeddings is None:
+        return
+    image_clip = clip_identity(embeddings)
+    if not same_clip(text_clip, image_clip) or embed_dim not in (None, embedding_dim(embeddings)):
+        raise DataError(f"{where}: text embeddings are from CLIP {describe_clip(text_clip)}, the crop embeddings in"
+                        f" {embeddings.path} from {describe_clip(image_clip)}; use one model")
 
 
 def belongs_to(embeddings: CacheFolder, proposals: CacheFolder) -> bool:

@@ -97,6 +97,12 @@ def clip_file_identity(clip: str) -> dict:
     return {"model": clip, "sha256": None}
 
 
+def describe_clip(identity: dict) -> str:
+    """A CLIP identity in a message: model name, the start of its sha256, and its embedding size when known."""
+    dim = f", dim {identity['embed_dim']}" if identity.get("embed_dim") is not None else ""
+    return f"{identity.get('model')} ({str(identity.get('sha256'))[:12]}{dim})"
+
+
 def same_clip(a: dict, b: dict) -> bool:
     """Whether two identities name the same CLIP weights (a hash when there is one, else the model name)."""
     if a.get("sha256") or b.get("sha256"):

@@ -39,7 +39,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, clip_identity, embedding_dim, open_caches,
+    ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, check_text_clip, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
     PROTOCOLS, Detections, evaluate_coco, load_ground_truth, metrics_table, resolve_protocol, workers_for,
@@ -53,7 +53,7 @@ from vild_pipe.pipeline.shards import (
     CacheFolder, make_output_folder, write_bytes_atomically, write_json_atomically, write_text_atomically,
 )
 from vild_pipe.pipeline.text_embeddings import (
-    TextEmbeddings, embed_text, load_text_rows, reusable_text_embeddings, same_clip,
+    TextEmbeddings, describe_clip, embed_text, load_text_rows, reusable_text_embeddings, same_clip,
 )
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     texts, unsaved = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
     loaded = _load_heads(heads, active, ensemble_head, texts, proposal_folder, category_split, dataset, torch_device)
     if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
-        _check_embedding_clip(embedding_folder, texts)
+        check_text_clip(embedding_folder, os.fspath(text) if text is not None else f"--clip {clip}", texts.clip,
+                        texts.embed_dim)
     make_output_folder(out)
     if unsaved:
         texts.save(out / TEXT_NAME)
@@ -283,10 +284,6 @@ def _category_split(dataset: CocoDataset, split: str | CategorySplit, heads: Map
     return CategorySplit(base_ids=base, novel_ids=novel, spec=f"base: the categories of {file}")
 
 
-def _describe_clip(identity: Mapping[str, Any]) -> str:
-    return f"{identity.get('model')} ({str(identity.get('sha256'))[:12]}, dim {identity.get('embed_dim')})"
-
-
 def _load_heads(heads: Mapping[str, Any], active: list[str], ensemble_head: str, texts: TextEmbeddings,
                 proposals: CacheFolder, category_split: CategorySplit, dataset: CocoDataset,
                 device: torch.device) -> dict[str, _LoadedHead]:
@@ -319,8 +316,8 @@ def _check_head(loaded: _LoadedHead, texts: TextEmbeddings, proposals: CacheFold
     info, config, file = loaded.info, loaded.head.config, loaded.file
     head_clip = info.get("clip") or {}
     if not same_clip(head_clip, texts.clip) or config.embed_dim != texts.embed_dim:
-        raise DataError(f"{file}: head was trained against CLIP {_describe_clip(head_clip)} (embed dim"
-                        f" {config.embed_dim}), the text embeddings are of {_describe_clip(texts.clip)}; use one model")
+        raise DataError(f"{file}: head was trained against CLIP {describe_clip(head_clip)} (embed dim"
+                        f" {config.embed_dim}), the text embeddings are of {describe_clip(texts.clip)}; use one model")
     channels, height, width = proposals.fields["features"].shape
     if (config.in_channels, config.resolution, config.resolution) != (channels, height, width):
         raise DataError(f"{file}: head takes {config.in_channels}x{config.resolution}x{config.resolution} RoI features,"
@@ -352,13 +349,6 @@ def _detector_of_training_cache(info: Mapping[str, Any]) -> dict:
     if folder.fingerprint != trained_on.get("fingerprint"):
         return {}
     return folder.inputs.get("detector") or {}
-
-
-def _check_embedding_clip(embeddings: CacheFolder, texts: TextEmbeddings) -> None:
-    image_clip = clip_identity(embeddings)
-    if not same_clip(image_clip, texts.clip) or embedding_dim(embeddings) != texts.embed_dim:
-        raise DataError(f"{embeddings.path}: crop embeddings are from CLIP {_describe_clip(image_clip)}, the text"
-                        f" embeddings from {_describe_clip(texts.clip)}; use one model")
 
 
 # --------------------------------------------------------------------------- scoring

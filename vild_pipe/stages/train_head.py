@@ -41,7 +41,9 @@ from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on
 from vild_pipe.pipeline.distributed import (
     all_reduce_sum, barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
 )
-from vild_pipe.pipeline.embedding_cache import annotations_of, clip_identity, embedding_dim, open_caches
+from vild_pipe.pipeline.embedding_cache import (
+    annotations_of, check_text_clip, clip_identity, embedding_dim, open_caches,
+)
 from vild_pipe.pipeline.head import (
     HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, text_logits,
 )
@@ -50,7 +52,7 @@ from vild_pipe.pipeline.training_run import (
     append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
 )
 from vild_pipe.pipeline.text_embeddings import (
-    TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows, same_clip,
+    TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows,
 )
 
 log = logging.getLogger(__name__)
@@ -238,27 +240,16 @@ def _base_text_embeddings(text, clip, base_names: list[str], run_dir: Path, embe
         return None
     if text is not None:
         texts = load_text_rows(text, base_names)
-        _check_same_clip(os.fspath(text), texts.clip, texts.embed_dim, embeddings)
+        check_text_clip(embeddings, os.fspath(text), texts.clip, texts.embed_dim)
         return texts
-    _check_same_clip(f"--clip {clip}", clip_file_identity(clip), None, embeddings)
+    check_text_clip(embeddings, f"--clip {clip}", clip_file_identity(clip))
     if is_main(info):
         make_run_dir(run_dir)
         embed_text(clip, base_names, out=run_dir / TEXT_NAME)
     barrier()
     texts = load_text_embeddings(run_dir / TEXT_NAME)
-    _check_same_clip(os.fspath(run_dir / TEXT_NAME), texts.clip, texts.embed_dim, embeddings)
+    check_text_clip(embeddings, os.fspath(run_dir / TEXT_NAME), texts.clip, texts.embed_dim)
     return texts
-
-
-def _check_same_clip(where: str, text_clip: dict, embed_dim: int | None, embeddings: CacheFolder | None) -> None:
-    """DataError unless the text embeddings (of `where`) come from the CLIP model of the image embeddings."""
-    if embeddings is None:
-        return
-    image_clip = clip_identity(embeddings)
-    if not same_clip(text_clip, image_clip) or embed_dim not in (None, embedding_dim(embeddings)):
-        raise DataError(f"{where}: text embeddings are from CLIP {text_clip.get('model')}"
-                        f" ({str(text_clip.get('sha256'))[:12]}), the image embeddings in {embeddings.path}"
-                        f" from {image_clip.get('model')} ({str(image_clip.get('sha256'))[:12]}); use one model")
 
 
 def _optimiser(head: ViLDHead, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
