@@ -296,8 +296,8 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
     Every box is classified among ALL the categories of ANNOTATIONS (base and novel), by CLIP on its crop
     (CLIP-on-crops), by each head (ViLD-text, ViLD-image, ViLD), and by the ViLD head and CLIP together
     (ViLD-ensemble); a mode whose inputs are not given is skipped (refused if named with --mode). Per-class
-    NMS at IoU 0.5, up to 300
-    detections per image, COCOeval on the written results files (LVIS' federated protocol on LVIS files).
+    NMS at IoU 0.5, up to 300 detections per image, COCOeval on the written results files (LVIS' federated
+    protocol on LVIS files).
     Heads of another CLIP model or detector and caches that do not belong together are refused.
     """
     from vild_pipe.pipeline.evaluation import metrics_table

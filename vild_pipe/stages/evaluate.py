@@ -100,8 +100,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     head of mode `ensemble_head`. Text embeddings of every category of `annotations` come from `text` (an
     embed-text file holding them all) or are computed with `clip` into OUT/text_all.pt. `modes` picks modes
     (default: all, a mode whose inputs are missing skipped with one log line; a mode named here without its
-    inputs is refused). `split` is the
-    base/novel split of `annotations` (a data.splits spec or a CategorySplit); categories outside it are
+    inputs is refused). `split` is the base/novel split of `annotations` (a data.splits spec or a
+    CategorySplit); categories outside it are
     neither classified nor evaluated. `protocol` and `max_dets` are `evaluation.evaluate_coco`'s (LVIS'
     federated protocol for LVIS files, COCO's otherwise); `max_detections` the detections kept per image.
     `workers`: processes for COCOeval (0: by the evaluation's size, `evaluation.workers_for`).
