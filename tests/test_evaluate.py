@@ -18,6 +18,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.embedding_cache import embedding_fields
+from vild_pipe.pipeline.evaluation import evaluate_coco
 from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
 from vild_pipe.pipeline.scoring import (
     crop_probabilities, detections_from_scores, ensemble_probabilities, head_probabilities,
@@ -50,12 +51,16 @@ def orthogonal_to(texts: np.ndarray, rng) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
-def write_caches(folder, clip_file, texts: np.ndarray, seed=0):
-    """val.json, a proposal cache over it, and its "exact" and "noisy" embedding caches."""
+def write_caches(folder, clip_file, texts: np.ndarray, seed=0, lvis=False):
+    """val.json, a proposal cache over it, and its "exact" and "noisy" embedding caches. With `lvis`, val.json's
+    images carry LVIS' lists of the categories checked absent and not exhaustively drawn."""
     rng = np.random.default_rng(seed)
     images, annotations, per_image = [], [], []
     for image_id in range(1, IMAGES + 1):
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 120, "height": 120})
+        if lvis:
+            images[-1].update(neg_category_ids=[CATEGORIES[image_id % len(CATEGORIES)]["id"]],
+                              not_exhaustive_category_ids=[CATEGORIES[image_id % 3]["id"]])
         classes = rng.integers(0, len(CATEGORIES), 2)
         corners = np.array([[5.0, 5.0], [60.0, 60.0]]) + rng.uniform(0, 10, (2, 2))
         boxes = np.concatenate([corners, corners + rng.uniform(22, 40, (2, 2))], axis=1)
@@ -123,7 +128,7 @@ def world(tmp_path_factory):
     clip = write_caches(folder, clip_file, texts.embeddings.numpy())
     heads = {mode: write_head(folder / f"head-{mode}.pt", clip, losses, seed=k)
              for k, (mode, losses) in enumerate(evaluate.HEAD_MODES.items())}
-    return {"folder": folder, "clip_file": clip_file, "clip": clip, "heads": heads}
+    return {"folder": folder, "clip_file": clip_file, "clip": clip, "heads": heads, "texts": texts.embeddings.numpy()}
 
 
 def settings(world, out, embeddings="noisy", **overrides):
@@ -233,6 +238,24 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
     with pytest.raises(DataError, match=r"val\.json: --protocol lvis needs images that list neg_category_ids"):
         evaluate.run(**settings(world, tmp_path / "not-lvis", protocol="lvis"))
     assert not (tmp_path / "not-lvis").exists()
+
+
+def test_an_lvis_file_is_evaluated_federated_with_its_ground_truth_prepared_once_for_every_mode(world, tmp_path):
+    """The stage prepares LVIS' federated ground truth once for all modes; each mode's numbers must equal those
+    of the library evaluating the results file it wrote against the annotation file alone."""
+    folder = tmp_path / "lvis"
+    folder.mkdir()
+    write_caches(folder, world["clip_file"], world["texts"], lvis=True)
+    lvis_world = dict(world, folder=folder)
+    metrics = evaluate.run(**settings(lvis_world, tmp_path / "out"))
+    assert list(metrics) == list(evaluate.MODES)
+    for mode, numbers in metrics.items():
+        records = json.loads((tmp_path / "out" / f"results-{mode}.json").read_text())
+        alone = evaluate_coco(folder / "val.json", records, BASE_IDS, NOVEL_IDS)
+        assert numbers == alone and numbers["protocol"] == "lvis", mode
+    coco = evaluate.run(**settings(lvis_world, tmp_path / "coco", modes=["CLIP-on-crops"], protocol="coco"))
+    assert coco["CLIP-on-crops"]["protocol"] == "coco"
+    assert coco["CLIP-on-crops"]["AP50"] != metrics["CLIP-on-crops"]["AP50"]   # the lists change what counts
 
 
 def test_a_file_without_a_split_takes_the_heads_training_categories_as_base(world, tmp_path, caplog):

@@ -9,7 +9,9 @@ from torchvision.ops import batched_nms
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline import evaluation
-from vild_pipe.pipeline.evaluation import Detections, evaluate_coco, load_ground_truth, metrics_table
+from vild_pipe.pipeline.evaluation import (
+    Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table,
+)
 from vild_pipe.pipeline.scoring import (
     crop_probabilities, detections_from_scores, ensemble_probabilities, head_probabilities, nms_per_class,
 )
@@ -381,6 +383,20 @@ def test_lvis_files_are_evaluated_federated_as_lvis_api_does():
     assert category_ap(coco["unchecked"], 3) < 0.99 and category_ap(coco["not exhaustive"], 3) < 0.99
     assert category_ap(coco["zero area"], 1) < 0.99
     assert evaluate_coco(gt_dataset(), perfect)["protocol"] == "coco"
+
+
+def test_ground_truth_prepared_once_for_the_federated_protocol_gives_every_result_sets_metrics():
+    """evaluate prepares an LVIS file's federated ground truth once for all its modes."""
+    dataset = lvis_dataset()
+    prepared = federated_ground_truth(load_ground_truth(dataset))
+    perfect = perfect_results({1, 2, 3, 5})
+    for extra in ([], [{"image_id": 2, "category_id": 2, "bbox": [150, 150, 30, 30], "score": 1.0}],
+                  [{"image_id": 1, "category_id": 3, "bbox": [150, 150, 30, 30], "score": 1.0}]):
+        assert evaluate_coco(prepared, perfect + extra, [1, 2, 3], [5]) == evaluate_coco(dataset, perfect + extra,
+                                                                                         [1, 2, 3], [5])
+    assert evaluate_coco(prepared, perfect[:2], max_dets=1)["max_dets"] == 1
+    with pytest.raises(VildError, match="prepared for LVIS' federated protocol cannot be evaluated as 'coco'"):
+        evaluate_coco(prepared, perfect, protocol="coco")
 
 
 def test_lvis_keeps_the_300_best_detections_of_an_image_over_all_categories_before_anything_else():

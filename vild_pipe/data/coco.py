@@ -104,8 +104,9 @@ class CocoDataset:
 
     @classmethod
     def load(cls, ann_path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-             check_images: bool = False) -> CocoDataset:
+             check_images: bool = False, parsed_json: Any = None) -> CocoDataset:
         """Read and validate `ann_path`; images live in `image_dir` (default: the JSON's folder).
+        `parsed_json`: the file's JSON, when the caller has parsed it already (`read_annotation_json`).
 
         Raises `DataError` (one line naming the file and the record) for an unreadable or non-JSON file,
         missing top-level lists or record keys, duplicate ids or category names, annotations pointing at
@@ -115,7 +116,7 @@ class CocoDataset:
         """
         path = Path(ann_path)
         where = os.fspath(ann_path)
-        raw = _read_json(path, where)
+        raw = read_annotation_json(path) if parsed_json is None else parsed_json
         images_json, annotations_json, categories_json = _top_level_lists(raw, where)
         image_dir = Path(image_dir) if image_dir is not None else path.parent
 
@@ -297,7 +298,9 @@ def clip_xywh_to_xyxy(bbox_xywh: np.ndarray, widths: np.ndarray, heights: np.nda
 # ---------------------------------------------------------------------- parsing helpers
 
 
-def _read_json(path: Path, where: str) -> Any:
+def read_annotation_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of an annotation file; DataError naming the file when it cannot be read or parsed."""
+    where = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

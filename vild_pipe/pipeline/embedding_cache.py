@@ -10,6 +10,7 @@ made from.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 import torch
@@ -115,8 +116,9 @@ def open_caches(proposals: str | os.PathLike, embeddings: str | os.PathLike | No
 
 
 def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
-                   images: str | os.PathLike | None = None) -> CocoDataset:
-    """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from."""
+                   images: str | os.PathLike | None = None, parsed_json: Any = None) -> CocoDataset:
+    """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from
+    (`parsed_json`: its JSON, when the caller has parsed it already)."""
     made_from = proposals.inputs.get("annotations", {})
     if made_from.get("sha256") != sha256_file(annotations):
         raise DataError(
@@ -124,5 +126,5 @@ def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
             f" (it was made from another annotation file, {made_from.get('file')},"
             f" sha256 {str(made_from.get('sha256'))[:12]}...)"
         )
-    return CocoDataset.load(annotations, images)
+    return CocoDataset.load(annotations, images, parsed_json=parsed_json)
 

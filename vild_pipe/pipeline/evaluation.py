@@ -6,7 +6,8 @@ Metrics: pycocotools' COCOeval (bbox), run over the evaluated categories (100 at
 number is a mean of `eval['precision']` entries that are not -1, exactly as `COCOeval.summarize` and LVIS'
 `_summarize` take them, so categories without ground truth in the evaluated images drop out of every mean.
 Numbers are fractions in [0, 1]; None where a group has no category with ground truth. LVIS files are
-evaluated federated, as lvis-api's LVISEval does, by handing COCOeval what that protocol counts (`federated`).
+evaluated federated, as lvis-api's LVISEval does, by handing COCOeval what that protocol counts
+(`FederatedGroundTruth`).
 """
 from __future__ import annotations
 
@@ -350,37 +351,49 @@ FEDERATED_IGNORE_BOX = [-1e6, -1e6, 2e6, 2e6]
 """A crowd box around any image: COCOeval ignores a detection that it covers and no real box matches."""
 
 
-def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
-              verbose: bool = False) -> tuple[COCO, Detections]:
-    """LVIS' federated protocol (lvis-api's LVISEval, box AP) put in COCOeval's terms: the ground truth and
-    detections on which a plain COCOeval gives LVISEval's precision.
+@dataclass
+class FederatedGroundTruth:
+    """LVIS' federated protocol (lvis-api's LVISEval, box AP) put in COCOeval's terms: the ground truth (`coco`)
+    on which a plain COCOeval of `detections(results)` gives LVISEval's precision. Built once per file, for
+    any number of result sets (`federated_ground_truth`).
 
     - An image keeps its `max_per_image` highest-scoring detections over all categories (LVISResults).
-    - A detection counts only for a category that the image has boxes of or lists in `neg_category_ids`:
-      the others were never checked on that image, so a detection there is neither right nor wrong.
+    - A detection counts only for a category that the image has boxes of or lists in `neg_category_ids`
+      (the `checked` pairs): the others were never checked on that image, so a detection there is neither
+      right nor wrong.
     - An unmatched detection of a category in the image's `not_exhaustive_category_ids` is ignored (not
       every box of it was drawn). COCOeval ignores a detection that matches no real box but falls on a
       crowd box, so each such (image, category) gets one crowd box covering any image.
     - Boxes of zero area, detected or annotated, are left out (after the cap), and `iscrowd` means nothing,
       as in lvis-api; its per-annotation `ignore` has no COCOeval equivalent and is refused.
     """
+
+    coco: COCO
+    checked: np.ndarray     # image_id * stride + category_id of every checked (image, category)
+    stride: int
+
+    def detections(self, results: Detections, max_per_image: int = LVIS_MAX_DETS) -> Detections:
+        """The detections of `results` that the protocol counts."""
+        count = len(results)
+        order = np.lexsort((np.arange(count), -results.scores, results.image_ids))   # per image, best first
+        image_of = results.image_ids[order]
+        rank = np.empty(count, dtype=np.int64)
+        rank[order] = np.arange(count) - np.searchsorted(image_of, image_of, side="left")
+        keep = ((rank < max_per_image) & (results.boxes[:, 2] * results.boxes[:, 3] > 0)
+                & np.isin(results.image_ids * self.stride + results.category_ids, self.checked))
+        return results.rows(keep)
+
+
+def federated_ground_truth(gt: COCO, verbose: bool = False) -> FederatedGroundTruth:
+    """`gt` (an LVIS file's COCO) prepared for the federated protocol; see `FederatedGroundTruth`."""
     if any(ann.get("ignore") for ann in gt.dataset["annotations"]):
         raise DataError("annotations marked 'ignore' cannot be evaluated with the LVIS protocol here")
     annotations = [ann if not ann.get("iscrowd") else dict(ann, iscrowd=0)
                    for ann in gt.dataset["annotations"] if ann["area"] > 0]
-    count = len(results)
-    order = np.lexsort((np.arange(count), -results.scores, results.image_ids))   # per image, best first
-    image_of = results.image_ids[order]
-    rank = np.empty(count, dtype=np.int64)
-    rank[order] = np.arange(count) - np.searchsorted(image_of, image_of, side="left")
     images = gt.dataset["images"]
     stride = max([0, *gt.getCatIds()]) + 1
     checked = [int(ann["image_id"]) * stride + int(ann["category_id"]) for ann in annotations]
     checked += [int(image["id"]) * stride + int(c) for image in images for c in image["neg_category_ids"]]
-    keep = ((rank < max_per_image) & (results.boxes[:, 2] * results.boxes[:, 3] > 0)
-            & np.isin(results.image_ids * stride + results.category_ids, checked))
-    kept = results.rows(keep)
-
     next_id = max([0, *gt.getAnnIds()]) + 1
     ignored = [{"id": next_id + k, "image_id": image_id, "category_id": category_id, "iscrowd": 1,
                 "bbox": FEDERATED_IGNORE_BOX, "area": FEDERATED_IGNORE_BOX[2] * FEDERATED_IGNORE_BOX[3]}
@@ -390,14 +403,14 @@ def federated(gt: COCO, results: Detections, max_per_image: int = LVIS_MAX_DETS,
     with_ignored.dataset = dict(gt.dataset, annotations=annotations + ignored)
     with _quiet(verbose):
         with_ignored.createIndex()
-    return with_ignored, kept
+    return FederatedGroundTruth(with_ignored, np.unique(np.array(checked, dtype=np.int64)), stride)
 
 
 def _frequencies_from_gt(gt: COCO) -> dict[int, str]:
     return {int(c["id"]): c["frequency"] for c in gt.dataset["categories"] if c.get("frequency") in LVIS_FREQUENCIES}
 
 
-def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | Sequence[dict],
+def evaluate_coco(gt: str | os.PathLike | Mapping | COCO | FederatedGroundTruth, results: Detections | Sequence[dict],
                   base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
                   frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
                   max_dets: int | None = None, protocol: str = "auto",
@@ -411,9 +424,10 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     (default: all of `gt`'s).
 
     `protocol` "coco": COCOeval as it is, `max_dets` (default 100) detections per image and category.
-    "lvis": LVIS' federated protocol (`federated`), `max_dets` (default 300) detections per image over all
-    categories. "auto" (default): "lvis" when every image of `gt` lists its `neg_category_ids` and
-    `not_exhaustive_category_ids` (LVIS files do), else "coco".
+    "lvis": LVIS' federated protocol (`FederatedGroundTruth`), `max_dets` (default 300) detections per image
+    over all categories. "auto" (default): "lvis" when every image of `gt` lists its `neg_category_ids` and
+    `not_exhaustive_category_ids` (LVIS files do), else "coco". A `gt` already prepared for the federated
+    protocol (`federated_ground_truth`, for evaluating several result sets against one file) means "lvis".
 
     Returns plain JSON-ready values: AP, AP50, AP75 (all evaluated categories), AP50_base / AP_base,
     AP50_novel / AP_novel, AP_r / AP_c / AP_f (only with frequencies), counts, and "per_category" rows
@@ -422,7 +436,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
     category's AP at IoU .50:.95. pycocotools' own prints are swallowed unless `verbose`. `workers`: processes
     for the COCOeval runs (`run_cocoeval`); the numbers do not depend on it.
     """
-    gt = load_ground_truth(gt, verbose=verbose)
+    prepared = gt if isinstance(gt, FederatedGroundTruth) else None
+    gt = prepared.coco if prepared is not None else load_ground_truth(gt, verbose=verbose)
     if not isinstance(results, Detections):
         results = Detections.of_records(results)
     unknown = np.setdiff1d(results.image_ids, np.array(gt.getImgIds(), dtype=np.int64))
@@ -430,9 +445,12 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO, results: Detections | 
         raise DataError(f"detection results name {len(unknown)} image ids absent from the ground truth "
                         f"(first: {unknown[:5].tolist()})")
     protocol = resolve_protocol(gt, protocol)
+    if prepared is not None and protocol != "lvis":
+        raise VildError(f"ground truth prepared for LVIS' federated protocol cannot be evaluated as {protocol!r}")
     if protocol == "lvis":
         max_dets = LVIS_MAX_DETS if max_dets is None else max_dets
-        gt, results = federated(gt, results, max_dets, verbose)
+        prepared = prepared or federated_ground_truth(gt, verbose)
+        gt, results = prepared.coco, prepared.detections(results, max_dets)
     elif max_dets is None:
         max_dets = COCO_MAX_DETS
     base_ids = [int(c) for c in base_ids]

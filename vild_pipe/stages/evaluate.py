@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.coco import CocoDataset, read_annotation_json
 from vild_pipe.data.splits import CategorySplit, normalised_name
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
@@ -42,7 +42,8 @@ from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, check_text_clip, open_caches,
 )
 from vild_pipe.pipeline.evaluation import (
-    PROTOCOLS, Detections, evaluate_coco, load_ground_truth, metrics_table, resolve_protocol, workers_for,
+    PROTOCOLS, Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table, resolve_protocol,
+    workers_for,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, ViLDHead, load_head, resolve_head_file
 from vild_pipe.pipeline.scoring import (
@@ -116,10 +117,14 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     out = Path(out)
 
     proposal_folder, embedding_folder = open_caches(proposals, embeddings)
-    dataset = annotations_of(proposal_folder, annotations)
+    parsed_json = read_annotation_json(annotations)   # parsed once, for the dataset and for COCOeval
+    dataset = annotations_of(proposal_folder, annotations, parsed_json=parsed_json)
     category_split = _category_split(dataset, split, heads)
-    ground_truth = load_ground_truth(annotations)
+    ground_truth = load_ground_truth(parsed_json)
+    del parsed_json
     protocol = resolve_protocol(ground_truth, protocol, os.fspath(annotations))
+    if protocol == "lvis":
+        ground_truth = federated_ground_truth(ground_truth)    # once for every mode
     active = _active_modes(wanted, heads, embedding_folder is not None, ensemble_head, named=modes is not None)
 
     texts, unsaved = _text_embeddings(text, clip, dataset.category_names, out, torch_device)
