@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 from click.testing import CliRunner
 
@@ -13,6 +15,11 @@ def test_help_lists_every_stage():
                     "embed-text", "train-head", "evaluate", "detect", "demo"):
         assert command in result.output
     assert CliRunner().invoke(main, ["--version"]).output.strip().endswith(__version__)
+
+
+def test_python_dash_m_runs_the_same_cli():
+    result = subprocess.run([sys.executable, "-m", "vild_pipe", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"vild-pipe, version {__version__}"
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path):

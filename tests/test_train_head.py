@@ -48,9 +48,10 @@ except TrainingStopped as stopped:
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
-def write_world(folder, seed=0):
-    """Annotations, a proposal cache with GT rows, its embedding cache and text embeddings, where the features
-    carry the class of the object under the box and the CLIP target is a fixed function of the features."""
+def write_world(folder, seed=0, add_gt=True):
+    """Annotations, a proposal cache with GT rows (unless not `add_gt`), its embedding cache and text embeddings,
+    where the features carry the class of the object under the box and the CLIP target is a fixed function of
+    the features."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     patterns = rng.standard_normal((5, CHANNELS, 7, 7))          # background, 3 base, 1 novel
@@ -69,7 +70,7 @@ def write_world(folder, seed=0):
         proposal_classes = classes[picks].copy()
         proposal_boxes[-3:] = [[80, 80, 95, 95]] * 3              # background boxes
         proposal_classes[-3:] = 0
-        base = classes != 4
+        base = (classes != 4) & add_gt
         rows_boxes = np.concatenate([proposal_boxes, boxes[base]]).astype(np.float32)
         rows_classes = np.concatenate([proposal_classes, classes[base]])
         features = patterns[rows_classes] + 0.3 * rng.standard_normal((len(rows_classes), CHANNELS, 7, 7))
@@ -83,7 +84,7 @@ def write_world(folder, seed=0):
     annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     shards = -(-IMAGES // PER_SHARD)
     proposals = CacheFolder.open_or_create(
-        folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": True, "split": SPLIT},
+        folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": add_gt, "split": SPLIT if add_gt else None},
         inputs={"annotations": {"file": "train.json", "sha256": sha256_file(annotation_file)},
                 "detector": DETECTOR},
         fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)
@@ -192,6 +193,20 @@ def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):
     with pytest.raises(DataError, match=r"^--clip \S+text\.pt: text embeddings are from CLIP text\.pt"):
         train_head.run(**settings(world, tmp_path / "run", text=None, clip=str(world / "text.pt")))  # not this CLIP
     assert not (tmp_path / "run").exists(), "a refused run leaves no run folder"
+
+
+def test_a_cache_without_ground_truth_rows_needs_a_split_and_is_named_in_a_warning(tmp_path, caplog):
+    """dump-proposals appends GT rows by default only for a file named like a training file; a cache made
+    without them trains ViLD-text on proposals alone, which the user should hear of."""
+    world = write_world(tmp_path / "no-gt", add_gt=False)
+    with pytest.raises(VildError, match="records no category split"):
+        train_head.run(**settings(world, tmp_path / "run", losses="text"))
+    caplog.set_level(logging.WARNING, logger="vild_pipe.stages.train_head")
+    train_head.run(**settings(world, tmp_path / "run", losses="text", split="novel:moon", iterations=2))
+    assert "no ground-truth rows" in caplog.text and "--add-gt" in caplog.text
+    caplog.clear()
+    train_head.run(**settings(world, tmp_path / "run-image", losses="image", split="novel:moon", iterations=2))
+    assert "no ground-truth rows" not in caplog.text     # ViLD-image never uses them
 
 
 def test_order_is_a_function_of_seed_and_step_and_covers_each_epoch(world):
