@@ -161,7 +161,7 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
 
     assert "empty category name" in error(VildError, vocab="")
     assert "duplicate category name 'zebra'" in error(VildError, vocab="zebra, red car, zebra")
-    no_names = "give the names to detect with --vocab NAME,NAME,... or --vocab-file FILE (one of the two)"
+    no_names = "give the category names one way: --vocab NAME,NAME,... or --vocab-file FILE"
     assert error(VildError, vocab=None) == no_names
     names_file = tmp_path / "names.txt"
     names_file.write_text("zebra\n")

@@ -70,14 +70,19 @@ def check_names(names: Sequence[str], where: str) -> list[str]:
     return names
 
 
+NAME_SOURCES = {"annotations": "--annotations FILE", "vocab": "--vocab NAME,NAME,...", "vocab_file": "--vocab-file FILE"}
+
+
 def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | None = None,
-                     vocab_file: str | os.PathLike | None = None) -> list[str]:
+                     vocab_file: str | os.PathLike | None = None, offered: Sequence[str] = tuple(NAME_SOURCES)
+                     ) -> list[str]:
     """Category names from exactly one source: an annotation file (all its categories, in id order), a
-    comma-separated list, or a file with one name per line (blank lines and `#` comments skipped)."""
+    comma-separated list, or a file with one name per line (blank lines and `#` comments skipped).
+    `offered`: the sources (NAME_SOURCES keys) the caller's command has, which the message names."""
     given = [source for source in (annotations, vocab, vocab_file) if source is not None]
     if len(given) != 1:
-        raise VildError("give the category names one way: --annotations FILE, --vocab NAME,NAME,..."
-                        " or --vocab-file FILE")
+        options = [NAME_SOURCES[source] for source in offered]
+        raise VildError(f"give the category names one way: {', '.join(options[:-1])} or {options[-1]}")
     if annotations is not None:
         return check_names(CocoDataset.load(annotations).category_names, os.fspath(annotations))
     if vocab is not None:

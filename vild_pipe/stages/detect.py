@@ -71,9 +71,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     started = time.monotonic()
     if threads:
         torch.set_num_threads(threads)
-    if (vocab is None) == (vocab_file is None):
-        raise VildError("give the names to detect with --vocab NAME,NAME,... or --vocab-file FILE (one of the two)")
-    names = vocabulary_names(vocab=vocab, vocab_file=vocab_file)
+    names = vocabulary_names(vocab=vocab, vocab_file=vocab_file, offered=("vocab", "vocab_file"))
     _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
                    novel_text_weight)
     paths = _image_paths(images)
