@@ -5,6 +5,7 @@ array: a run killed with SIGKILL and resumed, torchrun with two ranks, two `--sh
 sizes and DataLoader worker counts. Every run uses one CPU thread (torchrun's default): the CPU kernels
 partition matmuls by thread, so the thread count moves results in the last bits.
 """
+import inspect
 import json
 import logging
 import os
@@ -23,9 +24,12 @@ import torch
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
-from vild_pipe.pipeline.proposals import dump_settings, feature_shape, features_for_boxes, propose_with_features
+from vild_pipe.cli import main
+from vild_pipe.pipeline.proposals import (
+    PROPOSAL_NMS_THRESHOLD, dump_settings, feature_shape, features_for_boxes, propose_with_features,
+)
 from vild_pipe.pipeline.shards import CacheFolder, sha256_file
-from vild_pipe.stages import dump_proposals, make_synthetic
+from vild_pipe.stages import detect, dump_proposals, make_synthetic
 
 from child_processes import child_env, driver_command, run_to_end
 
@@ -155,6 +159,33 @@ def test_propose_with_features_is_per_image_exact_and_restores_the_model(world, 
         assert not model.training and model.roi_heads.nms_thresh == 0.3
     assert model.training and model.roi_heads.nms_thresh == config.box_nms_thresh
     assert feature_shape(model) == (16, 7, 7)
+
+
+def test_two_overlapping_objects_both_stay_at_the_default_class_agnostic_nms():
+    """A rider on a horse: two boxes at IoU 0.625 that the detector finds equally sure. At the default
+    (0.7, as the RPN's) both reach the cache for the head to name; at 0.5 one would be gone before any
+    category is known. The CLI and the stages default to the same value."""
+    model = build_detector(DetectorConfig.preset("small", **TINY_DETECTOR)).eval()
+    boxes = torch.tensor([[0.0, 0.0, 80.0, 80.0], [0.0, 0.0, 80.0, 50.0]])
+
+    class FixedProposals(torch.nn.Module):
+        def forward(self, images, features, targets=None):
+            return [boxes.clone() for _ in images.image_sizes], {}
+
+    class SureObject(torch.nn.Module):          # object logit high, box regression zero
+        def forward(self, x):
+            return torch.tensor([[-5.0, 5.0]]).expand(len(x), 2), torch.zeros(len(x), 8)
+
+    model.rpn, model.roi_heads.box_predictor = FixedProposals(), SureObject()
+    image = torch.zeros(3, 96, 96, dtype=torch.uint8)
+    kept = propose_with_features(model, [image], top_n=10, nms_threshold=PROPOSAL_NMS_THRESHOLD)[0].boxes
+    torch.testing.assert_close(kept, boxes)
+    assert len(propose_with_features(model, [image], top_n=10, nms_threshold=0.5)[0].boxes) == 1
+    defaults = [inspect.signature(dump_proposals.run).parameters["nms_threshold"].default,
+                inspect.signature(detect.run).parameters["proposal_nms"].default,
+                *(param.default for name, option in (("dump-proposals", "nms_threshold"), ("detect", "proposal_nms"))
+                  for param in main.commands[name].params if param.name == option)]
+    assert defaults == [PROPOSAL_NMS_THRESHOLD] * 4
 
 
 def test_top_n_and_min_box_side_cut_the_list(world, detector):

@@ -125,7 +125,9 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
 @click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
 @click.option("--top-n", default=300, show_default=True, help="Boxes kept per image after the box head's NMS.")
 @click.option("--min-box-side", default=2.0, show_default=True, help="Drop boxes with a side below this (pixels).")
-@click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the class-agnostic NMS.")
+@click.option("--nms-threshold", default=0.7, show_default=True,
+              help="IoU of the class-agnostic NMS after the box head (0.7, as the RPN's: a lower one keeps only one"
+                   " of two overlapping objects of different categories).")
 @click.option("--add-gt/--no-add-gt", default=None,
               help="Append the image's base ground-truth boxes (is_gt) [default: on for a file named *train*].")
 @click.option("--images-per-shard", default=64, show_default=True, help="Images per HDF5 shard.")
@@ -323,8 +325,9 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 @click.option("--score-threshold", default=0.05, show_default=True, help="Keep detections scoring above this.")
 @click.option("--top-k", default=100, show_default=True, help="At most this many detections per image.")
 @click.option("--proposals", default=300, show_default=True, help="Detector boxes scored per image.")
-@click.option("--nms-threshold", default=0.5, show_default=True,
-              help="IoU of the detector's class-agnostic NMS and of the final per-class NMS.")
+@click.option("--proposal-nms", default=0.7, show_default=True,
+              help="IoU of the detector's class-agnostic NMS (as dump-proposals' --nms-threshold).")
+@click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the final per-class NMS.")
 @click.option("--base-text-weight", default=2 / 3, show_default="2/3",
               help="Ensemble: head^w * clip^(1-w), w for the names among the head's base categories.")
 @click.option("--novel-text-weight", default=1 / 3, show_default="1/3", help="Ensemble: w for every other name.")

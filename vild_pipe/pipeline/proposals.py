@@ -36,6 +36,12 @@ from torchvision.ops import clip_boxes_to_image
 # distillation need the tail) and cap nothing before the minimum-side filter; `top_n` is applied after it.
 _KEEP_ALL_DETECTIONS = 1 << 30
 
+PROPOSAL_NMS_THRESHOLD = 0.7
+"""IoU of the class-agnostic NMS after the box head. The official ViLD has none there (its only class-agnostic
+NMS is the RPN's, at 0.7; categories get a per-class NMS at 0.5 after scoring), but a cache of N boxes an
+image needs the near-duplicates gone. At 0.7, as the RPN's, it keeps two overlapping objects of different
+categories that a 0.5 would reduce to one before any category is known (a rider and a horse)."""
+
 
 @dataclass
 class ImageProposals:

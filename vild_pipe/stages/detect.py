@@ -37,7 +37,7 @@ from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
 from vild_pipe.pipeline.head import TEMPERATURE, load_head, resolve_head_file
-from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
@@ -55,16 +55,17 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
         out: str | os.PathLike, vocab: str | None = None, vocab_file: str | os.PathLike | None = None,
         clip: str | None = None, ensemble: bool = True, score_threshold: float = 0.05, top_k: int = 100,
-        proposals: int = 300, nms_threshold: float = NMS_IOU_THRESHOLD,
+        proposals: int = 300, proposal_nms: float = PROPOSAL_NMS_THRESHOLD, nms_threshold: float = NMS_IOU_THRESHOLD,
         base_text_weight: float = BASE_TEXT_WEIGHT, novel_text_weight: float = NOVEL_TEXT_WEIGHT,
         crop_batch_size: int = 256, skip_bad_images: bool = False, device: str = "auto", threads: int = 0) -> dict:
     """Detect the `vocab` (comma-separated) or `vocab_file` names in `images`; write OUT/detections.json and
     OUT/<stem>.png per image; return a summary.
 
     `detector`: a train-rpn run folder or checkpoint; `head`: a train-head run folder or head file; `clip`: the
-    CLIP model (file or name) the head was trained against, required. `proposals` boxes per image are
-    scored; detections above `score_threshold`, at most `top_k` per image after per-class NMS at
-    `nms_threshold`, are kept. `ensemble` False uses the head alone (no CLIP image encoding).
+    CLIP model (file or name) the head was trained against, required. `proposals` boxes per image (after the
+    detector's class-agnostic NMS at `proposal_nms`, as dump-proposals) are scored; detections above
+    `score_threshold`, at most `top_k` per image after per-class NMS at `nms_threshold`, are kept. `ensemble`
+    False uses the head alone (no CLIP image encoding).
     `skip_bad_images`: an unreadable image is left out with a warning (listed in the summary's "skipped")
     instead of stopping the run.
     """
@@ -72,7 +73,8 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     if threads:
         torch.set_num_threads(threads)
     names = vocabulary_names(vocab=vocab, vocab_file=vocab_file, offered=("vocab", "vocab_file"))
-    _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
+    _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,
+                   base_text_weight,
                    novel_text_weight)
     paths = _image_paths(images)
     torch_device = pick_device(device)
@@ -117,7 +119,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             skipped.append(os.fspath(path))
             continue
         pixels = pil_to_uint8_chw(image).to(torch_device)
-        proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=nms_threshold)[0]
+        proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=proposal_nms)[0]
         with torch.no_grad():
             regions = vild_head(proposed.features.to(torch_device))
             probs = head_probabilities(regions, texts, vild_head.background_embedding(), temperature)
@@ -167,17 +169,17 @@ def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, b
     return torch.from_numpy(rows[ENSEMBLE_FIELD]).to(pixels.device)
 
 
-def _check_options(clip, score_threshold, top_k, proposals, nms_threshold, crop_batch_size, base_text_weight,
-                   novel_text_weight) -> None:
+def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,
+                   base_text_weight, novel_text_weight) -> None:
     if not clip:
         raise VildError("--clip is required: the CLIP model (file or name) the head was trained against")
     check_clip_file(clip)
     if top_k < 1 or proposals < 1 or crop_batch_size < 1:
         raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
                         f" {crop_batch_size})")
-    if not 0.0 < nms_threshold <= 1.0 or score_threshold < 0:
-        raise VildError(f"--nms-threshold must be in (0, 1] and --score-threshold >= 0 (got {nms_threshold},"
-                        f" {score_threshold})")
+    if not (0.0 < proposal_nms <= 1.0 and 0.0 < nms_threshold <= 1.0) or score_threshold < 0:
+        raise VildError(f"--proposal-nms and --nms-threshold must be in (0, 1] and --score-threshold >= 0 (got"
+                        f" {proposal_nms}, {nms_threshold}, {score_threshold})")
     if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
         raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
 

@@ -35,7 +35,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import load_detector
-from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
+from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
     ShardSequence,
@@ -85,7 +85,7 @@ def run(
     split: str = "auto",
     top_n: int = 300,
     min_box_side: float = 2.0,
-    nms_threshold: float = 0.5,
+    nms_threshold: float = PROPOSAL_NMS_THRESHOLD,
     add_gt: bool | None = None,
     images_per_shard: int = 64,
     batch_size: int = 8,
