@@ -11,9 +11,10 @@ float16 cache rows give true cosines):
   (DESIGN.md section 2). The product is used as it is, NOT renormalised over the categories: the official
   code (`projects/vild/ops/postprocess_ops.py`) takes `pow(text * image * third, 1/3)` and hands it
   straight to NMS, and renormalising each row would change how boxes rank against each other within a
-  category, which is all that AP measures. (There the image side is a second distilled head branch, and
-  its `rare_mask` formula, read literally, gives rare categories text^(2/3); the weights here follow the
-  paper and DESIGN.md, and are parameters.)
+  category, which is all that AP measures. (There the image side is a second distilled head branch; its
+  `rare_mask` is 1 for the categories trained on and 0 for rare ones, the mask its training loss multiplies
+  the logits by, so `third` is text on base and image on rare categories: the weights here, which are
+  parameters.)
 
 Detections: per-class NMS (as torchvision's `batched_nms`, IoU 0.5) over every (box, category) pair scoring
 above the threshold, best `max_detections` kept per image; computed exactly on a top-k subset (see
