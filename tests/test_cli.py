@@ -6,6 +6,8 @@ from click.testing import CliRunner
 
 from vild_pipe import __version__
 from vild_pipe.cli import main
+from vild_pipe.pipeline.head import load_head
+from vild_pipe.stages import demo
 
 
 def test_help_lists_every_stage():
@@ -66,6 +68,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
     assert json.loads((out / "proposals/train/manifest.json").read_text())["stage"] == "dump-proposals"
     assert json.loads((out / "embeddings/val/manifest.json").read_text())["stage"] == "cache-embeddings"
     assert len(list((out / "detections").glob("*.png"))) == 2
+    assert load_head(out / "heads/text/head.pt")[1]["proposal_nms"] == demo.PROPOSAL_NMS   # detect's default
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix in {".pt", ".h5"}}
     second = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert second.exit_code == 0, second.output

@@ -16,7 +16,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import save_checkpoint
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
 from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
-from vild_pipe.pipeline.proposals import propose_with_features
+from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, propose_with_features
 from vild_pipe.pipeline.scoring import detections_from_scores, head_probabilities
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
@@ -209,6 +209,27 @@ def test_skip_bad_images_goes_on_past_an_unreadable_one(models, tmp_path, caplog
         f"{folder / 'b.jpg'}: cannot decode image (truncated or not an image) (skipped: --skip-bad-images)"]
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [image["file_name"] for image in written["images"]] == [str(folder / "a.jpg"), str(folder / "c.jpg")]
+
+
+def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models, tmp_path, monkeypatch):
+    """detect makes its proposals as dump-proposals made the ones the head was trained on."""
+    used = []
+    propose = detect.propose_with_features
+
+    def recording(*args, nms_threshold, **kwargs):
+        used.append(nms_threshold)
+        return propose(*args, nms_threshold=nms_threshold, **kwargs)
+
+    monkeypatch.setattr(detect, "propose_with_features", recording)
+    head, info = load_head(models["head"])
+    save_head(tmp_path / "head-05.pt", head, {**info, "proposal_nms": 0.5})
+    kwargs = detect_kwargs(models, tmp_path / "out", ensemble=False, top_k=2)
+    assert detect.run(**kwargs)["proposal_nms"] == PROPOSAL_NMS_THRESHOLD == 0.7   # a head that records none
+    assert detect.run(**{**kwargs, "head": tmp_path / "head-05.pt"})["proposal_nms"] == 0.5
+    assert detect.run(**{**kwargs, "head": tmp_path / "head-05.pt", "proposal_nms": 0.9})["proposal_nms"] == 0.9
+    assert used == [0.7, 0.5, 0.9]
+    with pytest.raises(VildError, match="--proposal-nms and --nms-threshold must be in"):
+        detect.run(**{**kwargs, "proposal_nms": 0.0})
 
 
 def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(models, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from vild_pipe.pipeline.proposals import (
     PROPOSAL_NMS_THRESHOLD, dump_settings, feature_shape, features_for_boxes, propose_with_features,
 )
 from vild_pipe.pipeline.shards import CacheFolder, sha256_file
-from vild_pipe.stages import detect, dump_proposals, make_synthetic
+from vild_pipe.stages import dump_proposals, make_synthetic
 
 from child_processes import child_env, driver_command, run_to_end
 
@@ -164,7 +164,7 @@ def test_propose_with_features_is_per_image_exact_and_restores_the_model(world, 
 def test_two_overlapping_objects_both_stay_at_the_default_class_agnostic_nms():
     """A rider on a horse: two boxes at IoU 0.625 that the detector finds equally sure. At the default
     (0.7, as the RPN's) both reach the cache for the head to name; at 0.5 one would be gone before any
-    category is known. The CLI and the stages default to the same value."""
+    category is known. The CLI and the stage default to the same value."""
     model = build_detector(DetectorConfig.preset("small", **TINY_DETECTOR)).eval()
     boxes = torch.tensor([[0.0, 0.0, 80.0, 80.0], [0.0, 0.0, 80.0, 50.0]])
 
@@ -182,10 +182,8 @@ def test_two_overlapping_objects_both_stay_at_the_default_class_agnostic_nms():
     torch.testing.assert_close(kept, boxes)
     assert len(propose_with_features(model, [image], top_n=10, nms_threshold=0.5)[0].boxes) == 1
     defaults = [inspect.signature(dump_proposals.run).parameters["nms_threshold"].default,
-                inspect.signature(detect.run).parameters["proposal_nms"].default,
-                *(param.default for name, option in (("dump-proposals", "nms_threshold"), ("detect", "proposal_nms"))
-                  for param in main.commands[name].params if param.name == option)]
-    assert defaults == [PROPOSAL_NMS_THRESHOLD] * 4
+                *(param.default for param in main.commands["dump-proposals"].params if param.name == "nms_threshold")]
+    assert defaults == [PROPOSAL_NMS_THRESHOLD] * 2
 
 
 def test_top_n_and_min_box_side_cut_the_list(world, detector):

@@ -325,8 +325,9 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 @click.option("--score-threshold", default=0.05, show_default=True, help="Keep detections scoring above this.")
 @click.option("--top-k", default=100, show_default=True, help="At most this many detections per image.")
 @click.option("--proposals", default=300, show_default=True, help="Detector boxes scored per image.")
-@click.option("--proposal-nms", default=0.7, show_default=True,
-              help="IoU of the detector's class-agnostic NMS (as dump-proposals' --nms-threshold).")
+@click.option("--proposal-nms", type=float,
+              help="IoU of the detector's class-agnostic NMS [default: that of the proposal cache the head was"
+                   " trained on (dump-proposals' --nms-threshold), else 0.7].")
 @click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the final per-class NMS.")
 @click.option("--base-text-weight", default=2 / 3, show_default="2/3",
               help="Ensemble: head^w * clip^(1-w), w for the names among the head's base categories.")

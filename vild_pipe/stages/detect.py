@@ -55,7 +55,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
         out: str | os.PathLike, vocab: str | None = None, vocab_file: str | os.PathLike | None = None,
         clip: str | None = None, ensemble: bool = True, score_threshold: float = 0.05, top_k: int = 100,
-        proposals: int = 300, proposal_nms: float = PROPOSAL_NMS_THRESHOLD, nms_threshold: float = NMS_IOU_THRESHOLD,
+        proposals: int = 300, proposal_nms: float | None = None, nms_threshold: float = NMS_IOU_THRESHOLD,
         base_text_weight: float = BASE_TEXT_WEIGHT, novel_text_weight: float = NOVEL_TEXT_WEIGHT,
         crop_batch_size: int = 256, skip_bad_images: bool = False, device: str = "auto", threads: int = 0) -> dict:
     """Detect the `vocab` (comma-separated) or `vocab_file` names in `images`; write OUT/detections.json and
@@ -63,7 +63,8 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
 
     `detector`: a train-rpn run folder or checkpoint; `head`: a train-head run folder or head file; `clip`: the
     CLIP model (file or name) the head was trained against, required. `proposals` boxes per image (after the
-    detector's class-agnostic NMS at `proposal_nms`, as dump-proposals) are scored; detections above
+    detector's class-agnostic NMS at `proposal_nms`; None: that of the proposal cache the head was trained on,
+    else dump-proposals' default) are scored; detections above
     `score_threshold`, at most `top_k` per image after per-class NMS at `nms_threshold`, are kept. `ensemble`
     False uses the head alone (no CLIP image encoding).
     `skip_bad_images`: an unreadable image is left out with a warning (listed in the summary's "skipped")
@@ -74,8 +75,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         torch.set_num_threads(threads)
     names = vocabulary_names(vocab=vocab, vocab_file=vocab_file, offered=("vocab", "vocab_file"))
     _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,
-                   base_text_weight,
-                   novel_text_weight)
+                   base_text_weight, novel_text_weight)
     paths = _image_paths(images)
     torch_device = pick_device(device)
 
@@ -100,9 +100,12 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         raise DataError(f"--clip {clip}: embeds in {teacher.embed_dim} dimensions, the head in {config.embed_dim}")
     texts = teacher.text_embeddings(names).float()
     is_novel = _novel_names(names, info)
+    if proposal_nms is None:
+        proposal_nms = info.get("proposal_nms") or PROPOSAL_NMS_THRESHOLD
     temperature = float(info.get("temperature", TEMPERATURE))
-    log.info("detect: %d image(s), %d names (%d among the head's base categories), %s, on %s", len(paths),
-             len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only", torch_device)
+    log.info("detect: %d image(s), %d names (%d among the head's base categories), %s, proposals' NMS %g, on %s",
+             len(paths), len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only",
+             proposal_nms, torch_device)
 
     out = Path(out)
     make_output_folder(out)
@@ -142,7 +145,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     log.info("detect: %d detections on %d image(s) in %.1f s -> %s", total, len(found), seconds, out / JSON_NAME)
     return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": drawings, "names": names,
             "images": len(found), "skipped": skipped, "detections": total, "per_image": [len(d.scores) for d in found],
-            "ensemble": ensemble, "detector": detector_identity, "clip": teacher.identity,
+            "ensemble": ensemble, "proposal_nms": proposal_nms, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
 
 
@@ -177,7 +180,8 @@ def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_th
     if top_k < 1 or proposals < 1 or crop_batch_size < 1:
         raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
                         f" {crop_batch_size})")
-    if not (0.0 < proposal_nms <= 1.0 and 0.0 < nms_threshold <= 1.0) or score_threshold < 0:
+    nms_values = (nms_threshold,) if proposal_nms is None else (proposal_nms, nms_threshold)
+    if not all(0.0 < value <= 1.0 for value in nms_values) or score_threshold < 0:
         raise VildError(f"--proposal-nms and --nms-threshold must be in (0, 1] and --score-threshold >= 0 (got"
                         f" {proposal_nms}, {nms_threshold}, {score_threshold})")
     if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):

@@ -362,6 +362,7 @@ def _head_info(config: dict[str, Any], step: int, proposals: CacheFolder, embedd
     return {
         "losses": config["losses"], "clip": clip, "embed_dim": config["head"]["embed_dim"], "step": step,
         "proposals": {"path": os.fspath(proposals.path), "fingerprint": proposals.fingerprint},
+        "proposal_nms": proposals.config.get("nms_threshold"),   # detect's default for this head
         # The features' source, by content: detect and evaluate refuse a head with another detector's features.
         "detector": proposals.inputs.get("detector"),
         "embeddings": ({"path": os.fspath(embeddings.path), "fingerprint": embeddings.fingerprint}
