@@ -84,7 +84,8 @@ def write_world(folder, seed=0, add_gt=True):
     annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     shards = -(-IMAGES // PER_SHARD)
     proposals = CacheFolder.open_or_create(
-        folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": add_gt, "split": SPLIT if add_gt else None},
+        folder / "proposals", stage="dump-proposals", config={"top_n": PROPOSALS, "add_gt": add_gt,
+                                                      "split": SPLIT if add_gt else None},
         inputs={"annotations": {"file": "train.json", "sha256": sha256_file(annotation_file)},
                 "detector": DETECTOR},
         fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)

@@ -70,7 +70,8 @@ def check_names(names: Sequence[str], where: str) -> list[str]:
     return names
 
 
-NAME_SOURCES = {"annotations": "--annotations FILE", "vocab": "--vocab NAME,NAME,...", "vocab_file": "--vocab-file FILE"}
+NAME_SOURCES = {"annotations": "--annotations FILE", "vocab": "--vocab NAME,NAME,...",
+                "vocab_file": "--vocab-file FILE"}
 
 
 def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | None = None,
