@@ -256,6 +256,24 @@ def test_val_split_has_no_gt_rows_by_default_and_add_gt_is_explicit(world, detec
         np.testing.assert_array_equal(got["features"][~got["is_gt"]], rows[image_id]["features"])
 
 
+def test_the_file_the_detector_was_trained_on_gets_ground_truth_rows_whatever_its_name(world, tmp_path, caplog):
+    """Users' own files seldom say "train"; train-rpn records the sha256 of the file it trained on."""
+    shutil.copy(world / "train.json", tmp_path / "mine.json")
+    config = DetectorConfig.preset("small", **TINY_DETECTOR)
+    trained = {"data": {"annotations_sha256": sha256_file(tmp_path / "mine.json")}}
+    save_final_model(tmp_path / "rpn", build_detector(config), config, step=0, training=trained)
+    caplog.set_level(logging.INFO, logger="vild_pipe.stages.dump_proposals")
+    kwargs = stage_kwargs(world, tmp_path / "rpn", tmp_path / "mine", annotations=str(tmp_path / "mine.json"),
+                          images=str(world))
+    dump_proposals.run(**kwargs)
+    assert json.loads((tmp_path / "mine" / "manifest.json").read_text())["config"]["add_gt"] is True
+    assert "appending ground-truth rows: the detector was trained on this annotation file" in caplog.text
+    caplog.clear()
+    dump_proposals.run(**{**kwargs, "annotations": str(world / "val.json"), "out": str(tmp_path / "val")})
+    assert json.loads((tmp_path / "val" / "manifest.json").read_text())["config"]["add_gt"] is False
+    assert "not appending ground-truth rows: the detector was not trained on this annotation file" in caplog.text
+
+
 def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(world, detector, reference, tmp_path):
     out = tmp_path / "cache"
     kwargs = stage_kwargs(world, detector, out, batch_size=1, workers=1)

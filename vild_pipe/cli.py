@@ -129,7 +129,8 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
               help="IoU of the class-agnostic NMS after the box head (0.7, as the RPN's: a lower one keeps only one"
                    " of two overlapping objects of different categories).")
 @click.option("--add-gt/--no-add-gt", default=None,
-              help="Append the image's base ground-truth boxes (is_gt) [default: on for a file named *train*].")
+              help="Append the image's base ground-truth boxes (is_gt) [default: on for the file the detector was"
+                   " trained on or one named *train*].")
 @click.option("--images-per-shard", default=64, show_default=True, help="Images per HDF5 shard.")
 @click.option("--batch-size", default=8, show_default=True, help="Images decoded and handed over together.")
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")

@@ -569,6 +569,14 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
     return model, config, identity
 
 
+def training_annotations_sha256(path: str | os.PathLike) -> str | None:
+    """The sha256 of the annotation file a train-rpn detector was trained on; None where the file does not say."""
+    state = load_checkpoint(resolve_detector_file(path), remove_stale_tmp=False) or {}
+    training = state.get("training") or state.get("config") or {}
+    data = training.get("data") if isinstance(training, dict) else None
+    return data.get("annotations_sha256") if isinstance(data, dict) else None
+
+
 def describe_detector(identity: dict[str, Any]) -> str:
     """A detector identity in a message: checkpoint name and the start of its sha256."""
     return f"{identity.get('checkpoint')} ({str(identity.get('sha256'))[:12]})"

@@ -5,9 +5,9 @@ writes the proposal cache of DESIGN.md §5: per image, the top `top_n` boxes aft
 and NMS (original pixels), their objectness, their C x 7 x 7 RoIAlign features (fp16) and, with `add_gt`,
 the image's base ground-truth boxes flagged `is_gt` (score 1) so the head sees exact positives.
 
-`add_gt` defaults to on for an annotation file whose name contains "train" (train.json,
-instances_train2017.json, lvis_v1_train.json) and off otherwise; the value used is part of the cache's
-config. Only BASE boxes are ever appended (the training view of the category split): novel boxes never
+`add_gt` defaults to on for the annotation file the detector was trained on (train-rpn records its sha256)
+or one whose name contains "train" (train.json, instances_train2017.json, lvis_v1_train.json), and off
+otherwise; the value used is part of the cache's config. Only BASE boxes are ever appended (the training view of the category split): novel boxes never
 reach the cache. Crowd boxes are left out: they are regions, not exact positives.
 
 Resumption and scale come from `pipeline.shards`: complete shards are skipped on a rerun; `shard` ("i/n")
@@ -34,7 +34,7 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
-from vild_pipe.pipeline.detector import load_detector
+from vild_pipe.pipeline.detector import load_detector, training_annotations_sha256
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -72,9 +72,14 @@ def proposal_fields(features: tuple[int, ...]) -> dict[str, RowField]:
     }
 
 
-def default_add_gt(annotations: str | os.PathLike) -> bool:
-    """Whether ground truth is appended when not said: yes for an annotation file named like a training split."""
-    return "train" in Path(annotations).name.lower()
+def default_add_gt(annotations: str | os.PathLike, sha256: str, detector_trained_on: str | None) -> tuple[bool, str]:
+    """Whether ground truth is appended when not said, and why: yes for the file the detector was trained on
+    (by content) or one named like a training split."""
+    if sha256 == detector_trained_on:
+        return True, "the detector was trained on this annotation file"
+    if "train" in Path(annotations).name.lower():
+        return True, "the annotation file's name contains 'train'"
+    return False, "the detector was not trained on this annotation file and its name does not contain 'train'"
 
 
 def run(
@@ -127,10 +132,11 @@ def run(
         dataset = CocoDataset.load(annotations, images)
         if not len(dataset):
             raise DataError(f"{os.fspath(annotations)}: no images to dump proposals for")
+        annotations_sha256 = sha256_file(annotations)
         if add_gt is None:
-            add_gt = default_add_gt(annotations)
-            log.info("%s ground-truth rows: the annotation file's name %s 'train' (--add-gt/--no-add-gt to choose)",
-                     "appending" if add_gt else "not appending", "contains" if add_gt else "does not contain")
+            add_gt, why = default_add_gt(annotations, annotations_sha256, training_annotations_sha256(detector))
+            log.info("%s ground-truth rows: %s (--add-gt/--no-add-gt to choose)",
+                     "appending" if add_gt else "not appending", why)
         ground_truth = dataset.training_view(split) if add_gt else None
 
         model, _, detector_identity = load_detector(detector, info.device)
@@ -147,7 +153,7 @@ def run(
         annotation_path = Path(annotations)
         inputs = {
             "detector": detector_identity,
-            "annotations": {"file": annotation_path.name, "sha256": sha256_file(annotation_path)},
+            "annotations": {"file": annotation_path.name, "sha256": annotations_sha256},
         }
         ranges = shard_image_ranges(len(dataset), images_per_shard)
         folder = CacheFolder.open_or_create(

@@ -99,9 +99,10 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         proposal_folder, embedding_folder = _open_caches(proposals, embeddings, use_image)
         train_set = _training_annotations(annotations, proposal_folder, split)
         if use_text and not proposal_folder.config.get("add_gt") and is_main(info):
-            log.warning("%s: the cache holds no ground-truth rows (dumped with --no-add-gt, or from a file whose name"
-                        " lacks 'train'): ViLD-text learns from proposals alone; dump-proposals --add-gt gives it"
-                        " the exact base boxes ViLD trains on", proposal_folder.path)
+            log.warning("%s: the cache holds no ground-truth rows (dumped with --no-add-gt, or from a file the"
+                        " detector was not trained on whose name lacks 'train'): ViLD-text learns from proposals"
+                        " alone; dump-proposals --add-gt gives it the exact base boxes ViLD trains on",
+                        proposal_folder.path)
         base_names = train_set.split.base_names(train_set.categories)
         texts = _base_text_embeddings(text, clip, base_names, run_dir, embedding_folder, info, required=use_text)
         if is_main(info):
