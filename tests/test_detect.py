@@ -112,7 +112,7 @@ def test_head_only_scores_are_the_heads_probabilities(models, tmp_path):
     head, _ = load_head(models["head"])
     texts = load_teacher(models["clip"]).text_embeddings(NAMES)
     pixels = torch.from_numpy(np.asarray(Image.open(models["photo"]).convert("RGB")).copy()).permute(2, 0, 1)
-    proposed = propose_with_features(model, [pixels])[0]
+    proposed = propose_with_features(model, [pixels], nms_threshold=summary["proposal_nms"])[0]
     with torch.no_grad():
         probs = head_probabilities(head(proposed.features), texts, head.background_embedding())
     _, scores, classes = detections_from_scores(proposed.boxes, probs, max_detections=10)
@@ -212,7 +212,9 @@ def test_skip_bad_images_goes_on_past_an_unreadable_one(models, tmp_path, caplog
 
 
 def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models, tmp_path, monkeypatch):
-    """detect makes its proposals as dump-proposals made the ones the head was trained on."""
+    """detect makes its proposals as dump-proposals made the ones the head was trained on: the value train-head
+    records in the head, else the one in its training cache's manifest, else 0.5 (heads older than the record,
+    whose caches had that default)."""
     used = []
     propose = detect.propose_with_features
 
@@ -221,14 +223,24 @@ def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models,
         return propose(*args, nms_threshold=nms_threshold, **kwargs)
 
     monkeypatch.setattr(detect, "propose_with_features", recording)
+    cache = CacheFolder.open_or_create(tmp_path / "proposals", stage="dump-proposals", config={"nms_threshold": 0.65},
+                                       inputs={}, fields=proposal_fields((16, 7, 7)), num_shards=1, images_per_shard=1)
+    with ShardWriter(cache, 0):
+        pass
+    cache.finalize()
     head, info = load_head(models["head"])
-    save_head(tmp_path / "head-05.pt", head, {**info, "proposal_nms": 0.5})
+    heads = {"recorded": {**info, "proposal_nms": 0.6}, "recorded as unknown": {**info, "proposal_nms": None},
+             "older, cache found": {**info, "proposals": {"path": str(cache.path), "fingerprint": cache.fingerprint}},
+             "older, cache moved": {**info, "proposals": {"path": str(tmp_path / "gone"), "fingerprint": "f"}}}
+    for name, head_info in heads.items():
+        save_head(tmp_path / f"{name}.pt", head, head_info)
     kwargs = detect_kwargs(models, tmp_path / "out", ensemble=False, top_k=2)
-    assert detect.run(**kwargs)["proposal_nms"] == PROPOSAL_NMS_THRESHOLD == 0.7   # a head that records none
-    assert detect.run(**{**kwargs, "head": tmp_path / "head-05.pt"})["proposal_nms"] == 0.5
-    assert detect.run(**{**kwargs, "head": tmp_path / "head-05.pt", "proposal_nms": 0.9})["proposal_nms"] == 0.9
-    assert used == [0.7, 0.5, 0.9]
-    with pytest.raises(VildError, match="--proposal-nms and --nms-threshold must be in"):
+    chosen = {name: detect.run(**{**kwargs, "head": tmp_path / f"{name}.pt"})["proposal_nms"] for name in heads}
+    assert chosen == {"recorded": 0.6, "recorded as unknown": PROPOSAL_NMS_THRESHOLD, "older, cache found": 0.65,
+                      "older, cache moved": detect.LEGACY_PROPOSAL_NMS}
+    assert detect.run(**{**kwargs, "head": tmp_path / "recorded.pt", "proposal_nms": 0.9})["proposal_nms"] == 0.9
+    assert used == [0.6, PROPOSAL_NMS_THRESHOLD, 0.65, 0.5, 0.9]
+    with pytest.raises(VildError, match=r"^--proposal-nms must be in \(0, 1\], got 0.0$"):
         detect.run(**{**kwargs, "proposal_nms": 0.0})
 
 

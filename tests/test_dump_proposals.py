@@ -22,9 +22,9 @@ import pytest
 import torch
 
 from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
-from vild_pipe.cli import main
 from vild_pipe.pipeline.proposals import (
     PROPOSAL_NMS_THRESHOLD, dump_settings, feature_shape, features_for_boxes, propose_with_features,
 )
@@ -164,7 +164,7 @@ def test_propose_with_features_is_per_image_exact_and_restores_the_model(world, 
 def test_two_overlapping_objects_both_stay_at_the_default_class_agnostic_nms():
     """A rider on a horse: two boxes at IoU 0.625 that the detector finds equally sure. At the default
     (0.7, as the RPN's) both reach the cache for the head to name; at 0.5 one would be gone before any
-    category is known. The CLI and the stage default to the same value."""
+    category is known."""
     model = build_detector(DetectorConfig.preset("small", **TINY_DETECTOR)).eval()
     boxes = torch.tensor([[0.0, 0.0, 80.0, 80.0], [0.0, 0.0, 80.0, 50.0]])
 
@@ -181,9 +181,7 @@ def test_two_overlapping_objects_both_stay_at_the_default_class_agnostic_nms():
     kept = propose_with_features(model, [image], top_n=10, nms_threshold=PROPOSAL_NMS_THRESHOLD)[0].boxes
     torch.testing.assert_close(kept, boxes)
     assert len(propose_with_features(model, [image], top_n=10, nms_threshold=0.5)[0].boxes) == 1
-    defaults = [inspect.signature(dump_proposals.run).parameters["nms_threshold"].default,
-                *(param.default for param in main.commands["dump-proposals"].params if param.name == "nms_threshold")]
-    assert defaults == [PROPOSAL_NMS_THRESHOLD] * 2
+    assert inspect.signature(propose_with_features).parameters["nms_threshold"].default == PROPOSAL_NMS_THRESHOLD
 
 
 def test_top_n_and_min_box_side_cut_the_list(world, detector):
@@ -256,22 +254,48 @@ def test_val_split_has_no_gt_rows_by_default_and_add_gt_is_explicit(world, detec
         np.testing.assert_array_equal(got["features"][~got["is_gt"]], rows[image_id]["features"])
 
 
-def test_the_file_the_detector_was_trained_on_gets_ground_truth_rows_whatever_its_name(world, tmp_path, caplog):
-    """Users' own files seldom say "train"; train-rpn records the sha256 of the file it trained on."""
+def test_the_file_the_detector_was_trained_on_gets_ground_truth_rows_of_its_split_whatever_its_name(
+        world, tmp_path, caplog):
+    """Users' own files seldom say "train"; train-rpn records the sha256 and split of the file it trained on,
+    and the rows' positives are then the detector's own base categories, even where `auto` would differ."""
     shutil.copy(world / "train.json", tmp_path / "mine.json")
+    auto = CocoDataset.load(tmp_path / "mine.json").resolve_split("auto")
+    own = CategorySplit(auto.base_ids[1:], tuple(sorted((*auto.novel_ids, auto.base_ids[0]))), spec="novel:mine")
     config = DetectorConfig.preset("small", **TINY_DETECTOR)
-    trained = {"data": {"annotations_sha256": sha256_file(tmp_path / "mine.json")}}
+    trained = {"data": {"annotations_sha256": sha256_file(tmp_path / "mine.json"), "split": own.to_json()}}
     save_final_model(tmp_path / "rpn", build_detector(config), config, step=0, training=trained)
     caplog.set_level(logging.INFO, logger="vild_pipe.stages.dump_proposals")
     kwargs = stage_kwargs(world, tmp_path / "rpn", tmp_path / "mine", annotations=str(tmp_path / "mine.json"),
-                          images=str(world))
+                          images=str(world), top_n=3)
     dump_proposals.run(**kwargs)
-    assert json.loads((tmp_path / "mine" / "manifest.json").read_text())["config"]["add_gt"] is True
+    made = json.loads((tmp_path / "mine" / "manifest.json").read_text())["config"]
+    assert made["add_gt"] is True and made["split"] == own.to_json()
     assert "appending ground-truth rows: the detector was trained on this annotation file" in caplog.text
+    rows = read_cache(tmp_path / "mine")
+    for image_id, got in rows.items():
+        expected = CocoDataset.load(tmp_path / "mine.json").training_view(own).annotations_for(image_id)[0]
+        np.testing.assert_array_equal(got["boxes"][got["is_gt"]], expected)
     caplog.clear()
     dump_proposals.run(**{**kwargs, "annotations": str(world / "val.json"), "out": str(tmp_path / "val")})
     assert json.loads((tmp_path / "val" / "manifest.json").read_text())["config"]["add_gt"] is False
     assert "not appending ground-truth rows: the detector was not trained on this annotation file" in caplog.text
+
+
+def test_settings_left_out_of_a_rerun_keep_the_values_of_the_cache_being_resumed(world, detector, tmp_path, caplog):
+    """The same command resumes a cache made before a default changed (NMS 0.5 then, 0.7 now)."""
+    kwargs = stage_kwargs(world, detector, tmp_path / "old", annotations=str(world / "val.json"), top_n=3)
+    dump_proposals.run(**{**kwargs, "nms_threshold": 0.5, "add_gt": True})
+    made = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    caplog.set_level(logging.INFO, logger="vild_pipe.stages.dump_proposals")
+    summary = dump_proposals.run(**kwargs)
+    assert json.loads((tmp_path / "old" / "manifest.json").read_text()) == made and summary["shards_written"] == []
+    assert "class-agnostic NMS at 0.5, as the cache being resumed was made" in caplog.text
+    assert "appending ground-truth rows: as in the cache being resumed" in caplog.text
+    dump_proposals.run(**{**kwargs, "out": str(tmp_path / "new")})
+    fresh = json.loads((tmp_path / "new" / "manifest.json").read_text())["config"]
+    assert (fresh["nms_threshold"], fresh["add_gt"]) == (PROPOSAL_NMS_THRESHOLD, False)
+    dump_proposals.run(**{**kwargs, "overwrite": True})
+    assert json.loads((tmp_path / "old" / "manifest.json").read_text())["config"] == fresh
 
 
 def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(world, detector, reference, tmp_path):

@@ -240,15 +240,19 @@ def test_modes_whose_inputs_are_missing_are_skipped_with_one_line_each(world, tm
     assert not (tmp_path / "not-lvis").exists()
 
 
-def test_an_lvis_file_is_evaluated_federated_with_its_ground_truth_prepared_once_for_every_mode(world, tmp_path):
+def test_an_lvis_file_is_evaluated_federated_with_its_ground_truth_prepared_once_for_every_mode(
+        world, tmp_path, monkeypatch):
     """The stage prepares LVIS' federated ground truth once for all modes; each mode's numbers must equal those
     of the library evaluating the results file it wrote against the annotation file alone."""
     folder = tmp_path / "lvis"
     folder.mkdir()
     write_caches(folder, world["clip_file"], world["texts"], lvis=True)
     lvis_world = dict(world, folder=folder)
+    prepared = []
+    prepare = evaluate.federated_ground_truth
+    monkeypatch.setattr(evaluate, "federated_ground_truth", lambda *args: prepared.append(1) or prepare(*args))
     metrics = evaluate.run(**settings(lvis_world, tmp_path / "out"))
-    assert list(metrics) == list(evaluate.MODES)
+    assert list(metrics) == list(evaluate.MODES) and len(prepared) == 1
     for mode, numbers in metrics.items():
         records = json.loads((tmp_path / "out" / f"results-{mode}.json").read_text())
         alone = evaluate_coco(folder / "val.json", records, BASE_IDS, NOVEL_IDS)

@@ -124,8 +124,9 @@ def problems(args):
     for param in ctx.command.params:
         value = supplied(param, values)
         if value is None:
-            if isinstance(param, click.Argument) and param.required:
-                found.append(f"missing argument {param.human_readable_name}")
+            if param.required:
+                found.append(f"missing argument {param.human_readable_name}" if isinstance(param, click.Argument)
+                             else f"missing option {param.opts[0]}")
         elif not isinstance(param.type, click.Path) and PLACEHOLDER not in str(value):
             try:
                 param.type_cast_value(ctx, value)

@@ -197,8 +197,9 @@ def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):
 
 
 def test_a_cache_without_ground_truth_rows_needs_a_split_and_is_named_in_a_warning(tmp_path, caplog):
-    """dump-proposals appends GT rows by default only for a file named like a training file; a cache made
-    without them trains ViLD-text on proposals alone, which the user should hear of."""
+    """dump-proposals appends GT rows by default only for the detector's training file or one named like a
+    training file; a cache made without them trains ViLD-text on proposals alone, which the user should hear
+    of."""
     world = write_world(tmp_path / "no-gt", add_gt=False)
     with pytest.raises(VildError, match="records no category split"):
         train_head.run(**settings(world, tmp_path / "run", losses="text"))

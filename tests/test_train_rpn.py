@@ -20,7 +20,7 @@ from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from vild_pipe.pipeline.detector import MODEL_NAME, load_detector, training_annotations_sha256
+from vild_pipe.pipeline.detector import MODEL_NAME, detector_training_data, load_detector
 from vild_pipe.pipeline.shards import sha256_file
 from vild_pipe.pipeline.training_run import lr_factor_schedule
 from vild_pipe.stages import make_synthetic, train_rpn
@@ -193,7 +193,7 @@ def test_training_lowers_the_loss_and_writes_the_run_folder(world, reference):
     model, config, identity = load_detector(run_dir)
     assert identity["step"] == ITERATIONS and identity["checkpoint"] == MODEL_NAME
     assert config.fpn_channels == TINY["fpn_channels"]
-    assert training_annotations_sha256(run_dir) == sha256_file(world / "train.json")   # dump-proposals' add_gt
+    assert detector_training_data(run_dir)["annotations_sha256"] == sha256_file(world / "train.json")  # for add_gt
 
 
 def test_rerun_of_a_finished_run_is_a_no_op_and_a_config_change_is_refused(world, reference):

@@ -125,12 +125,13 @@ SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME o
 @click.option("--split", default="auto", show_default=True, help=SPLIT_HELP)
 @click.option("--top-n", default=300, show_default=True, help="Boxes kept per image after the box head's NMS.")
 @click.option("--min-box-side", default=2.0, show_default=True, help="Drop boxes with a side below this (pixels).")
-@click.option("--nms-threshold", default=0.7, show_default=True,
-              help="IoU of the class-agnostic NMS after the box head (0.7, as the RPN's: a lower one keeps only one"
-                   " of two overlapping objects of different categories).")
+@click.option("--nms-threshold", type=float,
+              help="IoU of the class-agnostic NMS after the box head [default: 0.7, as the RPN's: a lower one keeps"
+                   " only one of two overlapping objects of different categories; a cache being resumed keeps its"
+                   " own].")
 @click.option("--add-gt/--no-add-gt", default=None,
               help="Append the image's base ground-truth boxes (is_gt) [default: on for the file the detector was"
-                   " trained on or one named *train*].")
+                   " trained on (then with its split) or one named *train*; a cache being resumed keeps its own].")
 @click.option("--images-per-shard", default=64, show_default=True, help="Images per HDF5 shard.")
 @click.option("--batch-size", default=8, show_default=True, help="Images decoded and handed over together.")
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")

@@ -102,8 +102,9 @@ def _fsync_folder(folder: Path) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    remove_stale_tmp: bool = True) -> dict[str, Any] | None:
-    """The dict saved at `path`, or None when there is none yet.
+                    remove_stale_tmp: bool = True, mmap: bool = False) -> dict[str, Any] | None:
+    """The dict saved at `path`, or None when there is none yet (`mmap`: tensors mapped, not read, for a
+    caller that wants only the small entries).
 
     A `path.tmp` left by a run killed mid-save is removed (the previous `path`, if any, is complete);
     under torchrun only rank 0, the one writer, may do that, or it could delete a save in progress.
@@ -117,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         if isinstance(err, OSError) and err.errno != errno.EINVAL:  # EINVAL: torch's zip reader on a cut file
             raise VildError(f"{path}: cannot read checkpoint ({describe_error(err)})") from err

@@ -548,8 +548,8 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
         raise VildError(f"{file}: no such detector checkpoint")
     if "detector" in state:
         detector_dict = state["detector"]
-    elif isinstance(state.get("config"), dict) and "detector" in state["config"]:
-        detector_dict = state["config"]["detector"]  # a train-rpn last.pt
+    elif "detector" in _run_config(state):
+        detector_dict = _run_config(state)["detector"]  # a train-rpn last.pt
     else:
         raise DataError(f"{file}: not a vild-pipe detector checkpoint (no detector config inside)")
     if "model" not in state:
@@ -569,12 +569,21 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
     return model, config, identity
 
 
-def training_annotations_sha256(path: str | os.PathLike) -> str | None:
-    """The sha256 of the annotation file a train-rpn detector was trained on; None where the file does not say."""
-    state = load_checkpoint(resolve_detector_file(path), remove_stale_tmp=False) or {}
-    training = state.get("training") or state.get("config") or {}
-    data = training.get("data") if isinstance(training, dict) else None
-    return data.get("annotations_sha256") if isinstance(data, dict) else None
+def _run_config(state: dict[str, Any]) -> dict[str, Any]:
+    """The train-rpn run config a detector checkpoint carries: model.pt's "training", last.pt's "config"."""
+    config = state.get("training") or state.get("config")
+    return config if isinstance(config, dict) else {}
+
+
+def detector_training_data(path: str | os.PathLike) -> dict[str, Any]:
+    """What a train-rpn detector was trained on (its annotation file's sha256, its split, ...); {} where the
+    checkpoint does not say. Reads it memory-mapped: the weights are not loaded (load_detector does that)."""
+    try:
+        state = load_checkpoint(resolve_detector_file(path), remove_stale_tmp=False, mmap=True) or {}
+    except VildError:
+        return {}   # an unreadable file is load_detector's to report
+    data = _run_config(state).get("data")
+    return data if isinstance(data, dict) else {}
 
 
 def describe_detector(identity: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.coco import CocoDataset, read_annotation_json
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline.shards import CacheFolder, RowField, sha256_file
 from vild_pipe.pipeline.text_embeddings import describe_clip, same_clip
@@ -115,10 +115,35 @@ def open_caches(proposals: str | os.PathLike, embeddings: str | os.PathLike | No
     return folder, None
 
 
+def training_proposal_cache(head_info: dict) -> CacheFolder | None:
+    """The proposal cache a head was trained on, where the path train-head recorded (as typed, so relative to
+    wherever it ran) still leads to that very cache (same fingerprint); None otherwise."""
+    trained_on = head_info.get("proposals") or {}
+    path = trained_on.get("path")
+    if not path or not os.path.isfile(os.path.join(path, "manifest.json")):
+        return None
+    try:
+        folder = CacheFolder.open(path, stage=PROPOSAL_STAGE)
+    except DataError:
+        return None
+    return folder if folder.fingerprint == trained_on.get("fingerprint") else None
+
+
 def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
-                   images: str | os.PathLike | None = None, parsed_json: Any = None) -> CocoDataset:
-    """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from
-    (`parsed_json`: its JSON, when the caller has parsed it already)."""
+                   images: str | os.PathLike | None = None) -> CocoDataset:
+    """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from."""
+    _check_made_from(proposals, annotations)
+    return CocoDataset.load(annotations, images)
+
+
+def annotation_json_of(proposals: CacheFolder, annotations: str | os.PathLike) -> Any:
+    """The parsed JSON of `annotations`, once its sha256 shows it is the file the proposal cache was made from
+    (for a caller that builds more than the dataset from it: `CocoDataset.load(parsed_json=)`)."""
+    _check_made_from(proposals, annotations)
+    return read_annotation_json(annotations)
+
+
+def _check_made_from(proposals: CacheFolder, annotations: str | os.PathLike) -> None:
     made_from = proposals.inputs.get("annotations", {})
     if made_from.get("sha256") != sha256_file(annotations):
         raise DataError(
@@ -126,5 +151,4 @@ def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
             f" (it was made from another annotation file, {made_from.get('file')},"
             f" sha256 {str(made_from.get('sha256'))[:12]}...)"
         )
-    return CocoDataset.load(annotations, images, parsed_json=parsed_json)
 

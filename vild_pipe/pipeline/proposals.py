@@ -132,7 +132,7 @@ def propose_with_features(
     images: Sequence[Tensor],
     top_n: int = 300,
     min_box_side: float = 2.0,
-    nms_threshold: float = 0.5,
+    nms_threshold: float = PROPOSAL_NMS_THRESHOLD,
     extra_boxes: Sequence[Tensor | None] | None = None,
     fp16: bool = False,
 ) -> list[ImageProposals]:

@@ -83,7 +83,8 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
     given = [source for source in (annotations, vocab, vocab_file) if source is not None]
     if len(given) != 1:
         options = [NAME_SOURCES[source] for source in offered]
-        raise VildError(f"give the category names one way: {', '.join(options[:-1])} or {options[-1]}")
+        listed = f"{', '.join(options[:-1])} or {options[-1]}" if len(options) > 1 else "".join(options)
+        raise VildError(f"give the category names one way: {listed}")
     if annotations is not None:
         return check_names(CocoDataset.load(annotations).category_names, os.fspath(annotations))
     if vocab is not None:

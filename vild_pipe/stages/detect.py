@@ -35,7 +35,9 @@ from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uin
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
-from vild_pipe.pipeline.embedding_cache import ENSEMBLE_FIELD, embedding_fields, image_embedding_rows
+from vild_pipe.pipeline.embedding_cache import (
+    ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_proposal_cache,
+)
 from vild_pipe.pipeline.head import TEMPERATURE, load_head, resolve_head_file
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.scoring import (
@@ -101,7 +103,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     texts = teacher.text_embeddings(names).float()
     is_novel = _novel_names(names, info)
     if proposal_nms is None:
-        proposal_nms = info.get("proposal_nms") or PROPOSAL_NMS_THRESHOLD
+        proposal_nms = _proposal_nms_of(info)
     temperature = float(info.get("temperature", TEMPERATURE))
     log.info("detect: %d image(s), %d names (%d among the head's base categories), %s, proposals' NMS %g, on %s",
              len(paths), len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only",
@@ -172,6 +174,20 @@ def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, b
     return torch.from_numpy(rows[ENSEMBLE_FIELD]).to(pixels.device)
 
 
+LEGACY_PROPOSAL_NMS = 0.5
+"""dump-proposals' default before heads recorded the NMS of their training proposals."""
+
+
+def _proposal_nms_of(head_info: dict) -> float:
+    """The class-agnostic NMS of the proposals the head was trained on: recorded in the head, else in its
+    training cache's manifest where that is still found, else the default of the time (an older head)."""
+    if "proposal_nms" in head_info:
+        return float(head_info["proposal_nms"] or PROPOSAL_NMS_THRESHOLD)
+    folder = training_proposal_cache(head_info)
+    recorded = folder.config.get("nms_threshold") if folder is not None else None
+    return float(recorded or LEGACY_PROPOSAL_NMS)
+
+
 def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,
                    base_text_weight, novel_text_weight) -> None:
     if not clip:
@@ -180,10 +196,11 @@ def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_th
     if top_k < 1 or proposals < 1 or crop_batch_size < 1:
         raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
                         f" {crop_batch_size})")
-    nms_values = (nms_threshold,) if proposal_nms is None else (proposal_nms, nms_threshold)
-    if not all(0.0 < value <= 1.0 for value in nms_values) or score_threshold < 0:
-        raise VildError(f"--proposal-nms and --nms-threshold must be in (0, 1] and --score-threshold >= 0 (got"
-                        f" {proposal_nms}, {nms_threshold}, {score_threshold})")
+    for option, value in (("--proposal-nms", proposal_nms), ("--nms-threshold", nms_threshold)):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise VildError(f"{option} must be in (0, 1], got {value}")
+    if score_threshold < 0:
+        raise VildError(f"--score-threshold must be >= 0, got {score_threshold}")
     if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
         raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
 

@@ -5,10 +5,13 @@ writes the proposal cache of DESIGN.md §5: per image, the top `top_n` boxes aft
 and NMS (original pixels), their objectness, their C x 7 x 7 RoIAlign features (fp16) and, with `add_gt`,
 the image's base ground-truth boxes flagged `is_gt` (score 1) so the head sees exact positives.
 
-`add_gt` defaults to on for the annotation file the detector was trained on (train-rpn records its sha256)
-or one whose name contains "train" (train.json, instances_train2017.json, lvis_v1_train.json), and off
-otherwise; the value used is part of the cache's config. Only BASE boxes are ever appended (the training view of the category split): novel boxes never
-reach the cache. Crowd boxes are left out: they are regions, not exact positives.
+`add_gt` defaults to on for the annotation file the detector was trained on (train-rpn records its sha256
+and split, and the rows then follow the detector's split) or one whose name contains "train" (train.json,
+instances_train2017.json, lvis_v1_train.json), and off otherwise; the value used is part of the cache's
+config. A setting left out of a rerun keeps the value of the cache being resumed (`_unsaid_settings`), so the
+same command resumes a cache made before a default changed. Only BASE boxes are ever appended (the training
+view of the category split): novel boxes never reach the cache. Crowd boxes are left out: they are regions,
+not exact positives.
 
 Resumption and scale come from `pipeline.shards`: complete shards are skipped on a rerun; `shard` ("i/n")
 and torchrun ranks split the shards between processes with no communication; whichever process finishes
@@ -32,9 +35,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
+from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
-from vild_pipe.pipeline.detector import load_detector, training_annotations_sha256
+from vild_pipe.pipeline.detector import detector_training_data, load_detector
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -72,14 +76,53 @@ def proposal_fields(features: tuple[int, ...]) -> dict[str, RowField]:
     }
 
 
-def default_add_gt(annotations: str | os.PathLike, sha256: str, detector_trained_on: str | None) -> tuple[bool, str]:
+def default_add_gt(annotations: str | os.PathLike, detectors_own: bool | None) -> tuple[bool, str]:
     """Whether ground truth is appended when not said, and why: yes for the file the detector was trained on
-    (by content) or one named like a training split."""
-    if sha256 == detector_trained_on:
+    (`detectors_own`, by content; None where the detector does not say) or one named like a training split."""
+    if detectors_own:
         return True, "the detector was trained on this annotation file"
     if "train" in Path(annotations).name.lower():
         return True, "the annotation file's name contains 'train'"
+    if detectors_own is None:
+        return False, "its name does not contain 'train' (the detector does not record its training file)"
     return False, "the detector was not trained on this annotation file and its name does not contain 'train'"
+
+
+def _unsaid_settings(out: str | os.PathLike, overwrite: bool, annotations: str | os.PathLike, annotations_sha256: str,
+                     detector: str | os.PathLike, nms_threshold: float | None, add_gt: bool | None,
+                     split: str | CategorySplit) -> tuple[float, bool, str | CategorySplit]:
+    """Values for the settings the command left out (None, or split "auto"). The cache being resumed keeps its
+    own; otherwise: NMS at PROPOSAL_NMS_THRESHOLD, ground-truth rows by `default_add_gt`, and for the file the
+    detector was trained on, the detector's own split (its base boxes are the rows' positives)."""
+    earlier = {} if overwrite else _config_of_existing_cache(out)
+    if nms_threshold is None:
+        nms_threshold = earlier.get("nms_threshold", PROPOSAL_NMS_THRESHOLD)
+        if nms_threshold != PROPOSAL_NMS_THRESHOLD:
+            log.info("class-agnostic NMS at %g, as the cache being resumed was made (the default for a new cache"
+                     " is %g)", nms_threshold, PROPOSAL_NMS_THRESHOLD)
+    trained_on = detector_training_data(detector)
+    detectors_own = (trained_on["annotations_sha256"] == annotations_sha256
+                     if trained_on.get("annotations_sha256") else None)
+    if add_gt is None:
+        add_gt, why = ((bool(earlier["add_gt"]), "as in the cache being resumed") if "add_gt" in earlier
+                       else default_add_gt(annotations, detectors_own))
+        log.info("%s ground-truth rows: %s (--add-gt/--no-add-gt to choose)",
+                 "appending" if add_gt else "not appending", why)
+    if add_gt and split == "auto":
+        if earlier.get("split"):
+            split = CategorySplit.from_json(earlier["split"])
+        elif detectors_own and trained_on.get("split"):
+            split = CategorySplit.from_json(trained_on["split"])
+            log.info("ground-truth rows of the detector's own base categories (its split: %s)", split.spec)
+    return float(nms_threshold), bool(add_gt), split
+
+
+def _config_of_existing_cache(out: str | os.PathLike) -> dict:
+    """The config of the proposal cache already in `out`; {} where there is none (or none this stage reads)."""
+    try:
+        return dict(CacheFolder.open(out, stage=STAGE).config)
+    except VildError:
+        return {}
 
 
 def run(
@@ -87,10 +130,10 @@ def run(
     annotations: str | os.PathLike,
     out: str | os.PathLike,
     images: str | os.PathLike | None = None,
-    split: str = "auto",
+    split: str | CategorySplit = "auto",
     top_n: int = 300,
     min_box_side: float = 2.0,
-    nms_threshold: float = PROPOSAL_NMS_THRESHOLD,
+    nms_threshold: float | None = None,
     add_gt: bool | None = None,
     images_per_shard: int = 64,
     batch_size: int = 8,
@@ -106,18 +149,18 @@ def run(
 
     `detector` is a train-rpn run folder or checkpoint; `images` the image folder (default: the annotation
     file's folder); `split` the category split (data.splits spec) whose base boxes `add_gt` appends.
-    `top_n`, `min_box_side` (original pixels) and `nms_threshold` (the box head's class-agnostic NMS) shape
-    the proposals; they, `add_gt`, the split and the precision make the cache's config, so a rerun with
-    other values is refused unless `overwrite`. `batch_size` images are decoded by `workers` DataLoader
-    processes and handed over together (the network still sees one at a time); `threads` sets torch's CPU
-    threads (0: torch's default); `fp16` runs the backbone under fp16 autocast on CUDA. `shard` "i/n" takes
-    this job's part of the shards (with torchrun, split again between the ranks).
+    `top_n`, `min_box_side` (original pixels) and `nms_threshold` (the box head's class-agnostic NMS; None:
+    see `_unsaid_settings`) shape the proposals; they, `add_gt`, the split and the precision make the cache's
+    config, so a rerun with other values is refused unless `overwrite`. `batch_size` images are decoded by
+    `workers` DataLoader processes and handed over together (the network still sees one at a time); `threads`
+    sets torch's CPU threads (0: torch's default); `fp16` runs the backbone under fp16 autocast on CUDA.
+    `shard` "i/n" takes this job's part of the shards (with torchrun, split again between the ranks).
     """
     if top_n < 1:
         raise VildError(f"--top-n must be at least 1, got {top_n}")
     if min_box_side < 0:
         raise VildError(f"--min-box-side must be >= 0 pixels, got {min_box_side}")
-    if not 0.0 < nms_threshold <= 1.0:
+    if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"--nms-threshold must be in (0, 1], got {nms_threshold}")
     if batch_size < 1:
         raise VildError(f"--batch-size must be at least 1, got {batch_size}")
@@ -133,10 +176,8 @@ def run(
         if not len(dataset):
             raise DataError(f"{os.fspath(annotations)}: no images to dump proposals for")
         annotations_sha256 = sha256_file(annotations)
-        if add_gt is None:
-            add_gt, why = default_add_gt(annotations, annotations_sha256, training_annotations_sha256(detector))
-            log.info("%s ground-truth rows: %s (--add-gt/--no-add-gt to choose)",
-                     "appending" if add_gt else "not appending", why)
+        nms_threshold, add_gt, split = _unsaid_settings(out, overwrite, annotations, annotations_sha256, detector,
+                                                        nms_threshold, add_gt, split)
         ground_truth = dataset.training_view(split) if add_gt else None
 
         model, _, detector_identity = load_detector(detector, info.device)

@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vild_pipe.data.coco import CocoDataset, read_annotation_json
+from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit, normalised_name
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, PROPOSAL_STAGE, annotations_of, check_text_clip, open_caches,
+    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_proposal_cache,
 )
 from vild_pipe.pipeline.evaluation import (
     PROTOCOLS, Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table, resolve_protocol,
@@ -117,8 +117,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     out = Path(out)
 
     proposal_folder, embedding_folder = open_caches(proposals, embeddings)
-    parsed_json = read_annotation_json(annotations)   # parsed once, for the dataset and for COCOeval
-    dataset = annotations_of(proposal_folder, annotations, parsed_json=parsed_json)
+    parsed_json = annotation_json_of(proposal_folder, annotations)   # parsed once, for the dataset and COCOeval
+    dataset = CocoDataset.load(annotations, parsed_json=parsed_json)
     category_split = _category_split(dataset, split, heads)
     ground_truth = load_ground_truth(parsed_json)
     del parsed_json
@@ -341,19 +341,9 @@ def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
 
 
 def _detector_of_training_cache(info: Mapping[str, Any]) -> dict:
-    """The detector identity in the manifest of the head's training proposal cache, when the recorded path (as
-    typed, so relative to wherever train-head ran) still leads to that very cache; {} otherwise."""
-    trained_on = info.get("proposals") or {}
-    path = trained_on.get("path")
-    if not path or not (Path(path) / "manifest.json").is_file():
-        return {}
-    try:
-        folder = CacheFolder.open(path, stage=PROPOSAL_STAGE)
-    except DataError:
-        return {}
-    if folder.fingerprint != trained_on.get("fingerprint"):
-        return {}
-    return folder.inputs.get("detector") or {}
+    """The detector identity in the manifest of the head's training proposal cache, where that is still found."""
+    folder = training_proposal_cache(dict(info))
+    return (folder.inputs.get("detector") or {}) if folder is not None else {}
 
 
 # --------------------------------------------------------------------------- scoring
