@@ -78,6 +78,10 @@ def test_detections_json_and_drawings_of_a_photograph(models, tmp_path):
     first_image = [a for a in annotations if a["image_id"] == 1]
     second_image = [a for a in annotations if a["image_id"] == 2]
     assert [a["score"] for a in first_image] == [a["score"] for a in second_image]  # the same pixels
+    made_by = coco.dataset["info"]            # what made the file, to read and reproduce it later
+    assert made_by["head"]["sha256"] == sha256_file(models["head"]) and made_by["detector"] == summary["detector"]
+    assert made_by["settings"]["proposal_nms"] == summary["proposal_nms"] and made_by["settings"]["top_k"] == 25
+    assert made_by["clip"]["sha256"] == sha256_file(models["clip"])
 
     assert sorted(p.name for p in out.glob("*.png")) == ["astronaut-2.png", "astronaut.png"]
     photo = np.asarray(Image.open(models["photo"]).convert("RGB")).astype(int)

@@ -109,14 +109,17 @@ class ImageDetections:
     class_index: np.ndarray
 
 
-def detections_document(images: Sequence[ImageDetections], category_names: Sequence[str]) -> dict:
+def detections_document(images: Sequence[ImageDetections], category_names: Sequence[str],
+                        info: dict | None = None) -> dict:
     """A COCO-format dict of detections on images that have no ground truth.
 
     images (id 1..), categories (the vocabulary, id = index + 1), and annotations carrying `score` and
     `category_name` beside the usual id, image_id, category_id, bbox [x, y, w, h], area and iscrowd, so the
-    file reads in pycocotools, in `CocoDataset.load`, and by eye.
+    file reads in pycocotools, in `CocoDataset.load`, and by eye. `info`, COCO's own header, says what made
+    them (models and settings), so the file can be read and reproduced later.
     """
     document: dict = {
+        **({"info": info} if info is not None else {}),
         "images": [],
         "categories": [{"id": index + 1, "name": name} for index, name in enumerate(category_names)],
         "annotations": [],
@@ -143,6 +146,6 @@ def detections_document(images: Sequence[ImageDetections], category_names: Seque
 
 
 def write_detections_json(path: str | os.PathLike, images: Sequence[ImageDetections],
-                          category_names: Sequence[str]) -> None:
-    """Write `detections_document(images, category_names)` to `path` atomically."""
-    write_json_atomically(path, detections_document(images, category_names), indent=1)
+                          category_names: Sequence[str], info: dict | None = None) -> None:
+    """Write `detections_document(images, category_names, info)` to `path` atomically."""
+    write_json_atomically(path, detections_document(images, category_names, info), indent=1)

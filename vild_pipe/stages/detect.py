@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vild_pipe.data.coco import read_rgb_image
+from vild_pipe import __version__
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
@@ -44,7 +45,7 @@ from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
 )
-from vild_pipe.pipeline.shards import make_output_folder, write_bytes_atomically
+from vild_pipe.pipeline.shards import make_output_folder, sha256_file, write_bytes_atomically
 from vild_pipe.pipeline.teacher import Teacher, check_clip_file, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
 
@@ -141,7 +142,13 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         _save_drawing(draw_detections(image, detections.boxes, labels, detections.scores), out / drawing_name)
         drawings.append(os.fspath(out / drawing_name))
 
-    write_detections_json(out / JSON_NAME, found, names)
+    made_by = {"description": "vild-pipe detect", "version": __version__, "detector": detector_identity,
+               "head": {"file": head_file.name, "sha256": sha256_file(head_file), "losses": info.get("losses")},
+               "clip": teacher.identity,
+               "settings": {"ensemble": ensemble, "score_threshold": score_threshold, "top_k": top_k,
+                            "proposals": proposals, "proposal_nms": proposal_nms, "nms_threshold": nms_threshold,
+                            "base_text_weight": base_text_weight, "novel_text_weight": novel_text_weight}}
+    write_detections_json(out / JSON_NAME, found, names, made_by)
     total = sum(len(d.scores) for d in found)
     seconds = time.monotonic() - started
     log.info("detect: %d detections on %d image(s) in %.1f s -> %s", total, len(found), seconds, out / JSON_NAME)
