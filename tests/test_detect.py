@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import save_checkpoint
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
+from vild_pipe.pipeline.embedding_cache import LEGACY_PROPOSAL_NMS
 from vild_pipe.pipeline.head import HeadConfig, ViLDHead, load_head, save_head
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, propose_with_features
 from vild_pipe.pipeline.scoring import detections_from_scores, head_probabilities
@@ -241,7 +242,7 @@ def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models,
     kwargs = detect_kwargs(models, tmp_path / "out", ensemble=False, top_k=2)
     chosen = {name: detect.run(**{**kwargs, "head": tmp_path / f"{name}.pt"})["proposal_nms"] for name in heads}
     assert chosen == {"recorded": 0.6, "recorded as unknown": PROPOSAL_NMS_THRESHOLD, "older, cache found": 0.65,
-                      "older, cache moved": detect.LEGACY_PROPOSAL_NMS}
+                      "older, cache moved": LEGACY_PROPOSAL_NMS}
     assert detect.run(**{**kwargs, "head": tmp_path / "recorded.pt", "proposal_nms": 0.9})["proposal_nms"] == 0.9
     assert used == [0.6, PROPOSAL_NMS_THRESHOLD, 0.65, 0.5, 0.9]
     with pytest.raises(VildError, match=r"^--proposal-nms must be in \(0, 1\], got 0.0$"):

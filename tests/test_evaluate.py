@@ -78,7 +78,7 @@ def write_caches(folder, clip_file, texts: np.ndarray, seed=0, lvis=False):
 
     shards = -(-IMAGES // PER_SHARD)
     proposals = CacheFolder.open_or_create(
-        folder / "proposals", stage="dump-proposals", config={"top_n": 6, "add_gt": False, "split": None},
+        folder / "proposals", stage="dump-proposals", config={"top_n": 6, "add_gt": False, "split": None, "nms_threshold": 0.7},
         inputs={"annotations": {"file": "val.json", "sha256": sha256_file(annotation_file)},
                 "detector": {"checkpoint": "model.pt", "sha256": "d" * 64, "step": 1}},
         fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)
@@ -109,11 +109,13 @@ def write_caches(folder, clip_file, texts: np.ndarray, seed=0, lvis=False):
     return clip
 
 
-def write_head(path, clip, losses, in_channels=CHANNELS, embed_dim=DIM, seed=0, trained_on=None, detector=None):
+def write_head(path, clip, losses, in_channels=CHANNELS, embed_dim=DIM, seed=0, trained_on=None, detector=None,
+               proposal_nms=0.7):
     torch.manual_seed(seed)
     head = ViLDHead(HeadConfig(in_channels, representation_size=16, embed_dim=embed_dim))
     save_head(path, head, {"losses": losses, "clip": clip, "embed_dim": embed_dim, "step": 0,
                            "proposals": trained_on, "detector": detector, "embeddings": None,
+                           "proposal_nms": proposal_nms,
                            "base_names": ["circle", "square", "star"], "temperature": 0.01, "config": {}})
     return path
 
@@ -372,3 +374,10 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     evaluate.run(**settings(world, tmp_path / "swapped", embeddings=None, modes=["ViLD-image"],
                             heads={"ViLD-image": world["heads"]["ViLD-text"]}))
     assert any("trained with losses 'text', not 'image'" in r.getMessage() for r in caplog.records)
+    assert "class-agnostic NMS" not in caplog.text
+
+    head_05 = write_head(tmp_path / "head-05.pt", world["clip"], "text+image", proposal_nms=0.5)
+    evaluate.run(**settings(world, tmp_path / "other-nms", embeddings=None, modes=["ViLD"], heads={"ViLD": head_05}))
+    assert (f"{head_05}: the head was trained on proposals made with class-agnostic NMS 0.5, the proposal cache"
+            f" {world['folder'] / 'proposals'} was made with 0.7; dump-proposals --nms-threshold 0.5 makes them alike"
+            in caplog.text)

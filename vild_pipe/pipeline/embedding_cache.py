@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vild_pipe.data.coco import CocoDataset, read_annotation_json
 from vild_pipe.errors import DataError
+from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD
 from vild_pipe.pipeline.shards import CacheFolder, RowField, sha256_file
 from vild_pipe.pipeline.text_embeddings import describe_clip, same_clip
 
@@ -127,6 +128,20 @@ def training_proposal_cache(head_info: dict) -> CacheFolder | None:
     except DataError:
         return None
     return folder if folder.fingerprint == trained_on.get("fingerprint") else None
+
+
+LEGACY_PROPOSAL_NMS = 0.5
+"""dump-proposals' default before heads recorded the NMS of their training proposals."""
+
+
+def training_proposal_nms(head_info: dict) -> float:
+    """The class-agnostic NMS of the proposals a head was trained on: recorded in the head, else in its
+    training cache's manifest where that is still found, else the default of the time (an older head)."""
+    if "proposal_nms" in head_info:
+        return float(head_info["proposal_nms"] or PROPOSAL_NMS_THRESHOLD)
+    folder = training_proposal_cache(head_info)
+    recorded = folder.config.get("nms_threshold") if folder is not None else None
+    return float(recorded or LEGACY_PROPOSAL_NMS)
 
 
 def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,

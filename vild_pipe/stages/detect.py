@@ -37,10 +37,10 @@ from vild_pipe.pipeline.detector import check_head_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_proposal_cache,
+    ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_proposal_nms,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, load_head, resolve_head_file
-from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
+from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
 from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
@@ -104,7 +104,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     texts = teacher.text_embeddings(names).float()
     is_novel = _novel_names(names, info)
     if proposal_nms is None:
-        proposal_nms = _proposal_nms_of(info)
+        proposal_nms = training_proposal_nms(info)
     temperature = float(info.get("temperature", TEMPERATURE))
     log.info("detect: %d image(s), %d names (%d among the head's base categories), %s, proposals' NMS %g, on %s",
              len(paths), len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only",
@@ -179,20 +179,6 @@ def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, b
     fields = embedding_fields(teacher.embed_dim, ensemble_only=True)
     [(_, rows)] = image_embedding_rows(encoded, [(0, len(boxes))], fields)
     return torch.from_numpy(rows[ENSEMBLE_FIELD]).to(pixels.device)
-
-
-LEGACY_PROPOSAL_NMS = 0.5
-"""dump-proposals' default before heads recorded the NMS of their training proposals."""
-
-
-def _proposal_nms_of(head_info: dict) -> float:
-    """The class-agnostic NMS of the proposals the head was trained on: recorded in the head, else in its
-    training cache's manifest where that is still found, else the default of the time (an older head)."""
-    if "proposal_nms" in head_info:
-        return float(head_info["proposal_nms"] or PROPOSAL_NMS_THRESHOLD)
-    folder = training_proposal_cache(head_info)
-    recorded = folder.config.get("nms_threshold") if folder is not None else None
-    return float(recorded or LEGACY_PROPOSAL_NMS)
 
 
 def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,

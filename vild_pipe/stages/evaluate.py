@@ -23,6 +23,7 @@ runs. Ground-truth rows (`is_gt`, only in training caches) are never scored.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_proposal_cache,
+    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_proposal_cache, training_proposal_nms,
 )
 from vild_pipe.pipeline.evaluation import (
     PROTOCOLS, Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table, resolve_protocol,
@@ -304,6 +305,7 @@ def _load_heads(heads: Mapping[str, Any], active: list[str], ensemble_head: str,
             head, info = load_head(file, device)
             by_file[file] = _LoadedHead(head, info, file)
             _check_head(by_file[file], texts, proposals)
+            _warn_of_other_proposals(by_file[file], proposals)
         loaded[mode] = by_file[file]
         losses = loaded[mode].info.get("losses")
         if losses != HEAD_MODES[mode]:
@@ -329,6 +331,18 @@ def _check_head(loaded: _LoadedHead, texts: TextEmbeddings, proposals: CacheFold
                         f" the proposal cache {proposals.path} holds {channels}x{height}x{width}; use the detector"
                         " the head was trained on")
     _check_same_detector(loaded, proposals)
+
+
+def _warn_of_other_proposals(loaded: _LoadedHead, proposals: CacheFolder) -> None:
+    """A warning when the val proposals were made with another class-agnostic NMS than the head's training
+    ones (a cache resumed at an old default beside a new one, say): the head then scores boxes of a kind it
+    was not trained on."""
+    here = proposals.config.get("nms_threshold")
+    trained = training_proposal_nms(loaded.info)
+    if here is not None and not math.isclose(here, trained):
+        log.warning("%s: the head was trained on proposals made with class-agnostic NMS %g, the proposal cache %s"
+                    " was made with %g; dump-proposals --nms-threshold %g makes them alike", loaded.file, trained,
+                    proposals.path, here, trained)
 
 
 def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
