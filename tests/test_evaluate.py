@@ -78,7 +78,8 @@ def write_caches(folder, clip_file, texts: np.ndarray, seed=0, lvis=False):
 
     shards = -(-IMAGES // PER_SHARD)
     proposals = CacheFolder.open_or_create(
-        folder / "proposals", stage="dump-proposals", config={"top_n": 6, "add_gt": False, "split": None, "nms_threshold": 0.7},
+        folder / "proposals", stage="dump-proposals",
+        config={"top_n": 6, "add_gt": False, "split": None, "nms_threshold": 0.7},
         inputs={"annotations": {"file": "val.json", "sha256": sha256_file(annotation_file)},
                 "detector": {"checkpoint": "model.pt", "sha256": "d" * 64, "step": 1}},
         fields=proposal_fields((CHANNELS, 7, 7)), num_shards=shards, images_per_shard=PER_SHARD)
