@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from vild_pipe.data.coco import read_rgb_image
 from vild_pipe import __version__
+from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
