@@ -43,7 +43,8 @@ def main() -> None:
                                **HEAD_SETTINGS)
         metrics = evaluate.run(out / "proposals" / "val", out / "embeddings" / "val", demo / "world" / "val.json",
                                out / "evaluation", heads=heads, text=demo / "evaluation" / "text_all.pt")
-        scores = " ".join(f"{mode} {100 * m['AP50_novel']:.1f}/{100 * m['AP50_base']:.1f}" for mode, m in metrics.items())
+        scores = " ".join(f"{mode} {100 * m['AP50_novel']:.1f}/{100 * m['AP50_base']:.1f}"
+                          for mode, m in metrics.items())
         print(setting, "retrained" if args.retrain else "the demo's heads", scores, flush=True)
 
 
