@@ -275,6 +275,22 @@ def test_image_size_must_match_annotation_file(tmp_path):
         ds.open_image(ds.images[0])
 
 
+def test_a_size_mismatch_from_an_exif_turn_says_so(tmp_path):
+    """Annotations made on the upright view of a file stored sideways: the message names the EXIF tag and the
+    fix, since vild-pipe, like pycocotools-based tools, reads pixels as stored."""
+    write_images(tmp_path)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.new("RGB", (24, 32)).save(tmp_path / IMAGES[0]["file_name"], exif=exif.tobytes())
+    Image.new("RGB", (16, 20)).save(tmp_path / IMAGES[1]["file_name"])  # swapped too, but no tag: no hint
+    ds = CocoDataset.load(write_coco(tmp_path))
+    with pytest.raises(DataError, match=r"000001\.png: image is 24x32 pixels but .*says 32x24 for image id 1; the"
+                                        r" file's EXIF orientation tag \(8\) turns it to 32x24, .*exiftran -ai"):
+        ds.open_image(ds.images[0])
+    with pytest.raises(DataError, match=r"000002\.png: image is 16x20 pixels but .*says 20x16 for image id 2$"):
+        ds.open_image(ds.images[1])
+
+
 def test_check_images_up_front(tmp_path):
     ann = write_coco(tmp_path)
     write_images(tmp_path)

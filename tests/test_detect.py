@@ -109,6 +109,27 @@ def test_a_folder_stands_for_its_image_files(models, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png"]
 
 
+def test_a_photo_stored_sideways_is_turned_upright_as_its_exif_tag_says(models, tmp_path):
+    """A phone stores a portrait photograph as a landscape bitmap tagged "turn 90° clockwise" (orientation 6):
+    detect gives the detections, sizes and drawing of the upright image, as if the file held it upright."""
+    upright = Image.fromarray(skimage.data.astronaut()[:, 64:448])  # 384 x 512: portrait
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif.tobytes())
+    assert Image.open(tmp_path / "sideways.png").size == (512, 384)
+
+    detect.run(**detect_kwargs(models, tmp_path / "out", images=[tmp_path / "upright.png",
+                                                                 tmp_path / "sideways.png"], top_k=5))
+    written = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [(image["width"], image["height"]) for image in written["images"]] == [(384, 512), (384, 512)]
+    per_image = [[(a["bbox"], a["score"], a["category_id"]) for a in written["annotations"] if a["image_id"] == k]
+                 for k in (1, 2)]
+    assert len(per_image[0]) == 5 and per_image[0] == per_image[1]
+    drawings = [np.asarray(Image.open(tmp_path / "out" / name)) for name in ("upright.png", "sideways.png")]
+    assert drawings[0].shape == (512, 384, 3) and np.array_equal(drawings[0], drawings[1])
+
+
 def test_head_only_scores_are_the_heads_probabilities(models, tmp_path):
     summary = detect.run(**detect_kwargs(models, tmp_path, ensemble=False, top_k=10))
     assert not summary["ensemble"] and summary["detections"] == 10

@@ -343,7 +343,8 @@ def detect(images, **options):
     → OUT/detections.json (COCO format) and OUT/<image stem>.png with the detections drawn.
 
     Give the names with --vocab or --vocab-file; names among the categories the head was trained on count
-    as base in the ensemble, every other name as novel. Runs on the CPU or a GPU.
+    as base in the ensemble, every other name as novel. An image is turned upright as its EXIF orientation
+    tag says, so boxes are in the frame a viewer shows. Runs on the CPU or a GPU.
     """
     from vild_pipe.stages import detect as stage
     summary = stage.run(list(images), **options)

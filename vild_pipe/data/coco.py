@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from vild_pipe.data.splits import CategorySplit, resolve_split
@@ -222,7 +222,7 @@ class CocoDataset:
         if rgb.size != (record.width, record.height):
             raise DataError(
                 f"{os.fspath(path)}: image is {rgb.width}x{rgb.height} pixels but {os.fspath(self.path)} "
-                f"says {record.width}x{record.height} for image id {record.id}"
+                f"says {record.width}x{record.height} for image id {record.id}{_turned_hint(path, rgb.size, record)}"
             )
         return rgb
 
@@ -441,15 +441,40 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
     return ann_image_pos, ann_category_ids, ann_bbox, ann_iscrowd
 
 
-def read_rgb_image(path: Path) -> Image.Image:
-    """Decode an image file as RGB; DataError naming the file when it is not a decodable image."""
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag saying how a camera's stored pixels are to be turned for viewing (1: as stored)."""
+
+
+def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
+    """Decode an image file as RGB; DataError naming the file when it is not a decodable image.
+
+    Pixels are read as stored, as pycocotools-based tools, torchvision and nvJPEG read them, since annotation
+    boxes are in that frame. `upright` turns the image as its EXIF orientation tag says, as a viewer shows it:
+    for detect on a phone's photographs, which are often stored sideways.
+    """
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
     except Image.DecompressionBombError as exc:
         raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{os.fspath(path)}: cannot decode image (truncated or not an image)") from exc
+
+
+def _turned_hint(path: Path, stored_size: tuple[int, int], record: ImageRecord) -> str:
+    """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright."""
+    if stored_size[::-1] != (record.width, record.height):
+        return ""
+    try:
+        with Image.open(path) as image:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return ""
+    if orientation not in (5, 6, 7, 8):  # the tags that turn the image a quarter
+        return ""
+    return (f"; the file's EXIF orientation tag ({orientation}) turns it to {record.width}x{record.height}, the"
+            " annotations' frame, but vild-pipe reads pixels as stored: write the turn into the pixels"
+            " (e.g. `exiftran -ai`, or PIL's ImageOps.exif_transpose) and keep the annotations")
 
 
 def _file_problem(path: Path) -> str | None:

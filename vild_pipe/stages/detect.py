@@ -9,7 +9,9 @@ is switched off, the teacher also embeds each box's 1x and 1.5x crops exactly as
 other name like a novel one. Per-class NMS, a score threshold and a cap per image give the detections.
 
 Writes OUT/detections.json (COCO format: the vocabulary as categories, detections as annotations with a
-`score`) and OUT/<image stem>.png, the image with its detections drawn.
+`score`) and OUT/<image stem>.png, the image with its detections drawn. An image is first turned upright as
+its EXIF orientation tag says (a phone's portrait photograph is often stored sideways), so boxes, sizes and
+drawings are in the frame a viewer shows.
 
 The text embeddings come from `clip`, which must be the CLIP model the head was trained against (its
 recorded identity is checked): a head's region embeddings live in its own teacher's space. Likewise `detector`
@@ -117,7 +119,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     skipped: list[str] = []
     for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
         try:
-            image = read_rgb_image(path)
+            image = read_rgb_image(path, upright=True)
         except DataError as err:
             if not skip_bad_images:
                 raise
