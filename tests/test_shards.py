@@ -18,6 +18,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline import shards
 from vild_pipe.pipeline.shards import (
     MANIFEST_NAME,
+    SCHEMA_VERSION,
     CacheFolder,
     RowField,
     ShardReader,
@@ -302,6 +303,21 @@ def test_overwrite_replaces_only_cache_files_and_never_a_matching_cache_or_anoth
 
     with pytest.raises(VildError, match="holds a dump-proposals cache, not a cache-embeddings one"):
         open_cache(tmp_path / "cache", stage="cache-embeddings", overwrite=True)
+
+
+def test_a_cache_of_a_newer_schema_is_refused_with_upgrade_advice_and_many_changes_are_cut(tmp_path):
+    folder = open_cache(tmp_path / "cache")
+    manifest = json.loads((folder.path / MANIFEST_NAME).read_text())
+    manifest.update(schema_version=SCHEMA_VERSION + 1, config={**manifest["config"], "new_setting": 1})
+    (folder.path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(VildError, match=rf"cache was made by a newer vild-pipe \(cache schema {SCHEMA_VERSION + 1};"
+                                        rf" this one reads {SCHEMA_VERSION}\): upgrade vild-pipe to resume it; use"):
+        open_cache(tmp_path / "cache")
+
+    open_cache(tmp_path / "many")
+    with pytest.raises(VildError) as caught:
+        open_cache(tmp_path / "many", config={f"k{i}": i for i in range(6)})
+    assert caught.value.args[0].endswith("config.k3: (absent) -> 3; and 4 more); use another folder or --overwrite")
 
 
 def test_overwrite_refuses_while_a_shard_of_the_old_cache_is_being_written(tmp_path):

@@ -592,8 +592,9 @@ class CacheFolder:
         while True:
             existing, unreadable = cls._peek_manifest(path)
             old_identity = {key: existing.get(key) for key in identity} if existing is not None else None
-            if existing is not None and (existing.get("fingerprint") == fingerprint
-                                         or _content(old_identity) == _content(identity)):
+            newer = existing is not None and existing.get("schema_version", 0) > SCHEMA_VERSION
+            if existing is not None and not newer and (existing.get("fingerprint") == fingerprint
+                                                       or _content(old_identity) == _content(identity)):
                 manifest = existing   # (a cache made before fingerprints left names out matches by content)
                 break
             if existing is not None and existing.get("stage") != stage:
@@ -605,9 +606,12 @@ class CacheFolder:
             if _live_overwrite_lock(path):
                 pass  # another run is replacing the cache right now: wait for its manifest
             elif existing is not None or unreadable or orphans:
-                if existing is not None:
+                if newer:
+                    problem = (f"made by a newer vild-pipe (cache schema {existing['schema_version']}; this one"
+                               f" reads {SCHEMA_VERSION}): upgrade vild-pipe to resume it")
+                elif existing is not None:
                     changes = value_changes(_content(old_identity), _content(identity))
-                    shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+                    shown = _first_few(changes, 4, "; ") or f"fingerprint {existing.get('fingerprint')}"
                     problem = f"made with a different config or inputs ({shown})"
                 elif unreadable:
                     problem = f"left with an unreadable {MANIFEST_NAME} ({unreadable})"
@@ -739,7 +743,7 @@ class CacheFolder:
         """DataError naming the missing shards unless every shard is complete."""
         missing = self.missing_shards()
         if missing:
-            names = _list_keys([shard_name(i) for i in missing], limit=8)
+            names = _first_few([shard_name(i) for i in missing], 8)
             raise DataError(
                 f"{self.path}: incomplete {self.stage} cache, {len(missing)} of {self.num_shards} shards missing"
                 f" ({names}); rerun {self.stage} with the same options to finish it"
@@ -841,9 +845,10 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1) + "\n").encode()
 
 
-def _list_keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def _first_few(items: list[str], limit: int, separator: str = ", ") -> str:
+    """The first `limit` items joined, and how many more there are: a message stays one readable line."""
+    shown = separator.join(items[:limit])
+    return shown + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
 
 
 INPUT_NAME_KEYS = ("file", "checkpoint", "model", "path")
