@@ -572,6 +572,25 @@ def test_sha256_file_identifies_weights_and_names_an_unreadable_file(tmp_path):
     assert str(caught.value) == f"{tmp_path / 'missing.pt'}: cannot read (no such file or directory)"
 
 
+def test_sha256_file_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"a" * 1000)
+    first = shards.sha256_file(weights)
+    bytes_read = []
+    real_open = builtins.open
+
+    def counted_open(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        real_read = handle.read
+        handle.read = lambda *a: bytes_read.append(len(block := real_read(*a))) or block
+        return handle
+
+    monkeypatch.setattr(builtins, "open", counted_open)
+    assert shards.sha256_file(tmp_path / "." / "clip.pt") == first and bytes_read == []  # the same file
+    weights.write_bytes(b"b" * 1000)  # same size, new content: read again
+    assert shards.sha256_file(weights) == hashlib.sha256(b"b" * 1000).hexdigest() and sum(bytes_read) == 1000
+
+
 # ------------------------------------------------------------------------------------------------ two processes
 
 

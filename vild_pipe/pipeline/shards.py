@@ -156,16 +156,28 @@ def format_bytes(num_bytes: float) -> str:
     return f"{value:.0f} B" if unit == 0 else f"{value:.1f} {units[unit]}"
 
 
+_SHA256_SEEN: dict[tuple, str] = {}
+
+
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file (e.g. model weights), for the `inputs` identity of a cache."""
+    """Hex sha256 of a file (e.g. model weights), for the `inputs` identity of a cache.
+
+    Remembered for the process by the file's inode, size and times: a stage checks one CLIP or detector file
+    in several places, and hashing 340 MB of ViT-B/32 takes half a second each time.
+    """
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as handle:
+            status = os.fstat(handle.fileno())
+            seen = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+            if seen in _SHA256_SEEN:
+                return _SHA256_SEEN[seen]
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     except OSError as err:
         raise VildError(f"{path}: cannot read ({describe_error(err)})") from err
-    return digest.hexdigest()
+    _SHA256_SEEN[seen] = digest.hexdigest()
+    return _SHA256_SEEN[seen]
 
 
 # ---------------------------------------------------------------------------------------------- files, processes
