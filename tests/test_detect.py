@@ -292,3 +292,21 @@ def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder
     summary = detect.run(**detect_kwargs(models, tmp_path / "out", head="head.pt", detector=tmp_path / "other-rpn",
                                          ensemble=False, top_k=3))
     assert summary["detections"] == 3 and summary["detector"] == other
+
+
+def test_an_older_heads_detector_is_read_from_its_training_cache_where_that_is_found(models, tmp_path):
+    """A head written before train-head recorded its detector: the manifest of its training proposal cache names
+    it, as evaluate reads it; a head whose cache has moved away is not checked (nothing to check against)."""
+    other = {"checkpoint": "model.pt", "sha256": "f" * 64, "step": 9}
+    cache = CacheFolder.open_or_create(tmp_path / "proposals", stage="dump-proposals", config={},
+                                       inputs={"detector": other}, fields=proposal_fields((16, 7, 7)), num_shards=1,
+                                       images_per_shard=1)
+    head, info = load_head(models["head"])
+    assert "detector" not in info
+    save_head(tmp_path / "older.pt", head, {**info, "proposals": {"path": str(cache.path),
+                                                                   "fingerprint": cache.fingerprint}})
+    with pytest.raises(DataError, match=r"older\.pt: head was trained on features of detector model\.pt \(ffffff"):
+        detect.run(**detect_kwargs(models, tmp_path / "out", head=tmp_path / "older.pt", ensemble=False))
+    save_head(tmp_path / "moved.pt", head, {**info, "proposals": {"path": str(tmp_path / "gone"), "fingerprint": "f"}})
+    assert detect.run(**detect_kwargs(models, tmp_path / "out", head=tmp_path / "moved.pt", ensemble=False,
+                                      top_k=1))["detections"] == 1

@@ -144,6 +144,15 @@ def training_proposal_nms(head_info: dict) -> float:
     return float(recorded or LEGACY_PROPOSAL_NMS)
 
 
+def training_detector(head_info: dict) -> dict:
+    """The identity of the detector whose features a head was trained on: recorded in the head, else in its
+    training cache's manifest where that is still found, else {} (unknown: an older head moved away)."""
+    if head_info.get("detector"):
+        return dict(head_info["detector"])
+    folder = training_proposal_cache(head_info)
+    return dict(folder.inputs.get("detector") or {}) if folder is not None else {}
+
+
 def annotations_of(proposals: CacheFolder, annotations: str | os.PathLike,
                    images: str | os.PathLike | None = None) -> CocoDataset:
     """`annotations` loaded, once its sha256 shows it is the file the proposal cache was made from."""

@@ -15,7 +15,8 @@ drawings are in the frame a viewer shows.
 
 The text embeddings come from `clip`, which must be the CLIP model the head was trained against (its
 recorded identity is checked): a head's region embeddings live in its own teacher's space. Likewise `detector`
-must be the one whose features the head was trained on (the sha256 train-head records).
+must be the one whose features the head was trained on (the sha256 train-head records; for an older head,
+the one in its training cache's manifest, where that is still found).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from vild_pipe.pipeline.detector import check_head_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_proposal_nms,
+    ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_detector, training_proposal_nms,
 )
 from vild_pipe.pipeline.head import TEMPERATURE, load_head, resolve_head_file
 from vild_pipe.pipeline.proposals import feature_shape, propose_with_features
@@ -97,7 +98,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
         raise DataError(f"{os.fspath(head)}: head takes {config.in_channels}x{config.resolution}x{config.resolution}"
                         f" RoI features, detector {os.fspath(detector)} gives {channels}x{resolution}x{resolution};"
                         " use the detector the head was trained on")
-    check_head_detector(head_file, info.get("detector") or {}, detector_identity,
+    check_head_detector(head_file, training_detector(info), detector_identity,
                         f"--detector {os.fspath(detector)} is",
                         "use the head's detector, or a head trained on this detector's proposals")
     teacher = load_teacher(clip, torch_device)

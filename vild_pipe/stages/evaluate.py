@@ -40,7 +40,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_proposal_cache, training_proposal_nms,
+    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_detector, training_proposal_nms,
 )
 from vild_pipe.pipeline.evaluation import (
     PROTOCOLS, Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table, resolve_protocol,
@@ -349,15 +349,9 @@ def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
     """DataError when the head was trained on features of another detector than the one `proposals` came from
     (they mean nothing to the head). The head records that detector's sha256; a head written before it did is
     checked through its training cache when that is still where it was, else not at all."""
-    check_head_detector(loaded.file, loaded.info.get("detector") or _detector_of_training_cache(loaded.info),
+    check_head_detector(loaded.file, training_detector(dict(loaded.info)),
                         proposals.inputs.get("detector") or {}, f"the proposal cache {proposals.path} comes from",
                         "dump proposals with the head's detector, or use a head trained on this detector's proposals")
-
-
-def _detector_of_training_cache(info: Mapping[str, Any]) -> dict:
-    """The detector identity in the manifest of the head's training proposal cache, where that is still found."""
-    folder = training_proposal_cache(dict(info))
-    return (folder.inputs.get("detector") or {}) if folder is not None else {}
 
 
 # --------------------------------------------------------------------------- scoring
