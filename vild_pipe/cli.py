@@ -328,8 +328,9 @@ def evaluate(proposals, annotations, out, embeddings, head_text, head_image, hea
 @click.option("--top-k", default=100, show_default=True, help="At most this many detections per image.")
 @click.option("--proposals", default=300, show_default=True, help="Detector boxes scored per image.")
 @click.option("--proposal-nms", type=float,
-              help="IoU of the detector's class-agnostic NMS [default: that of the proposal cache the head was"
-                   " trained on (dump-proposals' --nms-threshold), else 0.7].")
+              help="IoU of the detector's class-agnostic NMS [default: that of the proposals the head was trained"
+                   " on (dump-proposals' --nms-threshold), which the head records; for an older head, its"
+                   " training cache's, else 0.5].")
 @click.option("--nms-threshold", default=0.5, show_default=True, help="IoU of the final per-class NMS.")
 @click.option("--base-text-weight", default=2 / 3, show_default="2/3",
               help="Ensemble: head^w * clip^(1-w), w for the names among the head's base categories.")
