@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from vild_pipe.data.coco import Category, CocoDataset, ImageRecord
+from vild_pipe.data.coco import Category, CocoDataset, ImageRecord, read_rgb_image
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError
 
@@ -240,6 +240,21 @@ def test_open_image_decodes_rgb(tmp_path):
     assert image.mode == "RGB" and image.size == (20, 16)
     assert np.asarray(image)[0, 0].tolist() == [80, 80, 80]
     assert ds.open_image(3).size == (8, 8)
+
+
+@pytest.mark.parametrize("file_name, pillow_mode", [("grey16.png", None), ("grey16.tif", None),
+                                                    ("grey16.png", "I")])
+def test_sixteen_bit_grey_images_read_as_their_eight_bit_levels(tmp_path, monkeypatch, file_name, pillow_mode):
+    """PIL's convert("RGB") clips 16-bit grey at 255, which made such a PNG or TIFF almost all white."""
+    if pillow_mode:  # Pillow < 10.3 opens a 16-bit grey PNG as mode I (int32), not I;16
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), (pillow_mode, "I;16B"))
+    levels = np.arange(32 * 24, dtype=np.uint16).reshape(24, 32) % 256
+    Image.fromarray(levels * 257).save(tmp_path / file_name)
+    with Image.open(tmp_path / file_name) as stored:
+        assert stored.mode == (pillow_mode or "I;16")
+    image = read_rgb_image(tmp_path / file_name)
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), np.repeat(levels[..., None], 3, axis=2))
 
 
 def test_image_problems_are_found_lazily(tmp_path):

@@ -454,7 +454,10 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
     """
     try:
         with Image.open(path) as image:
-            return (ImageOps.exif_transpose(image) if upright else image).convert("RGB")
+            stored_format = image.format
+            if upright:
+                image = ImageOps.exif_transpose(image)
+            return _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
     except Image.DecompressionBombError as exc:
         raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -475,6 +478,16 @@ def _turned_hint(path: Path, stored_size: tuple[int, int], record: ImageRecord) 
     return (f"; the file's EXIF orientation tag ({orientation}) turns it to {record.width}x{record.height}, the"
             " annotations' frame, but vild-pipe reads pixels as stored: write the turn into the pixels"
             " (e.g. `exiftran -ai`, or PIL's ImageOps.exif_transpose) and keep the annotations")
+
+
+def _sixteen_bit_grey_to_eight(image: Image.Image, file_format: str | None) -> Image.Image:
+    """A 16-bit grey image (PNG, TIFF) as 8-bit grey, its high byte, as PIL reads 16-bit colour and libpng strips
+    16 bits; other images as they are. PIL's convert("RGB") clips 16-bit levels at 255 instead, which turns all
+    but the darkest 256 of 65536 levels white. Pillow before 10.3 opens a 16-bit grey PNG as mode I (int32)."""
+    if not (image.mode.startswith("I;16") or (image.mode == "I" and file_format == "PNG")):
+        return image
+    levels = np.asarray(image).clip(0, 65535) >> 8
+    return Image.fromarray(levels.astype(np.uint8), "L")
 
 
 def _file_problem(path: Path) -> str | None:
