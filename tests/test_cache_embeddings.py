@@ -381,6 +381,28 @@ def test_a_truncated_jpeg_on_the_batched_decoder_is_named_alone_and_earlier_shar
     assert sorted(path.name for path in out.glob("shard-*")) == ["shard-00000.h5", "shard-00000.json"]
 
 
+@pytest.mark.parametrize("decode", ["torchvision", "pil"])
+def test_an_image_of_another_size_than_its_record_is_named_with_the_exif_reason(photos, proposals, teacher_file,
+                                                                                tmp_path, decode):
+    """Both decoders give the one message, which names the annotation file and, where the file's EXIF tag
+    would turn it to its record's size, says so."""
+    moved = tmp_path / "images"
+    moved.mkdir()
+    for file in photos.iterdir():
+        (moved / file.name).write_bytes(file.read_bytes())
+    rocket = Image.open(photos / "rocket.jpg")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rocket.transpose(Image.Transpose.ROTATE_90).save(moved / "rocket.jpg", quality=90, exif=exif.tobytes())
+    with pytest.raises(DataError) as caught:
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, tmp_path / "emb", images=str(moved),
+                                            decode=decode))
+    width, height = rocket.size
+    assert str(caught.value).startswith(
+        f"{moved / 'rocket.jpg'}: image is {height}x{width} pixels but {photos / 'train.json'} says {width}x{height}"
+        f" for image id 4; the file's EXIF orientation tag (6) turns it to {width}x{height}")
+
+
 def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(photos, proposals, teacher_file,
                                                                              reference, tmp_path):
     out = tmp_path / "emb"

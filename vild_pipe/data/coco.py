@@ -220,11 +220,15 @@ class CocoDataset:
             raise DataError(f"{os.fspath(path)}: {problem}")
         rgb = read_rgb_image(path)
         if rgb.size != (record.width, record.height):
-            raise DataError(
-                f"{os.fspath(path)}: image is {rgb.width}x{rgb.height} pixels but {os.fspath(self.path)} "
-                f"says {record.width}x{record.height} for image id {record.id}{_turned_hint(path, rgb.size, record)}"
-            )
+            raise self.wrong_size_error(record, rgb.size)
         return rgb
+
+    def wrong_size_error(self, record: ImageRecord, stored_size: tuple[int, int]) -> DataError:
+        """The error for an image file of `stored_size` (width, height) that its record says is another size."""
+        return DataError(
+            f"{os.fspath(record.path)}: image is {stored_size[0]}x{stored_size[1]} pixels but {os.fspath(self.path)}"
+            f" says {record.width}x{record.height} for image id {record.id}{_turned_hint(record, stored_size)}"
+        )
 
     def check_image_files(self) -> None:
         """Check that every image file exists and is non-empty (a stat each, no decode)."""
@@ -464,12 +468,12 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
         raise DataError(f"{os.fspath(path)}: cannot decode image (truncated or not an image)") from exc
 
 
-def _turned_hint(path: Path, stored_size: tuple[int, int], record: ImageRecord) -> str:
+def _turned_hint(record: ImageRecord, stored_size: tuple[int, int]) -> str:
     """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright."""
-    if stored_size[::-1] != (record.width, record.height):
+    if tuple(stored_size[::-1]) != (record.width, record.height):
         return ""
     try:
-        with Image.open(path) as image:
+        with Image.open(record.path) as image:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
     except (OSError, SyntaxError, ValueError):
         return ""

@@ -365,8 +365,7 @@ def _decode(group: list[_LoadedImage], dataset: CocoDataset, device: torch.devic
         for k, pixels in zip(encoded, decoded):
             record = dataset.image(group[k].image_id)
             if tuple(pixels.shape[1:]) != (record.height, record.width):
-                raise DataError(f"{os.fspath(record.path)}: image is {pixels.shape[2]}x{pixels.shape[1]} pixels but"
-                                f" the annotation file says {record.width}x{record.height} for image id {record.id}")
+                raise dataset.wrong_size_error(record, (pixels.shape[2], pixels.shape[1]))
             images[k] = pixels
     return images
 
