@@ -3,7 +3,8 @@
 #   1. issue 4's figure: cache-embeddings end to end (JPEG files -> shards, fp16, 300 boxes x 2 scales) against
 #      the bare ViT-B/32 image tower at the same batch size, and the reference path, in one run;
 #   2. every stage on CUDA: `vild-pipe demo --quick` (each stage takes cuda when there is one), then `detect`
-#      on a photograph with a free-text vocabulary.
+#      on a photograph with a free-text vocabulary;
+#   3. nvJPEG against PIL on the kinds of JPEG datasets hold (grey, CMYK, progressive, subsamplings), seconds.
 # Usage: bench/gpu_check.sh OUT [KIT]
 #   KIT (default .whl): wheels for what the GPU machine lacks (pycocotools, clip-anytorch, ftfy, wcwidth, regex,
 #   tqdm, setuptools<81; `pip download --only-binary=:all: --python-version 3.12 ...`) and photos/ (JPEGs).
@@ -41,3 +42,4 @@ vild detect "$kit/photos/chelsea.jpg" --detector "$out/quick/rpn" --head "$out/q
 python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print(len(d['images']), 'image,',
     len(d['annotations']), 'detections above the threshold')" "$out/photo/detections.json"
 ls -l "$out/photo"
+python3 bench/decode_parity.py --device "$device" --photos "$kit/photos"
