@@ -257,6 +257,19 @@ def test_sixteen_bit_grey_images_read_as_their_eight_bit_levels(tmp_path, monkey
     np.testing.assert_array_equal(np.asarray(image), np.repeat(levels[..., None], 3, axis=2))
 
 
+def test_a_palette_png_with_transparent_entries_reads_its_colours_without_a_warning(tmp_path, recwarn):
+    """Transparent pixels keep the colour stored under them, as for RGBA; PIL's advice to convert such palettes
+    (two lines per process) is not the user's concern."""
+    index = np.zeros((8, 8), np.uint8)
+    index[:4], index[4:, :4] = 1, 2
+    image = Image.fromarray(index, "P")
+    image.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    image.save(tmp_path / "palette.png", transparency=bytes([255, 0, 128]))
+    pixels = np.asarray(read_rgb_image(tmp_path / "palette.png"))
+    assert pixels[0, 0].tolist() == [255, 0, 0] and pixels[5, 0].tolist() == [0, 255, 0]
+    assert pixels[5, 5].tolist() == [0, 0, 0] and not [w for w in recwarn if "Palette" in str(w.message)]
+
+
 def test_image_problems_are_found_lazily(tmp_path):
     write_images(tmp_path)
     (tmp_path / IMAGES[0]["file_name"]).unlink()

@@ -100,13 +100,15 @@ def test_a_folder_stands_for_its_image_files(models, tmp_path):
     folder.mkdir()
     (folder / "b.jpg").write_bytes(models["photo"].read_bytes())
     Image.open(models["photo"]).save(folder / "a.PNG")
+    (folder / "c.jfif").write_bytes(models["photo"].read_bytes())
     (folder / "readme.txt").write_text("not an image")
     (folder / "nested.jpg").mkdir()
     summary = detect.run(**detect_kwargs(models, tmp_path / "out", images=[folder], top_k=2))
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert summary["images"] == 2
-    assert [image["file_name"] for image in written["images"]] == [str(folder / "a.PNG"), str(folder / "b.jpg")]
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png"]
+    assert summary["images"] == 3
+    assert [image["file_name"] for image in written["images"]] == [str(folder / name)
+                                                                   for name in ("a.PNG", "b.jpg", "c.jfif")]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png", "c.png"]
 
 
 def test_a_photo_stored_sideways_is_turned_upright_as_its_exif_tag_says(models, tmp_path):

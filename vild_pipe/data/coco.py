@@ -461,6 +461,8 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
             stored_format = image.format
             if upright:
                 image = ImageOps.exif_transpose(image)
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # the same pixels, without PIL's warning about such palettes
             return _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
     except Image.DecompressionBombError as exc:
         raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc

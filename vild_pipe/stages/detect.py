@@ -55,7 +55,7 @@ from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vo
 log = logging.getLogger(__name__)
 
 JSON_NAME = "detections.json"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
