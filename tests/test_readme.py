@@ -158,3 +158,23 @@ def test_every_bash_line_naming_vild_pipe_is_checked():
     missed = sorted(naming - {first for first, _, _ in COMMANDS})
     assert not missed, f"README.md lines {missed} name vild-pipe but yield no command to check"
     assert len(COMMANDS) >= 9, f"only {len(COMMANDS)} vild-pipe commands found in README.md's bash blocks"
+
+
+TEST_REFERENCE = re.compile(r"tests/(\w+\.py)::(\w+)(?:\[([^\]]*)\])?")
+
+
+def test_every_test_the_readme_names_exists():
+    """The README's tables name the test behind each claim; a renamed or removed test must not leave a claim
+    pointing at nothing. A parametrised id (`name[a\\|b]`) must also name values the test's file holds."""
+    text = README.read_text()
+    references = TEST_REFERENCE.findall(text)
+    assert len(references) > 20
+    missing = []
+    for file_name, test_name, params in references:
+        path = README.parent / "tests" / file_name
+        source = path.read_text() if path.is_file() else ""
+        if not re.search(rf"^def {test_name}\(", source, re.MULTILINE):
+            missing.append(f"tests/{file_name}::{test_name}")
+        missing += [f"tests/{file_name}::{test_name}[{value}]" for value in params.replace("\\|", "|").split("|")
+                    if value and value not in source]
+    assert not missing, "README.md names tests that do not exist: " + ", ".join(sorted(set(missing)))
