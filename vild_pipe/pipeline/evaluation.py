@@ -26,6 +26,7 @@ import numpy as np
 from joblib import Parallel, delayed
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
+from tqdm import tqdm
 
 from vild_pipe.errors import DataError, VildError, describe_error
 
@@ -207,7 +208,8 @@ class Precision:
 
 def run_cocoeval(gt: COCO, results: Detections, category_ids: Sequence[int],
                  image_ids: Sequence[int] | None = None, max_dets: int = COCO_MAX_DETS,
-                 categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False) -> Precision:
+                 categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False,
+                 progress: str | None = None) -> Precision:
     """COCOeval (bbox) over `category_ids`, evaluated and accumulated, for the area range "all" only.
 
     The small/medium/large ranges are not reported and would cost three quarters of the run time (COCOeval
@@ -216,19 +218,24 @@ def run_cocoeval(gt: COCO, results: Detections, category_ids: Sequence[int],
     category's precision is the same either way (it is computed from that category's matches alone).
     `workers` > 1: the runs go to that many processes, at least two runs a worker, each process handed only
     its run's boxes (COCOeval is pure Python, one core a run). Every detection must be on an image of `gt`
-    (`evaluate_coco` checks).
+    (`evaluate_coco` checks). `progress`: a progress bar's label, counting categories (LVIS takes minutes).
     """
     category_ids = sorted(int(c) for c in category_ids)
     image_ids = sorted({int(i) for i in image_ids} if image_ids is not None else gt.getImgIds())
     runs = _category_runs(category_ids, categories_per_run, workers)
     if workers > 1 and len(runs) > 1:
-        parts = Parallel(n_jobs=min(workers, len(runs)))(
+        parts = Parallel(n_jobs=min(workers, len(runs)), return_as="generator")(
             delayed(_precision_of_run)(_ground_truth_of(gt, chosen), results.of_categories(chosen), chosen,
                                        image_ids, max_dets, verbose) for chosen in runs)
     else:
-        parts = [_precision_of_run(gt, results.of_categories(chosen), chosen, image_ids, max_dets, verbose)
-                 for chosen in runs]
-    return Precision(np.concatenate(parts, axis=2), category_ids, image_ids, np.asarray(Params("bbox").iouThrs))
+        parts = (_precision_of_run(gt, results.of_categories(chosen), chosen, image_ids, max_dets, verbose)
+                 for chosen in runs)
+    with tqdm(total=len(category_ids), desc=progress, unit="category", disable=None if progress else True) as bar:
+        done = []
+        for chosen, part in zip(runs, parts):
+            done.append(part)
+            bar.update(len(chosen))
+    return Precision(np.concatenate(done, axis=2), category_ids, image_ids, np.asarray(Params("bbox").iouThrs))
 
 
 def workers_for(num_images: int, num_categories: int, requested: int = 0) -> int:
@@ -414,8 +421,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO | FederatedGroundTruth,
                   base_ids: Sequence[int] = (), novel_ids: Sequence[int] = (),
                   frequencies: Mapping[int, str] | None = None, image_ids: Sequence[int] | None = None,
                   max_dets: int | None = None, protocol: str = "auto",
-                  categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False
-                  ) -> dict[str, Any]:
+                  categories_per_run: int = CATEGORIES_PER_RUN, workers: int = 1, verbose: bool = False,
+                  progress: str | None = None) -> dict[str, Any]:
     """Box metrics of `results` (Detections, or COCO results records) against the ground truth `gt`.
 
     Evaluated categories: base + novel when a split is given (the COCO open-vocabulary protocol leaves the
@@ -434,7 +441,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO | FederatedGroundTruth,
     {id, name, split, frequency, num_gt, AP, AP50}. A metric is None when its group has no ground truth.
     AP_r etc. follow LVIS: the mean, over the categories of that frequency with ground truth, of each
     category's AP at IoU .50:.95. pycocotools' own prints are swallowed unless `verbose`. `workers`: processes
-    for the COCOeval runs (`run_cocoeval`); the numbers do not depend on it.
+    for the COCOeval runs (`run_cocoeval`); the numbers do not depend on it. `progress`: the label of a
+    progress bar over the categories evaluated.
     """
     prepared = gt if isinstance(gt, FederatedGroundTruth) else None
     gt = prepared.coco if prepared is not None else load_ground_truth(gt, verbose=verbose)
@@ -466,7 +474,8 @@ def evaluate_coco(gt: str | os.PathLike | Mapping | COCO | FederatedGroundTruth,
     frequencies = {int(c): f for c, f in frequencies.items() if int(c) in evaluated_set}
 
     precision = run_cocoeval(gt, results, evaluated, image_ids=image_ids, max_dets=max_dets,
-                             categories_per_run=categories_per_run, workers=workers, verbose=verbose)
+                             categories_per_run=categories_per_run, workers=workers, verbose=verbose,
+                             progress=progress)
 
     metrics: dict[str, Any] = {
         "AP": mean_precision(precision),

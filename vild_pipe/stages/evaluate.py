@@ -160,7 +160,8 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         write_bytes_atomically(out / results_name(mode), found.json_chunks())
         log.info("%s: %d detections -> %s", mode, len(found), out / results_name(mode))
         results[mode] = evaluate_coco(ground_truth, found, category_split.base_ids, category_split.novel_ids,
-                                      image_ids=image_ids, max_dets=max_dets, protocol=protocol, workers=workers)
+                                      image_ids=image_ids, max_dets=max_dets, protocol=protocol, workers=workers,
+                                      progress=f"COCOeval {mode}")
 
     earlier = sorted(path.name for path in out.glob(results_name("*")) if path.name not in map(results_name, active))
     if earlier:
