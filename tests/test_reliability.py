@@ -629,10 +629,10 @@ def test_read_only_output_folder_is_one_line_and_loses_nothing(stage, pipeline, 
     out.mkdir(parents=True)
     (out / "earlier.txt").write_text("an earlier result")
     if stage == "train-rpn":
-        args, expected = train_rpn_args(pipeline["world"], out, "--workers", 0), f"{out / 'metrics.jsonl'}: cannot write"
+        args, expected = train_rpn_args(pipeline["world"], out, "--workers", 0), f"{out / 'run.lock'}: cannot create"
     elif stage == "train-head":
         args = train_head_args(pipeline, pipeline["proposals"], pipeline["embeddings"], out)
-        expected = f"{out / 'metrics.jsonl'}: cannot write"
+        expected = f"{out / 'run.lock'}: cannot create"
     elif stage == "evaluate":
         args = ["evaluate", pipeline["proposals"], pipeline["world"] / "train.json", out / "new",
                 "--embeddings", pipeline["embeddings"], "--text", pipeline["text"], "--mode", "CLIP-on-crops",

@@ -23,6 +23,7 @@ from vild_pipe.pipeline.embedding_cache import embedding_fields
 from vild_pipe.pipeline.head import HEAD_NAME, load_head
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, load_text_embeddings
+from vild_pipe.pipeline.training_run import RUN_LOCK_NAME
 from vild_pipe.stages import train_head
 from vild_pipe.stages.dump_proposals import proposal_fields
 
@@ -310,11 +311,33 @@ def test_sigkill_then_rerun_gives_the_weights_of_an_uninterrupted_run(world, ref
     process.communicate()
     saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
     assert saved is not None and 8 <= saved["step"] < 40
+    assert (run_dir / RUN_LOCK_NAME).is_file()  # the killed run's, taken over as stale
     summary = train_head.run(**settings(world, run_dir))
-    assert summary["trained_steps"] == 40 - saved["step"]
+    assert summary["trained_steps"] == 40 - saved["step"] and not (run_dir / RUN_LOCK_NAME).exists()
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, 41))
     expected = head_weights(reference[0])
     assert all(torch.equal(expected[k], v) for k, v in head_weights(run_dir).items())
+
+
+def test_a_second_run_of_a_folder_being_trained_is_refused(world, tmp_path):
+    """The same command started twice would interleave checkpoints and metric lines: the second is refused while
+    the first lives, naming it."""
+    run_dir = tmp_path / "busy"
+    process = start_driver(tmp_path, settings(world, run_dir, iterations=100_000, checkpoint_every=100_000))
+    deadline = time.monotonic() + 60
+    while not ((run_dir / train_head.METRICS_NAME).is_file() and (run_dir / RUN_LOCK_NAME).is_file()):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no first step within 60 s"
+        time.sleep(0.01)
+    try:
+        with pytest.raises(VildError) as refused:
+            train_head.run(**settings(world, run_dir, iterations=100_000, checkpoint_every=100_000))
+        assert str(refused.value).startswith(f"{run_dir}: pid {process.pid} on ")
+        assert "is training in this run folder; wait for it to end or stop it" in str(refused.value)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate()
+    assert not (run_dir / RUN_LOCK_NAME).exists()   # a stopped run lets go of the folder
 
 
 def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):

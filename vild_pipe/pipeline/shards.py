@@ -404,7 +404,8 @@ def _stale_reason(holder: dict, mtime: float) -> str | None:
     return None
 
 
-def _describe_holder(holder: dict) -> str:
+def describe_lock_holder(holder: dict) -> str:
+    """"pid 123 on node7 since <time>": who holds a lock, for messages."""
     if not holder:
         return "a process that is still writing the lock"
     return f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}"
@@ -511,7 +512,7 @@ def try_lock_shard(folder: CacheFolder, index: int) -> ShardLock | None:
     except OSError as err:
         raise VildError(f"{folder.lock_path(index)}: cannot create lock ({describe_error(err)})") from err
     if lock is None:
-        log.info("skipping %s: another run is writing it (%s)", shard_name(index), _describe_holder(holder))
+        log.info("skipping %s: another run is writing it (%s)", shard_name(index), describe_lock_holder(holder))
         return None
     if folder.is_complete(index):  # finished by another run between the caller's listing and our lock
         log.debug("skipping %s: already complete", shard_name(index))
@@ -707,7 +708,7 @@ class CacheFolder:
                     current = _read_lock(path / name)
                     if current is not None and _stale_reason(*current) is None:
                         raise VildError(
-                            f"{path / name}: {_describe_holder(current[0])} is writing this shard of the old"
+                            f"{path / name}: {describe_lock_holder(current[0])} is writing this shard of the old"
                             " cache; stop that run before --overwrite"
                         )
             try:

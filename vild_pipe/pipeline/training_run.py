@@ -2,13 +2,16 @@
 metrics file and the folder itself."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from vild_pipe.errors import VildError, describe_error
-from vild_pipe.pipeline.shards import write_text_atomically
+from vild_pipe.pipeline.shards import ShardLock, describe_lock_holder, write_text_atomically
+
+RUN_LOCK_NAME = "run.lock"
 
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up
 STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
@@ -77,3 +80,24 @@ def make_run_dir(run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise VildError(f"{run_dir}: cannot create the run folder ({describe_error(err)})") from err
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, main_process: bool = True) -> Iterator[None]:
+    """Hold RUN_DIR/run.lock while training: a second run of the same folder (a command started twice, a job
+    requeued while the first still runs) is refused instead of interleaving checkpoints and metric lines. A
+    killed run's lock is found stale (dead pid, or no heartbeat from another host) and taken over. Under
+    torchrun only the main process, the one that writes the folder, holds it."""
+    if not main_process:
+        yield
+        return
+    path = run_dir / RUN_LOCK_NAME
+    try:
+        lock, holder = ShardLock.acquire(path)
+    except OSError as err:
+        raise VildError(f"{path}: cannot create ({describe_error(err)})") from err
+    if lock is None:
+        raise VildError(f"{run_dir}: {describe_lock_holder(holder)} is training in this run folder; wait for it"
+                        f" to end or stop it ({path} clears itself once that run is gone)")
+    with lock:
+        yield

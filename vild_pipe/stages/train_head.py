@@ -49,7 +49,7 @@ from vild_pipe.pipeline.head import (
 )
 from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
-    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir, run_folder_lock,
 )
 from vild_pipe.pipeline.text_embeddings import (
     TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows,
@@ -138,7 +138,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         selection = RowSelection(use_text, use_image, image_rois, sample_rois, foreground_fraction, seed)
         text_matrix = texts.embeddings.to(info.device) if use_text else None
 
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, run_folder_lock(run_dir, is_main(info)):
             # the CLIP file's name may change (a copy, a link): its sha256 and the texts' digest are compared
             step = resume_or_start(run_dir, config, head, optimiser, scheduler,
                                    resumable_changes=["data.text.clip.model"])

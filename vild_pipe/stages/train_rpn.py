@@ -46,7 +46,7 @@ from vild_pipe.pipeline.distributed import (
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
 from vild_pipe.pipeline.training_run import (
-    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir, run_folder_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     sampler = StepSampler(len(train_set), hyper["batch_size"], seed, info.rank, info.world_size)
 
     try:
-        with GracefulStop() as stop:
+        with GracefulStop() as stop, run_folder_lock(run_dir, is_main(info)):
             step = resume_or_start(run_dir, config, model, optimizer, scheduler, scaler,
                                    resumable_changes=[f"detector.{name}" for name in INFERENCE_FIELDS])
             first_step = step
