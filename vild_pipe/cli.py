@@ -1,4 +1,5 @@
 """The `vild-pipe` command line: one thin command per stage. Parsing only; the stages do the work."""
+import json
 import logging
 import os
 import sys
@@ -400,6 +401,21 @@ def train_rpn(annotations, run_dir, **options):
     """
     from vild_pipe.stages import train_rpn as stage
     stage.run(annotations, run_dir, **options)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=_Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the states as JSON (a list), for scripts.")
+def info(paths, as_json):
+    """Where caches and training runs stand, from their files alone (safe beside running jobs).
+
+    A cache folder: shards complete of how many, images, rows and bytes, which shards are being written and by
+    which process and host, which locks killed runs left, which shards are missing. A train-rpn or train-head
+    run folder: the step reached of how many, the last checkpoint, whether a run holds it now, the final file.
+    """
+    from vild_pipe.stages import info as stage
+    states = stage.run(paths)
+    click.echo(json.dumps(states, indent=1) if as_json else "\n".join(map(stage.format_state, states)))
 
 
 @main.command()

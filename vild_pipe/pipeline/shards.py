@@ -377,7 +377,7 @@ def _tmp_is_stale(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- locks
 
 
-def _read_lock(path: Path) -> tuple[dict, float] | None:
+def read_lock(path: Path) -> tuple[dict, float] | None:
     """(holder, mtime) of a lock file, None if it is gone; an unreadable holder (mid-write) is {}."""
     try:
         mtime = path.stat().st_mtime
@@ -391,7 +391,7 @@ def _read_lock(path: Path) -> tuple[dict, float] | None:
     return (holder if isinstance(holder, dict) else {}), mtime
 
 
-def _stale_reason(holder: dict, mtime: float) -> str | None:
+def stale_reason(holder: dict, mtime: float) -> str | None:
     """Why a lock is stale ("pid 123 on node7 is no longer running"), or None if its holder may be alive."""
     age = time.time() - mtime
     pid, host = holder.get("pid"), holder.get("host")
@@ -423,7 +423,7 @@ def _remove_stale_lock(path: Path, holder: dict, reason: str) -> None:
     except FileNotFoundError:
         return
     try:
-        moved = _read_lock(aside)
+        moved = read_lock(aside)
         if moved is not None and moved[0].get("token") != holder.get("token"):
             try:
                 os.link(aside, path)
@@ -464,14 +464,14 @@ class ShardLock:
             # empty lock that the next run would have to wait out as "still being written".
             if _publish_atomically(path, json.dumps(holder).encode(), exclusive=True):
                 return cls(path, holder), {}
-            current = _read_lock(path)
+            current = read_lock(path)
             if current is None:
                 continue
-            reason = _stale_reason(*current)
+            reason = stale_reason(*current)
             if reason is None:
                 return None, current[0]
             _remove_stale_lock(path, current[0], reason)
-        current = _read_lock(path)
+        current = read_lock(path)
         return None, current[0] if current else {}
 
     def _beat(self) -> None:
@@ -489,7 +489,7 @@ class ShardLock:
         self._stop.set()
         if self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
-        current = _read_lock(self.path)
+        current = read_lock(self.path)
         if current is not None and current[0].get("token") == self.holder["token"]:
             _remove_quietly(self.path)
 
@@ -705,8 +705,8 @@ class CacheFolder:
             names = _cache_files(path)
             for name in names:
                 if name.endswith(".lock"):
-                    current = _read_lock(path / name)
-                    if current is not None and _stale_reason(*current) is None:
+                    current = read_lock(path / name)
+                    if current is not None and stale_reason(*current) is None:
                         raise VildError(
                             f"{path / name}: {describe_lock_holder(current[0])} is writing this shard of the old"
                             " cache; stop that run before --overwrite"
@@ -762,6 +762,16 @@ class CacheFolder:
                 f" ({names}); rerun {self.stage} with the same options to finish it"
             )
 
+    def shard_locks(self) -> list[tuple[int, dict, str | None]]:
+        """(shard index, holder, why it is stale or None) for every shard lock now in the folder: the shards
+        being written, and those a killed run left (which the next run of the stage removes)."""
+        locks, names = [], self._names()
+        for index in range(self.num_shards):
+            current = read_lock(self.lock_path(index)) if f"{shard_name(index)}.lock" in names else None
+            if current is not None:
+                locks.append((index, current[0], stale_reason(*current)))
+        return locks
+
     def read_marker(self, index: int) -> dict:
         try:
             marker = _read_json(self.marker_path(index))
@@ -786,8 +796,8 @@ class CacheFolder:
             file = self.path / name
             try:
                 if name.endswith(".lock"):
-                    current = _read_lock(file)
-                    reason = _stale_reason(*current) if current is not None else None
+                    current = read_lock(file)
+                    reason = stale_reason(*current) if current is not None else None
                     if reason is not None:
                         _remove_stale_lock(file, current[0], reason)
                 else:
@@ -890,8 +900,8 @@ def _cache_files(path: Path) -> list[str]:
 
 
 def _live_overwrite_lock(path: Path) -> bool:
-    current = _read_lock(path / OVERWRITE_LOCK_NAME)
-    return current is not None and _stale_reason(*current) is None
+    current = read_lock(path / OVERWRITE_LOCK_NAME)
+    return current is not None and stale_reason(*current) is None
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from vild_pipe.errors import VildError, describe_error
 from vild_pipe.pipeline.shards import ShardLock, describe_lock_holder, write_text_atomically
 
+METRICS_NAME = "metrics.jsonl"
 RUN_LOCK_NAME = "run.lock"
 
 WARMUP_START = 0.001   # lr factor at step 0 of the warm-up

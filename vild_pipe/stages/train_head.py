@@ -49,7 +49,8 @@ from vild_pipe.pipeline.head import (
 )
 from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
-    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir, run_folder_lock,
+    METRICS_NAME, append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    run_folder_lock,
 )
 from vild_pipe.pipeline.text_embeddings import (
     TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows,
@@ -57,7 +58,6 @@ from vild_pipe.pipeline.text_embeddings import (
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
 TEXT_NAME = "text_base.pt"
 LOSSES = ("text", "image", "text+image")
 OPTIMIZERS = ("sgd", "adamw")

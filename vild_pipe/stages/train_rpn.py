@@ -46,12 +46,12 @@ from vild_pipe.pipeline.distributed import (
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
 from vild_pipe.pipeline.training_run import (
-    append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir, run_folder_lock,
+    METRICS_NAME, append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    run_folder_lock,
 )
 
 log = logging.getLogger(__name__)
 
-METRICS_NAME = "metrics.jsonl"
 RECALL_NAME = "recall.json"
 LOSS_TERMS = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg")
 

@@ -1,0 +1,103 @@
+"""vild-pipe info: a half-made cache with a shard being written and a lock a killed run left, a run folder
+being trained and a finished one, and the command line's text and JSON; nothing in the folders changes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vild_pipe.cli import main
+from vild_pipe.errors import DataError
+from vild_pipe.pipeline import shards
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint
+from vild_pipe.pipeline.shards import CacheFolder, RowField, ShardLock, ShardWriter, try_lock_shard
+from vild_pipe.pipeline.training_run import METRICS_NAME, RUN_LOCK_NAME
+from vild_pipe.stages import info
+
+FIELDS = {"boxes": RowField("float32", (4,)), "scores": RowField("float32", ())}
+
+
+def snapshot(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def dead_pid() -> int:
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+@pytest.fixture
+def half_made_cache(tmp_path):
+    """Shards 0 and 3 complete, shard 1 being written by this process, shard 2 locked by a process that is gone."""
+    folder = CacheFolder.open_or_create(tmp_path / "cache", stage="dump-proposals", config={"top_n": 2}, inputs={},
+                                        fields=FIELDS, num_shards=5, images_per_shard=2)
+    for index in (0, 3):
+        with ShardWriter(folder, index) as writer:
+            for image_id in (2 * index, 2 * index + 1):
+                writer.add_image(image_id, boxes=np.zeros((2, 4), np.float32), scores=np.ones(2, np.float32))
+    lock = try_lock_shard(folder, 1)
+    holder = {"pid": dead_pid(), "host": shards._HOST, "since": "2026-11-27T09:00:00+00:00", "token": "00"}
+    folder.lock_path(2).write_text(json.dumps(holder))
+    yield folder, holder
+    lock.release()
+
+
+def test_a_half_made_cache_says_what_is_done_written_left_and_missing(half_made_cache):
+    folder, dead = half_made_cache
+    before = snapshot(folder.path)
+    state = info.describe(folder.path)
+    assert snapshot(folder.path) == before, "info changes nothing, stale locks included"
+    assert {key: state[key] for key in ("kind", "stage", "complete", "shards", "complete_shards", "images", "rows",
+                                        "missing")} == {
+        "kind": "cache", "stage": "dump-proposals", "complete": False, "shards": 5, "complete_shards": 2,
+        "images": 4, "rows": 8, "missing": ["shard-00001", "shard-00002", "shard-00004"]}
+    assert state["writing"] == [{"shard": "shard-00001", "by": f"pid {os.getpid()} on {shards._HOST} since "
+                                 + json.loads(folder.lock_path(1).read_text())["since"]}]
+    assert state["stale_locks"] == [{"shard": "shard-00002",
+                                     "why": f"pid {dead['pid']} on {shards._HOST} is no longer running"}]
+    lines = info.format_state(state).splitlines()
+    assert lines[0].startswith(f"{folder.path}: dump-proposals cache, 2 of 5 shards complete (4 images, 8 rows, ")
+    assert lines[1] == f"  being written: shard-00001 ({state['writing'][0]['by']})"
+    assert lines[2] == ("  left by killed runs (the next run removes them): shard-00002 (pid"
+                        f" {dead['pid']} on {shards._HOST} is no longer running)")
+    assert lines[3] == "  missing: shard-00001, shard-00002, shard-00004; rerun dump-proposals to fill them"
+
+
+def test_a_run_folder_says_its_step_checkpoint_and_whether_it_runs(tmp_path):
+    run_dir = tmp_path / "head"
+    run_dir.mkdir()
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {"format": 1, "step": 500, "config": {"losses": "text+image",
+                                                                                   "iterations": 20000}})
+    (run_dir / METRICS_NAME).write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 613)))
+    lock, _ = ShardLock.acquire(run_dir / RUN_LOCK_NAME)
+    with lock:
+        state = info.describe(run_dir)
+        assert (state["stage"], state["step"], state["iterations"], state["checkpoint_step"], state["final"]) == (
+            "train-head", 612, 20000, 500, None)
+        assert info.format_state(state) == (f"{run_dir}: train-head (text+image) run, step 612 of 20,000, last"
+                                            f" checkpoint at step 500; running now ({state['running']})")
+        assert state["running"].startswith(f"pid {os.getpid()} on ")
+    assert info.format_state(info.describe(run_dir)).endswith("not running; rerun its command to go on")
+    (run_dir / "head.pt").write_bytes(b"weights")
+    assert info.format_state(info.describe(run_dir)).endswith(f"; finished: {run_dir / 'head.pt'}")
+
+
+def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_read(half_made_cache, tmp_path):
+    folder, _ = half_made_cache
+    rpn = tmp_path / "rpn"
+    rpn.mkdir()
+    (rpn / "model.pt").write_bytes(b"weights")
+    result = CliRunner().invoke(main, ["info", str(folder.path), str(rpn)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1] == f"{rpn}: train-rpn run, no step logged yet; finished: {rpn / 'model.pt'}"
+    states = json.loads(CliRunner().invoke(main, ["info", "--json", str(folder.path), str(rpn)]).output)
+    assert [state["kind"] for state in states] == ["cache", "run"] and states[0]["complete_shards"] == 2
+    result = CliRunner().invoke(main, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"error: {tmp_path}: neither a vild-pipe cache (no manifest.json) nor a training run folder (no last.pt,"
+        " metrics.jsonl, model.pt or head.pt)"]
+    with pytest.raises(DataError):
+        info.describe(tmp_path)

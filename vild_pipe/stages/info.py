@@ -1,0 +1,122 @@
+"""vild-pipe info: where a cache or a training run stands, read from its files alone.
+
+For the cache of a job array: how many shards are complete, which are being written and by whom, which locks
+killed jobs left, what is on disk. For a train-rpn or train-head run folder: the step reached of how many,
+the last checkpoint, whether a run holds the folder now, whether the final weights are written. Nothing is
+changed, so it is safe beside running jobs: a stale lock is named, and the next run of the stage removes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from vild_pipe.errors import DataError
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from vild_pipe.pipeline.detector import MODEL_NAME
+from vild_pipe.pipeline.head import HEAD_NAME
+from vild_pipe.pipeline.shards import (
+    MANIFEST_NAME, CacheFolder, describe_lock_holder, format_bytes, read_lock, shard_name, stale_reason,
+)
+from vild_pipe.pipeline.training_run import METRICS_NAME, RUN_LOCK_NAME
+
+MISSING_SHOWN = 8
+
+
+def run(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
+    """What `describe` says of each path."""
+    return [describe(Path(path)) for path in paths]
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """A cache folder's or a run folder's state, as plain JSON-ready values; DataError for anything else."""
+    if (path / MANIFEST_NAME).is_file():
+        return describe_cache(path)
+    if any((path / name).is_file() for name in (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, HEAD_NAME)):
+        return describe_run(path)
+    raise DataError(f"{path}: neither a vild-pipe cache (no {MANIFEST_NAME}) nor a training run folder (no"
+                    f" {CHECKPOINT_NAME}, {METRICS_NAME}, {MODEL_NAME} or {HEAD_NAME})")
+
+
+def describe_cache(path: Path) -> dict[str, Any]:
+    folder = CacheFolder.open(path)
+    totals = folder.manifest_summary()
+    locks = folder.shard_locks()
+    missing = folder.missing_shards()
+    return {
+        "path": os.fspath(path), "kind": "cache", "stage": folder.stage, "fingerprint": folder.fingerprint,
+        "complete": not missing, "shards": folder.num_shards, "complete_shards": totals["complete_shards"],
+        "images": totals["images"], "rows": totals["rows"], "bytes": totals["bytes"],
+        "skipped_images": len(totals["skipped_images"]),
+        "writing": [{"shard": shard_name(index), "by": describe_lock_holder(holder)}
+                    for index, holder, stale in locks if stale is None],
+        "stale_locks": [{"shard": shard_name(index), "why": stale} for index, _, stale in locks if stale is not None],
+        "missing": [shard_name(index) for index in missing],
+        "config": folder.config,
+    }
+
+
+def describe_run(path: Path) -> dict[str, Any]:
+    checkpoint = load_checkpoint(path / CHECKPOINT_NAME, remove_stale_tmp=False, mmap=True)
+    config = checkpoint["config"] if checkpoint is not None else {}
+    final = path / (HEAD_NAME if (path / HEAD_NAME).is_file() or "losses" in config else MODEL_NAME)
+    lock = read_lock(path / RUN_LOCK_NAME)
+    held_by = describe_lock_holder(lock[0]) if lock is not None and stale_reason(*lock) is None else None
+    return {
+        "path": os.fspath(path), "kind": "run", "stage": "train-head" if final.name == HEAD_NAME else "train-rpn",
+        "losses": config.get("losses"), "step": _last_logged_step(path / METRICS_NAME),
+        "iterations": config.get("iterations"),
+        "checkpoint_step": int(checkpoint["step"]) if checkpoint is not None else None,
+        "running": held_by, "final": os.fspath(final) if final.is_file() else None,
+    }
+
+
+def _last_logged_step(metrics: Path) -> int | None:
+    """The step of the last whole line of the metrics file (a line is written in one piece)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def format_state(state: dict[str, Any]) -> str:
+    """A few lines for a person: the headline, then only what needs a look."""
+    if state["kind"] == "run":
+        return _format_run(state)
+    done = (f"complete, {state['shards']} shards" if state["complete"]
+            else f"{state['complete_shards']} of {state['shards']} shards complete")
+    lines = [f"{state['path']}: {state['stage']} cache, {done} ({state['images']:,} images, {state['rows']:,} rows,"
+             f" {format_bytes(state['bytes'])})"]
+    if state["writing"]:
+        lines.append("  being written: " + ", ".join(f"{lock['shard']} ({lock['by']})" for lock in state["writing"]))
+    if state["stale_locks"]:
+        lines.append("  left by killed runs (the next run removes them): "
+                     + ", ".join(f"{lock['shard']} ({lock['why']})" for lock in state["stale_locks"]))
+    missing = state["missing"]
+    if missing:
+        more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
+        lines.append(f"  missing: {', '.join(missing[:MISSING_SHOWN])}{more}; rerun {state['stage']} to fill them")
+    if state["skipped_images"]:
+        lines.append(f"  skipped images (--skip-bad-images): {state['skipped_images']}")
+    return "\n".join(lines)
+
+
+def _format_run(state: dict[str, Any]) -> str:
+    kind = state["stage"] + (f" ({state['losses']})" if state["losses"] else "")
+    of = f" of {state['iterations']:,}" if state["iterations"] else ""
+    step = f"step {state['step']:,}{of}" if state["step"] is not None else "no step logged yet"
+    checkpoint = f", last checkpoint at step {state['checkpoint_step']:,}" if state["checkpoint_step"] else ""
+    if state["running"]:
+        now = f"running now ({state['running']})"
+    elif state["final"]:
+        now = f"finished: {state['final']}"
+    else:
+        now = "not running; rerun its command to go on"
+    return f"{state['path']}: {kind} run, {step}{checkpoint}; {now}"
