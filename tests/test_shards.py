@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -575,6 +576,8 @@ def test_sha256_file_identifies_weights_and_names_an_unreadable_file(tmp_path):
 def test_sha256_file_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
     weights = tmp_path / "clip.pt"
     weights.write_bytes(b"a" * 1000)
+    written_long_ago = time.time_ns() - 60 * 10**9
+    os.utime(weights, ns=(written_long_ago, written_long_ago))
     first = shards.sha256_file(weights)
     bytes_read = []
     real_open = builtins.open
@@ -589,6 +592,27 @@ def test_sha256_file_reads_a_file_once_until_it_changes(tmp_path, monkeypatch):
     assert shards.sha256_file(tmp_path / "." / "clip.pt") == first and bytes_read == []  # the same file
     weights.write_bytes(b"b" * 1000)  # same size, new content: read again
     assert shards.sha256_file(weights) == hashlib.sha256(b"b" * 1000).hexdigest() and sum(bytes_read) == 1000
+
+
+def test_sha256_file_sees_a_rewrite_that_leaves_inode_size_and_times_alike(tmp_path, monkeypatch):
+    """File times tick coarsely (a clock tick on Linux before 6.13, 1 or 2 s on some file systems): a file rewritten
+    in place within one tick keeps its inode, size and times. Such a file is hashed again, not taken from memory."""
+    weights = tmp_path / "clip.pt"
+    weights.write_bytes(b"a" * 1000)
+    stamped = os.stat(weights)
+    real_fstat = os.fstat
+
+    def one_tick_fstat(fd):
+        status = real_fstat(fd)
+        if status.st_ino != stamped.st_ino:
+            return status
+        return SimpleNamespace(st_dev=status.st_dev, st_ino=status.st_ino, st_size=status.st_size,
+                               st_mtime_ns=stamped.st_mtime_ns, st_ctime_ns=stamped.st_ctime_ns)
+
+    monkeypatch.setattr(os, "fstat", one_tick_fstat)
+    assert shards.sha256_file(weights) == hashlib.sha256(b"a" * 1000).hexdigest()
+    weights.write_bytes(b"b" * 1000)
+    assert shards.sha256_file(weights) == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ two processes

@@ -157,13 +157,17 @@ def format_bytes(num_bytes: float) -> str:
 
 
 _SHA256_SEEN: dict[tuple, str] = {}
+SHA256_SETTLED_S = 2.0
+"""A file modified this recently is hashed again at each call: file times tick coarsely (a clock tick on Linux
+before 6.13, 1 or 2 s on some file systems), so a rewrite within the tick would leave the remembered key as it was
+(git's "racy" files)."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file (e.g. model weights), for the `inputs` identity of a cache.
 
-    Remembered for the process by the file's inode, size and times: a stage checks one CLIP or detector file
-    in several places, and hashing 340 MB of ViT-B/32 takes half a second each time.
+    Remembered for the process by the file's inode, size and times once it is SHA256_SETTLED_S old: a stage
+    checks one CLIP or detector file in several places, and hashing 340 MB of ViT-B/32 takes half a second.
     """
     digest = hashlib.sha256()
     try:
@@ -172,12 +176,14 @@ def sha256_file(path: str | os.PathLike) -> str:
             seen = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
             if seen in _SHA256_SEEN:
                 return _SHA256_SEEN[seen]
+            settled = time.time() - status.st_mtime_ns / 1e9 > SHA256_SETTLED_S
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     except OSError as err:
         raise VildError(f"{path}: cannot read ({describe_error(err)})") from err
-    _SHA256_SEEN[seen] = digest.hexdigest()
-    return _SHA256_SEEN[seen]
+    if settled:
+        _SHA256_SEEN[seen] = digest.hexdigest()
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- files, processes
