@@ -3,6 +3,7 @@
 import json
 import logging
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +318,18 @@ def test_a_size_mismatch_from_an_exif_turn_says_so(tmp_path):
         ds.open_image(ds.images[0])
     with pytest.raises(DataError, match=r"000002\.png: image is 16x20 pixels but .*says 20x16 for image id 2$"):
         ds.open_image(ds.images[1])
+
+
+def test_a_photo_whose_exif_pil_cannot_write_back_is_turned_upright_without_warnings(tmp_path, recwarn):
+    """A camera's EXIF with a tag of the wrong type (ResolutionUnit as a fraction): ImageOps.exif_transpose
+    fails rewriting it (struct.error), though the orientation reads fine."""
+    entries = [(0x0112, 3, struct.pack("<IHH", 1, 6, 0)), (0x0128, 5, struct.pack("<II", 1, 38))]
+    ifd = b"".join(struct.pack("<HH", tag, kind) + value for tag, kind, value in entries)
+    exif = b"Exif\x00\x00II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<III", 0, 2, 1)
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "camera.jpg", exif=exif)
+    assert read_rgb_image(tmp_path / "camera.jpg").size == (40, 20)
+    assert read_rgb_image(tmp_path / "camera.jpg", upright=True).size == (20, 40)
+    assert not recwarn.list
 
 
 def test_check_images_up_front(tmp_path):

@@ -23,12 +23,14 @@ import logging
 import math
 import os
 import stat
+import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 from vild_pipe.data.splits import CategorySplit, resolve_split
@@ -447,6 +449,9 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
 
 EXIF_ORIENTATION = 0x0112
 """The EXIF tag saying how a camera's stored pixels are to be turned for viewing (1: as stored)."""
+EXIF_TURNS = {2: Image.FLIP_LEFT_RIGHT, 3: Image.ROTATE_180, 4: Image.FLIP_TOP_BOTTOM, 5: Image.TRANSPOSE,
+              6: Image.ROTATE_270, 7: Image.TRANSVERSE, 8: Image.ROTATE_90}
+"""The turn of the stored pixels each orientation asks for, as ImageOps.exif_transpose makes it."""
 
 
 def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
@@ -459,15 +464,28 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
     try:
         with Image.open(path) as image:
             stored_format = image.format
-            if upright:
-                image = ImageOps.exif_transpose(image)
+            turn = EXIF_TURNS.get(_exif_orientation(image)) if upright else None
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # the same pixels, without PIL's warning about such palettes
-            return _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
+            rgb = _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
+            return rgb.transpose(turn) if turn is not None else rgb
     except Image.DecompressionBombError as exc:
         raise DataError(f"{os.fspath(path)}: image too large to decode safely ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{os.fspath(path)}: cannot decode image (truncated or not an image)") from exc
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1 when it has none or its EXIF is unreadable. Read here, not by
+    ImageOps.exif_transpose, which fails rewriting a camera's EXIF that holds a tag of the wrong type; PIL's
+    warnings about such EXIF are about tags that do not matter here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except (OSError, SyntaxError, ValueError, struct.error):
+            return 1
+    return orientation if isinstance(orientation, int) else 1
 
 
 def _turned_hint(record: ImageRecord, stored_size: tuple[int, int]) -> str:
@@ -476,7 +494,7 @@ def _turned_hint(record: ImageRecord, stored_size: tuple[int, int]) -> str:
         return ""
     try:
         with Image.open(record.path) as image:
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            orientation = _exif_orientation(image)
     except (OSError, SyntaxError, ValueError):
         return ""
     if orientation not in (5, 6, 7, 8):  # the tags that turn the image a quarter
