@@ -320,6 +320,23 @@ def test_a_size_mismatch_from_an_exif_turn_says_so(tmp_path):
         ds.open_image(ds.images[1])
 
 
+def test_a_tiff_is_read_upright_as_pil_reads_it_and_never_turned_twice(tmp_path):
+    """PIL applies a TIFF's own orientation tag when it decodes one (Pillow before 10.1 left the tag for
+    exif_transpose to apply again): a TIFF comes upright either way, and its size mismatch blames no EXIF turn."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = np.arange(24 * 32 * 3, dtype=np.uint8).reshape(24, 32, 3)
+    write_images(tmp_path)
+    path = tmp_path / "images" / "000001.tif"
+    Image.fromarray(stored).save(path, exif=exif)
+    upright = np.rot90(stored, -1)
+    np.testing.assert_array_equal(np.asarray(read_rgb_image(path)), upright)
+    np.testing.assert_array_equal(np.asarray(read_rgb_image(path, upright=True)), upright)
+    ds = CocoDataset.load(write_coco(tmp_path, [{**IMAGES[0], "file_name": "images/000001.tif"}, *IMAGES[1:]]))
+    with pytest.raises(DataError, match=r"000001\.tif: image is 24x32 pixels but .*says 32x24 for image id 1$"):
+        ds.open_image(ds.images[0])
+
+
 def test_a_photo_whose_exif_pil_cannot_write_back_is_turned_upright_without_warnings(tmp_path, recwarn):
     """A camera's EXIF with a tag of the wrong type (ResolutionUnit as a fraction): ImageOps.exif_transpose
     fails rewriting it (struct.error), though the orientation reads fine."""

@@ -458,13 +458,14 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
     """Decode an image file as RGB; DataError naming the file when it is not a decodable image.
 
     Pixels are read as stored, as pycocotools-based tools, torchvision and nvJPEG read them, since annotation
-    boxes are in that frame. `upright` turns the image as its EXIF orientation tag says, as a viewer shows it:
-    for detect on a phone's photographs, which are often stored sideways.
+    boxes are in that frame; only a TIFF comes upright, as PIL applies a TIFF's orientation tag when decoding it.
+    `upright` turns the image as its EXIF orientation tag says, as a viewer shows it: for detect on a phone's
+    photographs, which are often stored sideways.
     """
     try:
         with Image.open(path) as image:
             stored_format = image.format
-            turn = EXIF_TURNS.get(_exif_orientation(image)) if upright else None
+            turn = EXIF_TURNS.get(_exif_orientation(image)) if upright and stored_format != "TIFF" else None
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # the same pixels, without PIL's warning about such palettes
             rgb = _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
@@ -489,12 +490,13 @@ def _exif_orientation(image: Image.Image) -> int:
 
 
 def _turned_hint(record: ImageRecord, stored_size: tuple[int, int]) -> str:
-    """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright."""
+    """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright.
+    (Not for a TIFF: PIL has already applied its orientation.)"""
     if tuple(stored_size[::-1]) != (record.width, record.height):
         return ""
     try:
         with Image.open(record.path) as image:
-            orientation = _exif_orientation(image)
+            orientation = _exif_orientation(image) if image.format != "TIFF" else 1
     except (OSError, SyntaxError, ValueError):
         return ""
     if orientation not in (5, 6, 7, 8):  # the tags that turn the image a quarter
