@@ -85,6 +85,19 @@ def test_a_run_folder_says_its_step_checkpoint_and_whether_it_runs(tmp_path):
     assert info.format_state(info.describe(run_dir)).endswith(f"; finished: {run_dir / 'head.pt'}")
 
 
+def test_a_run_before_its_first_checkpoint_is_told_apart_by_its_metric_lines(tmp_path):
+    """Until the first checkpoint only metrics.jsonl is there: train-head's lines hold the text and image losses,
+    train-rpn's the detector's."""
+    for stage, record in (("train-head", {"loss": 1.0, "text": 0.6, "image": None}),
+                          ("train-rpn", {"loss": 1.0, "loss_objectness": 0.3, "loss_classifier": 0.7})):
+        run_dir = tmp_path / stage
+        run_dir.mkdir()
+        (run_dir / METRICS_NAME).write_text("".join(json.dumps({"step": s, **record}) + "\n" for s in range(1, 38)))
+        state = info.describe(run_dir)
+        assert (state["stage"], state["step"], state["checkpoint_step"]) == (stage, 37, None)
+        assert info.format_state(state) == f"{run_dir}: {stage} run, step 37; not running; rerun its command to go on"
+
+
 def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_read(half_made_cache, tmp_path):
     folder, _ = half_made_cache
     rpn = tmp_path / "rpn"

@@ -60,27 +60,30 @@ def describe_cache(path: Path) -> dict[str, Any]:
 def describe_run(path: Path) -> dict[str, Any]:
     checkpoint = load_checkpoint(path / CHECKPOINT_NAME, remove_stale_tmp=False, mmap=True)
     config = checkpoint["config"] if checkpoint is not None else {}
-    final = path / (HEAD_NAME if (path / HEAD_NAME).is_file() or "losses" in config else MODEL_NAME)
+    last = _last_logged_record(path / METRICS_NAME)
+    head = (path / HEAD_NAME).is_file() or "losses" in config or "text" in (last or {})  # train-head's loss terms
+    final = path / (HEAD_NAME if head else MODEL_NAME)
     lock = read_lock(path / RUN_LOCK_NAME)
     held_by = describe_lock_holder(lock[0]) if lock is not None and stale_reason(*lock) is None else None
     return {
         "path": os.fspath(path), "kind": "run", "stage": "train-head" if final.name == HEAD_NAME else "train-rpn",
-        "losses": config.get("losses"), "step": _last_logged_step(path / METRICS_NAME),
+        "losses": config.get("losses"), "step": last["step"] if last is not None else None,
         "iterations": config.get("iterations"),
         "checkpoint_step": int(checkpoint["step"]) if checkpoint is not None else None,
         "running": held_by, "final": os.fspath(final) if final.is_file() else None,
     }
 
 
-def _last_logged_step(metrics: Path) -> int | None:
-    """The step of the last whole line of the metrics file (a line is written in one piece)."""
+def _last_logged_record(metrics: Path) -> dict[str, Any] | None:
+    """The last whole line of the metrics file (a line is written in one piece), its step an int."""
     try:
         lines = metrics.read_text().splitlines()
     except FileNotFoundError:
         return None
     for line in reversed(lines):
         try:
-            return int(json.loads(line)["step"])
+            record = json.loads(line)
+            return {**record, "step": int(record["step"])}
         except (ValueError, KeyError, TypeError):
             continue
     return None
