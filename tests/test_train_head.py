@@ -23,7 +23,7 @@ from vild_pipe.pipeline.embedding_cache import embedding_fields
 from vild_pipe.pipeline.head import HEAD_NAME, load_head
 from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, load_text_embeddings
-from vild_pipe.pipeline.training_run import RUN_LOCK_NAME
+from vild_pipe.pipeline.training_run import RUN_LOCK_NAME, run_folder_lock
 from vild_pipe.stages import train_head
 from vild_pipe.stages.dump_proposals import proposal_fields
 
@@ -338,6 +338,21 @@ def test_a_second_run_of_a_folder_being_trained_is_refused(world, tmp_path):
         os.killpg(process.pid, signal.SIGTERM)
         process.communicate()
     assert not (run_dir / RUN_LOCK_NAME).exists()   # a stopped run lets go of the folder
+
+
+def test_a_run_folder_held_from_another_host_says_when_a_killed_runs_lock_is_taken_over(tmp_path):
+    """A node that died with its run leaves the lock, which no pid check can clear from here: the refusal says how
+    long it holds, so a requeued job knows when to come back. Ranks other than the main one take no lock."""
+    holder = {"pid": 4242, "host": "node-elsewhere", "since": "2026-11-27T09:00:00+00:00", "token": "00"}
+    (tmp_path / RUN_LOCK_NAME).write_text(json.dumps(holder))
+    with pytest.raises(VildError) as refused, run_folder_lock(tmp_path):
+        pass
+    assert str(refused.value) == (
+        f"{tmp_path}: pid 4242 on node-elsewhere since 2026-11-27T09:00:00+00:00 is training in this run folder;"
+        f" wait for it to end or stop it (should it have been killed, the next run takes over"
+        f" {tmp_path / RUN_LOCK_NAME}: on its host at once, elsewhere 10 min after its last heartbeat)")
+    with run_folder_lock(tmp_path, main_process=False):
+        assert json.loads((tmp_path / RUN_LOCK_NAME).read_text()) == holder
 
 
 def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vild_pipe.errors import VildError, describe_error
-from vild_pipe.pipeline.shards import ShardLock, describe_lock_holder, write_text_atomically
+from vild_pipe.pipeline.shards import FOREIGN_STALE_S, ShardLock, describe_lock_holder, write_text_atomically
 
 METRICS_NAME = "metrics.jsonl"
 RUN_LOCK_NAME = "run.lock"
@@ -99,6 +99,7 @@ def run_folder_lock(run_dir: Path, main_process: bool = True) -> Iterator[None]:
         raise VildError(f"{path}: cannot create ({describe_error(err)})") from err
     if lock is None:
         raise VildError(f"{run_dir}: {describe_lock_holder(holder)} is training in this run folder; wait for it"
-                        f" to end or stop it ({path} clears itself once that run is gone)")
+                        f" to end or stop it (should it have been killed, the next run takes over {path}: on its"
+                        f" host at once, elsewhere {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)")
     with lock:
         yield
