@@ -485,7 +485,7 @@ class ShardLock:
             try:
                 os.utime(self.path)
             except FileNotFoundError:
-                log.warning("lock %s disappeared while held; another run may write the same shard", self.path)
+                log.warning("lock %s disappeared while held; another run may now write what it guards", self.path)
                 return
             except OSError as err:
                 log.warning("cannot refresh lock %s (%s)", self.path, describe_error(err))
