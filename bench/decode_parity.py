@@ -8,12 +8,13 @@ to PIL's `convert("RGB")` (a few levels are two libjpeg builds' rounding; tens a
 error, which cache-embeddings meets by decoding that image with PIL and a warning. Then the same images
 through cache-embeddings' own batched decode, which must give PIL's kind of pixels for every one.
 
-Usage: python bench/decode_parity.py --device cuda [--photos DIR] [--out DIR]
+Usage: python bench/decode_parity.py --device cuda [--photos DIR]
 """
 from __future__ import annotations
 
 import argparse
 import io
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,22 +91,22 @@ def main() -> None:
         except RuntimeError as err:
             print(f"| {name} | refused: {str(err).splitlines()[0][:100]} | | |")
 
-    folder = Path("/tmp/decode_parity")
-    folder.mkdir(exist_ok=True)
-    records, items = {}, []
-    for image_id, (name, data) in enumerate(kinds.items(), start=1):
-        path = folder / f"{image_id}.jpg"
-        path.write_bytes(data)
-        records[image_id] = path
-        items.append(SimpleNamespace(image_id=image_id, payload=torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+    with tempfile.TemporaryDirectory(prefix="decode_parity.") as folder:
+        records, items = {}, []
+        for image_id, (name, data) in enumerate(kinds.items(), start=1):
+            path = Path(folder) / f"{image_id}.jpg"
+            path.write_bytes(data)
+            records[image_id] = path
+            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            items.append(SimpleNamespace(image_id=image_id, payload=payload))
 
-    def open_image(record):
-        with Image.open(record.path) as image:
-            return image.convert("RGB")
+        def open_image(record):
+            with Image.open(record.path) as image:
+                return image.convert("RGB")
 
-    dataset = SimpleNamespace(image=lambda image_id: SimpleNamespace(path=records[image_id], id=image_id),
-                              open_image=open_image)
-    decoded = _decode_jpegs(items, dataset, device)
+        dataset = SimpleNamespace(image=lambda image_id: SimpleNamespace(path=records[image_id], id=image_id),
+                                  open_image=open_image)
+        decoded = _decode_jpegs(items, dataset, device)
     print("\n| JPEG kind | cache-embeddings' batched decode: size | mean abs diff to PIL | max |")
     print("| --- | --- | --- | --- |")
     for (name, data), pixels in zip(kinds.items(), decoded):
