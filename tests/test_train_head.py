@@ -21,7 +21,7 @@ from vild_pipe.pipeline.cache_loader import (
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.embedding_cache import embedding_fields
 from vild_pipe.pipeline.head import HEAD_NAME, load_head
-from vild_pipe.pipeline.shards import CacheFolder, ShardWriter, sha256_file
+from vild_pipe.pipeline.shards import CacheFolder, ShardLock, ShardWriter, sha256_file
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings, load_text_embeddings
 from vild_pipe.pipeline.training_run import RUN_LOCK_NAME, run_folder_lock
 from vild_pipe.stages import train_head
@@ -353,6 +353,28 @@ def test_a_run_folder_held_from_another_host_says_when_a_killed_runs_lock_is_tak
         f" {tmp_path / RUN_LOCK_NAME}: on its host at once, elsewhere 10 min after its last heartbeat)")
     with run_folder_lock(tmp_path, main_process=False):
         assert json.loads((tmp_path / RUN_LOCK_NAME).read_text()) == holder
+
+
+def test_under_torchrun_a_held_run_folder_stops_every_rank_with_its_one_line(world, tmp_path):
+    """Only rank 0 takes the run folder; the others learn that it could not, and stop with a line of their own
+    rather than failing in their next collective."""
+    run_dir = tmp_path / "ddp"
+    run_dir.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.replace("except TrainingStopped", "except VildError as refused:\n"
+                                     "    print('REFUSED', refused, flush=True)\n    sys.exit(2)\nexcept TrainingStopped")
+                      .replace("import TrainingStopped", "import TrainingStopped\nfrom vild_pipe.errors import VildError"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+               f"--master_port={free_port()}", str(script), json.dumps(settings(world, run_dir, iterations=6))]
+    lock, _ = ShardLock.acquire(run_dir / RUN_LOCK_NAME)
+    with lock:
+        process = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ,
+                                                                                           "OMP_NUM_THREADS": "1"})
+    refusals = sorted(line for line in process.stdout.splitlines() if line.startswith("REFUSED"))
+    assert process.returncode != 0 and len(refusals) == 2, process.stdout + process.stderr
+    assert refusals[0].startswith(f"REFUSED {run_dir}: pid {os.getpid()} on ")   # rank 0
+    assert refusals[1] == f"REFUSED {run_dir}: the main process could not take this run folder (its error says why)"
+    assert list(run_dir.iterdir()) == []   # the refused run wrote nothing; our lock is released
 
 
 def test_torchrun_two_processes_train_what_one_process_trains(world, tmp_path):

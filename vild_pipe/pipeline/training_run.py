@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from vild_pipe.errors import VildError, describe_error
+from vild_pipe.pipeline.distributed import any_rank
 from vild_pipe.pipeline.shards import FOREIGN_STALE_S, ShardLock, describe_lock_holder, write_text_atomically
 
 METRICS_NAME = "metrics.jsonl"
@@ -88,18 +89,21 @@ def run_folder_lock(run_dir: Path, main_process: bool = True) -> Iterator[None]:
     """Hold RUN_DIR/run.lock while training: a second run of the same folder (a command started twice, a job
     requeued while the first still runs) is refused instead of interleaving checkpoints and metric lines. A
     killed run's lock is found stale (dead pid, or no heartbeat from another host) and taken over. Under
-    torchrun only the main process, the one that writes the folder, holds it."""
-    if not main_process:
-        yield
-        return
-    path = run_dir / RUN_LOCK_NAME
-    try:
-        lock, holder = ShardLock.acquire(path)
-    except OSError as err:
-        raise VildError(f"{path}: cannot create ({describe_error(err)})") from err
-    if lock is None:
-        raise VildError(f"{run_dir}: {describe_lock_holder(holder)} is training in this run folder; wait for it"
-                        f" to end or stop it (should it have been killed, the next run takes over {path}: on its"
-                        f" host at once, elsewhere {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)")
-    with lock:
+    torchrun only the main process, the one that writes the folder, holds it; every rank learns whether it
+    got it, so all of them stop with one line instead of the others failing in their next collective."""
+    lock, problem = None, None
+    if main_process:
+        path = run_dir / RUN_LOCK_NAME
+        try:
+            lock, holder = ShardLock.acquire(path)
+        except OSError as err:
+            problem = f"{path}: cannot create ({describe_error(err)})"
+        else:
+            if lock is None:
+                problem = (f"{run_dir}: {describe_lock_holder(holder)} is training in this run folder; wait for it"
+                           f" to end or stop it (should it have been killed, the next run takes over {path}: on its"
+                           f" host at once, elsewhere {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)")
+    if any_rank(problem is not None):
+        raise VildError(problem or f"{run_dir}: the main process could not take this run folder (its error says why)")
+    with lock if lock is not None else contextlib.nullcontext():
         yield
