@@ -82,6 +82,12 @@ def test_a_run_folder_says_its_step_checkpoint_and_whether_it_runs(tmp_path):
         assert state["running"].startswith(f"pid {os.getpid()} on ")
     assert info.format_state(info.describe(run_dir)).endswith("not running; rerun its command to go on")
     (run_dir / "head.pt").write_bytes(b"weights")
+    starting = tmp_path / "starting"   # a run in its first seconds: only its lock
+    starting.mkdir()
+    lock, _ = ShardLock.acquire(starting / RUN_LOCK_NAME)
+    with lock:
+        assert info.format_state(info.describe(starting)).startswith(
+            f"{starting}: training run, no step logged yet; running now (pid {os.getpid()} on ")
     assert info.format_state(info.describe(run_dir)).endswith(f"; finished: {run_dir / 'head.pt'}")
 
 
@@ -111,6 +117,6 @@ def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_rea
     result = CliRunner().invoke(main, ["info", str(tmp_path)])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
         f"error: {tmp_path}: neither a vild-pipe cache (no manifest.json) nor a training run folder (no last.pt,"
-        " metrics.jsonl, model.pt or head.pt)"]
+        " metrics.jsonl, model.pt, head.pt or run.lock)"]
     with pytest.raises(DataError):
         info.describe(tmp_path)

@@ -33,10 +33,10 @@ def describe(path: Path) -> dict[str, Any]:
     """A cache folder's or a run folder's state, as plain JSON-ready values; DataError for anything else."""
     if (path / MANIFEST_NAME).is_file():
         return describe_cache(path)
-    if any((path / name).is_file() for name in (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, HEAD_NAME)):
+    if any((path / name).is_file() for name in (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, HEAD_NAME, RUN_LOCK_NAME)):
         return describe_run(path)
     raise DataError(f"{path}: neither a vild-pipe cache (no {MANIFEST_NAME}) nor a training run folder (no"
-                    f" {CHECKPOINT_NAME}, {METRICS_NAME}, {MODEL_NAME} or {HEAD_NAME})")
+                    f" {CHECKPOINT_NAME}, {METRICS_NAME}, {MODEL_NAME}, {HEAD_NAME} or {RUN_LOCK_NAME})")
 
 
 def describe_cache(path: Path) -> dict[str, Any]:
@@ -62,11 +62,13 @@ def describe_run(path: Path) -> dict[str, Any]:
     config = checkpoint["config"] if checkpoint is not None else {}
     last = _last_logged_record(path / METRICS_NAME)
     head = (path / HEAD_NAME).is_file() or "losses" in config or "text" in (last or {})  # train-head's loss terms
+    rpn = (path / MODEL_NAME).is_file() or "detector" in config or "loss_objectness" in (last or {})
     final = path / (HEAD_NAME if head else MODEL_NAME)
     lock = read_lock(path / RUN_LOCK_NAME)
     held_by = describe_lock_holder(lock[0]) if lock is not None and stale_reason(*lock) is None else None
     return {
-        "path": os.fspath(path), "kind": "run", "stage": "train-head" if final.name == HEAD_NAME else "train-rpn",
+        "path": os.fspath(path), "kind": "run",
+        "stage": "train-head" if head else "train-rpn" if rpn else None,   # None: a run in its first seconds
         "losses": config.get("losses"), "step": last["step"] if last is not None else None,
         "iterations": config.get("iterations"),
         "checkpoint_step": int(checkpoint["step"]) if checkpoint is not None else None,
@@ -112,7 +114,7 @@ def format_state(state: dict[str, Any]) -> str:
 
 
 def _format_run(state: dict[str, Any]) -> str:
-    kind = state["stage"] + (f" ({state['losses']})" if state["losses"] else "")
+    kind = (state["stage"] or "training") + (f" ({state['losses']})" if state["losses"] else "")
     of = f" of {state['iterations']:,}" if state["iterations"] else ""
     step = f"step {state['step']:,}{of}" if state["step"] is not None else "no step logged yet"
     checkpoint = f", last checkpoint at step {state['checkpoint_step']:,}" if state["checkpoint_step"] else ""
