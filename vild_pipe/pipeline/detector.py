@@ -399,8 +399,10 @@ class SeededSampler(BalancedPositiveNegativeSampler):
 
 
 def sampling_seed(seed: int, step: int, position: int, purpose: int) -> int:
-    """A 63-bit seed that depends on (seed, step, position in the global batch, purpose) only."""
-    return int(np.random.SeedSequence([seed, step, position, purpose]).generate_state(2, dtype=np.uint64)[0] >> 1)
+    """A 63-bit seed that depends on (seed, step, position in the global batch, purpose) only.
+
+    The shift is on a Python int: numpy 1.x has no `uint64 >> int` (it casts both to float64)."""
+    return int(np.random.SeedSequence([seed, step, position, purpose]).generate_state(2, dtype=np.uint64)[0]) >> 1
 
 
 def set_sampling_seeds(model: nn.Module, seed: int, step: int, positions: Sequence[int] | None) -> None:
