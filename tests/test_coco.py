@@ -252,7 +252,8 @@ def test_sixteen_bit_grey_images_read_as_their_eight_bit_levels(tmp_path, monkey
     levels = np.arange(32 * 24, dtype=np.uint16).reshape(24, 32) % 256
     Image.fromarray(levels * 257).save(tmp_path / file_name)
     with Image.open(tmp_path / file_name) as stored:
-        assert stored.mode == (pillow_mode or "I;16")
+        # Pillow < 10.3 opens the PNG as "I" unpatched too: then the first case is the third one
+        assert stored.mode == (pillow_mode or "I;16") or (file_name.endswith(".png") and stored.mode == "I")
     image = read_rgb_image(tmp_path / file_name)
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), np.repeat(levels[..., None], 3, axis=2))

@@ -578,7 +578,8 @@ def test_disk_full_while_a_stage_writes_a_shard_is_one_line_and_loses_nothing(pi
 @pytest.fixture
 def read_only(monkeypatch):
     """Make writes under a folder fail with EROFS, as on a read-only mount (chmod does not stop root)."""
-    real = {"os.open": os.open, "open": builtins.open, "io.open": io.open, "mkdir": os.mkdir, "h5": h5py.File}
+    real = {"os.open": os.open, "open": builtins.open, "io.open": io.open, "mkdir": os.mkdir, "h5": h5py.File,
+            "Path.mkdir": Path.mkdir}
 
     def make(root: Path):
         root = os.fspath(root)
@@ -608,6 +609,12 @@ def read_only(monkeypatch):
                 refuse(path)
             return real["mkdir"](path, *args, **kwargs)
 
+        def guarded_path_mkdir(path, mode=0o777, parents=False, exist_ok=False):
+            """Python < 3.11's Path.mkdir calls the os.mkdir pathlib bound at import, not the patched one."""
+            if under(path) and not (exist_ok and path.is_dir()):
+                refuse(path)
+            return real["Path.mkdir"](path, mode, parents, exist_ok)
+
         def guarded_h5_file(name, mode="r", *args, **kwargs):
             if under(name) and mode != "r":
                 refuse(name)
@@ -617,6 +624,7 @@ def read_only(monkeypatch):
         monkeypatch.setattr(builtins, "open", guarded(real["open"]))
         monkeypatch.setattr(io, "open", guarded(real["io.open"]))
         monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+        monkeypatch.setattr(Path, "mkdir", guarded_path_mkdir)
         monkeypatch.setattr(h5py, "File", guarded_h5_file)
 
     return make

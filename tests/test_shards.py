@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -716,15 +717,23 @@ def read_only(monkeypatch):
                 refuse(path)
             return real_mkdir(path, *args, **kwargs)
 
+        def guarded_path_mkdir(path, mode=0o777, parents=False, exist_ok=False):
+            """Python < 3.11's Path.mkdir calls the os.mkdir pathlib bound at import, not the patched one."""
+            if str(path).startswith(root) and not (exist_ok and path.is_dir()):
+                refuse(path)
+            return real_path_mkdir(path, mode, parents, exist_ok)
+
         def guarded_h5_file(name, mode="r", *args, **kwargs):
             if str(name).startswith(root) and mode != "r":
                 refuse(name)
             return real_h5_file(name, mode, *args, **kwargs)
 
         real_os_open, real_open, real_mkdir, real_h5_file = os.open, builtins.open, os.mkdir, h5py.File
+        real_path_mkdir = pathlib.Path.mkdir
         monkeypatch.setattr(os, "open", guarded_os_open)
         monkeypatch.setattr(builtins, "open", guarded_open)
         monkeypatch.setattr(os, "mkdir", guarded_mkdir)
+        monkeypatch.setattr(pathlib.Path, "mkdir", guarded_path_mkdir)
         monkeypatch.setattr(h5py, "File", guarded_h5_file)
 
     return make
