@@ -361,8 +361,10 @@ def test_under_torchrun_a_held_run_folder_stops_every_rank_with_its_one_line(wor
     run_dir = tmp_path / "ddp"
     run_dir.mkdir()
     script = tmp_path / "driver.py"
+    # One write a line (under PIPE_BUF, so atomic): the two ranks share the pipe, and print() with
+    # PYTHONUNBUFFERED writes its pieces apart.
     refusing = DRIVER.replace("except TrainingStopped", "except VildError as refused:\n"
-                              "    print('REFUSED', refused, flush=True)\n    sys.exit(2)\nexcept TrainingStopped")
+                              "    sys.stdout.write(f'REFUSED {refused}\\n')\n    sys.exit(2)\nexcept TrainingStopped")
     script.write_text(refusing.replace("import TrainingStopped",
                                        "import TrainingStopped\nfrom vild_pipe.errors import VildError"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
