@@ -7,7 +7,8 @@
 #   3. nvJPEG against PIL on the kinds of JPEG datasets hold (grey, CMYK, progressive, subsamplings), seconds.
 # Usage: bench/gpu_check.sh OUT [KIT]
 #   KIT (default .whl): wheels for what the GPU machine lacks (pycocotools, clip-anytorch, ftfy, wcwidth, regex,
-#   tqdm, setuptools<81; `pip download --only-binary=:all: --python-version 3.12 ...`) and photos/ (JPEGs).
+#   tqdm, setuptools<81; `pip download --only-binary=:all: --python-version 3.12 ...`), pillow/ (a Pillow >= 10.1
+#   wheel, installed only where the machine's is older) and photos/ (JPEGs).
 #   DEVICE=cpu BENCH_ARGS="--model small --images 4 --boxes 10" runs the same steps on a CPU, small.
 set -euo pipefail
 out=${1:?usage: bench/gpu_check.sh OUT [KIT]}
@@ -16,8 +17,12 @@ device=${DEVICE:-cuda}
 read -r -a bench_args <<< "${BENCH_ARGS:---model ViT-B/32 --images 256 --boxes 300 --reference-images 8}"
 
 # What the machine lacks goes to /tmp/site from the kit's wheels; the package runs from this checkout.
-if ! python3 -c "import clip, pycocotools, ftfy" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$kit"/*.whl
+wheels=()
+if ! python3 -c "import clip, pycocotools, ftfy" 2>/dev/null; then wheels+=("$kit"/*.whl); fi
+if ! python3 -c "import sys, PIL; sys.exit(tuple(map(int, PIL.__version__.split('.')[:2])) < (10, 1))" 2>/dev/null
+then wheels+=("$kit"/pillow/*.whl); fi
+if [ ${#wheels[@]} -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
