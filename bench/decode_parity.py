@@ -6,7 +6,9 @@ For one photograph saved as each kind (baseline 4:2:0, 4:4:4, 4:2:2, progressive
 grey, CMYK, and an EXIF orientation tag), prints: the decoded size, the mean and largest absolute difference
 to PIL's `convert("RGB")` (a few levels are two libjpeg builds' rounding; tens are wrong colours), or the
 error, which cache-embeddings meets by decoding that image with PIL and a warning. Then the same images
-through cache-embeddings' own batched decode, which must give PIL's kind of pixels for every one.
+through cache-embeddings' own batched decode, which must give PIL's kind of pixels for every one. (The stage
+never hands a CMYK JPEG to the device decoder: its loader sends those to PIL. The CMYK rows say whether it
+needs to.)
 
 Usage: python bench/decode_parity.py --device cuda [--photos DIR]
 """

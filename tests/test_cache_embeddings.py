@@ -365,6 +365,33 @@ def test_a_jpeg_the_batched_decoder_refuses_is_decoded_by_pil_with_a_warning(pho
                                    expected[image_id]["emb"].astype(np.float32), atol=5e-3)
 
 
+def test_a_cmyk_jpeg_goes_to_pil_not_to_the_device_decoder(photos, proposals, teacher_file, tmp_path, monkeypatch):
+    """torchvision does not turn on nvJPEG's CMYK handling: a 4-component JPEG is decoded by PIL, and the cache
+    equals the PIL path's."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for file in photos.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    Image.open(photos / "coffee.jpg").convert("CMYK").save(folder / "coffee.jpg", quality=90)
+    cmyk = (folder / "coffee.jpg").read_bytes()
+    assert cache_embeddings.jpeg_components(cmyk) == 4
+    assert cache_embeddings.jpeg_components((photos / "coffee.jpg").read_bytes()) == 3
+    decode_jpeg, seen = torchvision.io.decode_jpeg, []
+
+    def recording(data, *args, **kwargs):
+        seen.extend(bytes(payload.numpy()) for payload in data)
+        return decode_jpeg(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", recording)
+    for decode in ("torchvision", "pil"):
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, tmp_path / decode, images=str(folder),
+                                            decode=decode))
+    assert cmyk not in seen and len(seen) == len(list(folder.glob("*.jpg"))) - 1   # every other JPEG went there
+    (got, _), (expected, _) = read_cache(tmp_path / "torchvision"), read_cache(tmp_path / "pil")
+    for image_id in expected:
+        np.testing.assert_array_equal(got[image_id]["emb"], expected[image_id]["emb"])
+
+
 def test_a_truncated_jpeg_on_the_batched_decoder_is_named_alone_and_earlier_shards_stay(
         photos, proposals, teacher_file, reference, tmp_path):
     broken = tmp_path / "broken"

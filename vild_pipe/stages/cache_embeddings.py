@@ -206,8 +206,8 @@ class _ImagesToCrop(Dataset):
         try:
             if self.crop_method == "reference":
                 payload = reference_crops(self.dataset.open_image(record), crop_boxes, self.preprocess)
-            elif self.decode == "torchvision" and _is_jpeg(record.path):
-                payload = torch.frombuffer(bytearray(record.path.read_bytes()), dtype=torch.uint8)
+            elif self.decode == "torchvision" and (data := _device_decodable_jpeg(record.path)) is not None:
+                payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             else:
                 payload = pil_to_uint8_chw(self.dataset.open_image(record))
                 if self.crop_size is not None:
@@ -220,13 +220,42 @@ class _ImagesToCrop(Dataset):
         return _LoadedImage(shard_index, image_id, boxes, payload, None)
 
 
-def _is_jpeg(path: Path) -> bool:
-    """A JPEG by its magic bytes; an unreadable file is left to the PIL path, which names the problem."""
+def _device_decodable_jpeg(path: Path) -> bytes | None:
+    """The file's bytes if it is a JPEG of 1 or 3 colour components, else None (the PIL path takes it).
+
+    A 4-component JPEG (CMYK, YCCK) stays with PIL: torchvision does not turn on nvJPEG's CMYK handling, so
+    on CUDA it would be refused or its colours wrong. An unreadable file is left to the PIL path too, which
+    names the problem."""
     try:
         with open(path, "rb") as f:
-            return f.read(3) == b"\xff\xd8\xff"
+            data = f.read()
     except OSError:
-        return False
+        return None
+    return data if jpeg_components(data) in (1, 3) else None
+
+
+_START_OF_FRAME = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_components(data: bytes) -> int | None:
+    """The number of colour components in a JPEG's frame header (1 grey, 3 YCbCr or RGB, 4 CMYK or YCCK);
+    None for data that is not a JPEG or whose header ends before the frame's."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    at = 2
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xFF:           # fill byte
+            at += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:   # markers without a length
+            at += 2
+        elif marker in _START_OF_FRAME:
+            return data[at + 9] if at + 9 < len(data) else None   # FF Cn, length, precision, height, width, Nf
+        elif marker in (0xD9, 0xDA):  # end of image, or a scan before any frame header
+            return None
+        else:
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+    return None
 
 
 class _CropEncoder:
