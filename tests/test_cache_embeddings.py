@@ -523,6 +523,7 @@ def test_bad_inputs_are_one_line_errors_and_lose_nothing(photos, proposals, teac
     assert not list(out.glob("shard-*.h5")) and not list(out.glob("*.tmp"))
 
     for options, message in (({"shard": "3/2"}, "shard"), ({"batch_size": 0}, "batch-size"),
-                             ({"crop_method": "bilinear"}, "crop-method"), ({"clip": "no-such-model"}, "no-such-model")):
+                             ({"crop_method": "bilinear"}, "crop-method"),
+                             ({"clip": "no-such-model"}, "no-such-model")):
         with pytest.raises(VildError, match=message):
             cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, tmp_path / "d", **options))

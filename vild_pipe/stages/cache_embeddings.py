@@ -12,8 +12,9 @@ runs CLIP's own `preprocess` on a PIL crop of each box, in the loader workers; i
 path the fast one is checked against (tests/test_cache_embeddings.py measures their agreement).
 
 Speed. Decoding runs ahead in DataLoader workers (or batched on the GPU with nvJPEG: `decode="torchvision"`,
-the default on CUDA); the fast crops are made on the GPU, or in the workers on a CPU; the encoder sees `batch_size` crops at a time (fp16 on CUDA, as `clip.load` gives),
-and a finished shard is written by a background thread while the next is computed.
+the default on CUDA); the fast crops are made on the GPU, or in the workers on a CPU; the encoder sees
+`batch_size` crops at a time (fp16 on CUDA, as `clip.load` gives), and a finished shard is written by a
+background thread while the next is computed.
 
 Determinism. Crops are batched within a shard only, so every shard's arrays are a function of the shard's
 images and the model: a killed-and-resumed run, a torchrun run and a `--shard` run fill the same cache as
