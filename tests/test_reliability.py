@@ -659,7 +659,8 @@ def test_read_only_output_folder_is_one_line_and_loses_nothing(stage, pipeline, 
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["dump-proposals", "{detector}", "{train}", "{out}", "--shard", "3/2"], "--shard 3/2: expected i/n with 0 <= i < n"),
+    (["dump-proposals", "{detector}", "{train}", "{out}", "--shard", "3/2"],
+     "--shard 3/2: expected i/n with 0 <= i < n"),
     (["dump-proposals", "{detector}", "{train}", "{out}", "--shard", "1/0"], "--shard 1/0"),
     (["cache-embeddings", "{proposals}", "{train}", "{out}", "--clip", "{clip}", "--shard", "two/4"], "--shard two/4"),
     (["dump-proposals", "{detector}", "{train}", "{out}", "--images-per-shard", "0"],

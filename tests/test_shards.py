@@ -266,7 +266,8 @@ def test_an_input_copied_renamed_or_linked_elsewhere_is_the_same_input(tmp_path)
     """Inputs are known by their content hash; their names are where they were read (a node's local copy)."""
     def inputs(checkpoint, sha256, annotations="train.json"):
         return {"detector": {"checkpoint": checkpoint, "sha256": sha256, "step": 9},
-                "annotations": {"file": annotations, "sha256": "12" * 32}, "clip": {"model": "ViT-B/32", "sha256": None}}
+                "annotations": {"file": annotations, "sha256": "12" * 32},
+                "clip": {"model": "ViT-B/32", "sha256": None}}
     folder = open_cache(tmp_path / "cache", inputs=inputs("model.pt", "ab" * 32))
     write_shard(folder, 0, [1, 2])
     copied = open_cache(tmp_path / "cache", inputs=inputs("best.pt", "ab" * 32, annotations="train-link.json"))

@@ -7,7 +7,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from vild_pipe.data import synthetic
-from vild_pipe.data.synthetic import BASE_IDS, CATEGORIES, MAX_OBJECTS, NOVEL_IDS, image_rng, mask_box, render_image, shape_alpha
+from vild_pipe.data.synthetic import (
+    BASE_IDS, CATEGORIES, MAX_OBJECTS, NOVEL_IDS, image_rng, mask_box, render_image, shape_alpha,
+)
 from vild_pipe.errors import VildError
 from vild_pipe.stages import make_synthetic
 

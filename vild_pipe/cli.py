@@ -214,12 +214,14 @@ def embed_text(out, **options):
 @click.argument("run_dir", type=_Path(file_okay=False))
 @click.option("--text", type=_Path(exists=True, dir_okay=False),
               help="embed-text file holding every base category name (its other names are ignored).")
-@click.option("--clip", help="Or: CLIP model (file or name) to compute the base text embeddings → RUN_DIR/text_base.pt.")
+@click.option("--clip",
+              help="Or: CLIP model (file or name) to compute the base text embeddings → RUN_DIR/text_base.pt.")
 @click.option("--losses", type=click.Choice(["text", "image", "text+image"]), default="text+image", show_default=True,
               help="ViLD-text, ViLD-image or both (ViLD): the ablation from the same caches.")
 @click.option("--split", help="Category split [default: the one recorded in the proposal cache].")
 @click.option("--iterations", default=20000, show_default=True, help="Training steps.")
-@click.option("--batch-size", default=16, show_default=True, help="Images per global step, split over torchrun processes.")
+@click.option("--batch-size", default=16, show_default=True,
+              help="Images per global step, split over torchrun processes.")
 @click.option("--lr", default=0.02, show_default=True, help="Peak learning rate.")
 @click.option("--warmup", default=500, show_default=True, help="Linear warm-up steps.")
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
@@ -232,7 +234,8 @@ def embed_text(out, **options):
               help="3x3 conv layers (GroupNorm, ReLU) before the FC layers; ViLD's own head has 4.")
 @click.option("--image-weight", default=0.5, show_default=True, help="Weight w of the ViLD-image loss.")
 @click.option("--image-rois", default=300, show_default=True, help="Top-M proposals per image for ViLD-image.")
-@click.option("--sample-rois", default=512, show_default=True, help="RoIs sampled per image for ViLD-text (0: all rows).")
+@click.option("--sample-rois", default=512, show_default=True,
+              help="RoIs sampled per image for ViLD-text (0: all rows).")
 @click.option("--foreground-fraction", default=0.25, show_default=True, help="At most this share of them foreground.")
 @click.option("--block-images", default=16, show_default=True, help="Images read together (one sequential slice).")
 @click.option("--buffer-blocks", default=8, show_default=True, help="Blocks shuffled together in memory.")

@@ -59,7 +59,8 @@ class CacheIndex:
                 image_ids, row_start = reader.image_ids, reader.row_start
             if embeddings is not None:
                 with embeddings.read_shard(index) as reader:
-                    if not (np.array_equal(reader.image_ids, image_ids) and np.array_equal(reader.row_start, row_start)):
+                    same_rows = np.array_equal(reader.row_start, row_start)
+                    if not (np.array_equal(reader.image_ids, image_ids) and same_rows):
                         raise DataError(f"{embeddings.shard_path(index)}: images or rows differ from"
                                         f" {proposals.shard_path(index)}; rebuild the embedding cache")
             ids.append(image_ids)
@@ -233,8 +234,8 @@ class WindowReader(IterableDataset):
     An item is (positions (k,), row counts (k,), dict of row arrays concatenated over the k images).
     """
 
-    def __init__(self, order: StepOrder, selection: RowSelection, ground_truth: dict[int, tuple[np.ndarray, np.ndarray]],
-                 first_step: int, stop_step: int):
+    def __init__(self, order: StepOrder, selection: RowSelection,
+                 ground_truth: dict[int, tuple[np.ndarray, np.ndarray]], first_step: int, stop_step: int):
         self.order, self.selection, self.ground_truth = order, selection, ground_truth
         self.first_step, self.stop_step = first_step, stop_step
         self.fields = ["boxes", "is_gt", "features"]
@@ -367,8 +368,9 @@ def _ignore_stop_signals(worker_id: int) -> None:
 class StepLoader:
     """Iterates StepBatch for steps [first_step, stop_step) of this rank, read by `workers` processes."""
 
-    def __init__(self, order: StepOrder, selection: RowSelection, ground_truth: dict[int, tuple[np.ndarray, np.ndarray]],
-                 first_step: int, stop_step: int, workers: int = 2, prefetch: int = 2):
+    def __init__(self, order: StepOrder, selection: RowSelection,
+                 ground_truth: dict[int, tuple[np.ndarray, np.ndarray]], first_step: int, stop_step: int,
+                 workers: int = 2, prefetch: int = 2):
         self.order, self.first_step, self.stop_step = order, first_step, stop_step
         self.reader = WindowReader(order, selection, ground_truth, first_step, stop_step)
         options: dict[str, Any] = {}

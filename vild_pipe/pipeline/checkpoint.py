@@ -349,7 +349,8 @@ def _plain_config(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dict(config), default=str, sort_keys=True))
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], resumable_changes: Iterable[str] = ()) -> list[str]:
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                       resumable_changes: Iterable[str] = ()) -> list[str]:
     """'key: old -> new' for every (dotted) config key that differs, except those listed as resumable."""
     return value_changes(_plain_config(saved), _plain_config(current), skip=resumable_changes)
 
@@ -440,7 +441,8 @@ def resume_or_start(
     for name, given in (("scheduler", scheduler), ("scaler", scaler)):
         if (given is not None) != (name in state):
             held = "holds" if name in state else "lacks"
-            raise VildError(f"{path}: checkpoint {held} a {name} state but this run {'does not use' if given is None else 'uses'} one")
+            uses = "does not use" if given is None else "uses"
+            raise VildError(f"{path}: checkpoint {held} a {name} state but this run {uses} one")
 
     try:
         unwrap_model(model).load_state_dict(state["model"])

@@ -62,7 +62,8 @@ class DetectorConfig:
 
     The defaults are torchvision's `fasterrcnn_resnet50_fpn` except `box_score_thresh` 0 (proposals keep
     the tail), `box_nms_thresh` 0.7 (these boxes are proposals; 0.7 keeps more of the overlapping candidates
-    that recall at high IoU needs) and the ViLD constants (RPN NMS 0.7; 512 RoIs per image, 25% foreground at IoU >= 0.5).
+    that recall at high IoU needs) and the ViLD constants (RPN NMS 0.7; 512 RoIs per image, 25% foreground at
+    IoU >= 0.5).
     Use `DetectorConfig.preset(name, **overrides)` for a preset's sizes.
     """
 
@@ -115,7 +116,8 @@ class DetectorConfig:
         if self.backbone == "small" and len(self.small_widths) != 4:
             raise VildError(f"small_widths must give 4 stage widths, got {list(self.small_widths)}")
         if self.min_size < 32 or self.max_size < self.min_size:
-            raise VildError(f"image sizes must satisfy 32 <= min_size <= max_size (got {self.min_size}, {self.max_size})")
+            raise VildError("image sizes must satisfy 32 <= min_size <= max_size"
+                            f" (got {self.min_size}, {self.max_size})")
         if self.box_classes < 1:
             raise VildError(f"box_classes must be at least 1, got {self.box_classes}")
         if not 0 <= self.trainable_backbone_layers <= 5:
@@ -380,7 +382,8 @@ class SeededSampler(BalancedPositiveNegativeSampler):
         if self.generators is None:
             return super().__call__(matched_idxs)
         if len(self.generators) != len(matched_idxs):
-            raise RuntimeError(f"{len(self.generators)} sampling generators set for a batch of {len(matched_idxs)} images")
+            raise RuntimeError(f"{len(self.generators)} sampling generators set for a batch of"
+                               f" {len(matched_idxs)} images")
         pos_masks, neg_masks = [], []
         for matched, generator in zip(matched_idxs, self.generators):
             positive = torch.where(matched >= 1)[0]
@@ -458,7 +461,8 @@ def build_detector(config: DetectorConfig, init_backbone: bool = True) -> Faster
         backbone = _resnet50_fpn_backbone(config, init_backbone)
     else:
         backbone = _small_fpn_backbone(config, init_backbone)
-    anchors = AnchorGenerator(sizes=config.anchor_sizes, aspect_ratios=(config.aspect_ratios,) * len(config.anchor_sizes))
+    anchors = AnchorGenerator(sizes=config.anchor_sizes,
+                              aspect_ratios=(config.aspect_ratios,) * len(config.anchor_sizes))
     roi_pool = RoIPool(featmap_names=roi_feature_names(config), output_size=7, sampling_ratio=config.roi_sampling_ratio)
     # The strides are known: torchvision would infer them from the first batch it pools, rounding feature size /
     # image size to a power of two, which for images under ~75 px (padding to a multiple of 32 is then a large

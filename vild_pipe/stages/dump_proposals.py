@@ -145,7 +145,8 @@ def run(
     skip_bad_images: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    """Fill the proposal cache `out` for every image of `annotations`; returns a summary (see `shard_work.cache_summary`).
+    """Fill the proposal cache `out` for every image of `annotations`; returns a summary (see
+    `shard_work.cache_summary`).
 
     `detector` is a train-rpn run folder or checkpoint; `images` the image folder (default: the annotation
     file's folder); `split` the category split (data.splits spec) whose base boxes `add_gt` appends.
