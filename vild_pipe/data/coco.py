@@ -465,7 +465,7 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
     try:
         with Image.open(path) as image:
             stored_format = image.format
-            turn = EXIF_TURNS.get(_exif_orientation(image)) if upright and stored_format != "TIFF" else None
+            turn = EXIF_TURNS.get(_exif_orientation(image)) if upright else None
             if image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # the same pixels, without PIL's warning about such palettes
             rgb = _sixteen_bit_grey_to_eight(image, stored_format).convert("RGB")
@@ -477,9 +477,12 @@ def read_rgb_image(path: Path, upright: bool = False) -> Image.Image:
 
 
 def _exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation of an opened image, 1 when it has none or its EXIF is unreadable. Read here, not by
+    """The EXIF orientation of an opened image still to be applied: 1 when it has none, its EXIF is unreadable,
+    or it is a TIFF (PIL applies a TIFF's orientation when decoding it). Read here, not by
     ImageOps.exif_transpose, which fails rewriting a camera's EXIF that holds a tag of the wrong type; PIL's
     warnings about such EXIF are about tags that do not matter here."""
+    if image.format == "TIFF":
+        return 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -490,13 +493,12 @@ def _exif_orientation(image: Image.Image) -> int:
 
 
 def _turned_hint(record: ImageRecord, stored_size: tuple[int, int]) -> str:
-    """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright.
-    (Not for a TIFF: PIL has already applied its orientation.)"""
+    """Why the sizes differ when the file's EXIF orientation swaps them: the annotations were made upright."""
     if tuple(stored_size[::-1]) != (record.width, record.height):
         return ""
     try:
         with Image.open(record.path) as image:
-            orientation = _exif_orientation(image) if image.format != "TIFF" else 1
+            orientation = _exif_orientation(image)
     except (OSError, SyntaxError, ValueError):
         return ""
     if orientation not in (5, 6, 7, 8):  # the tags that turn the image a quarter
