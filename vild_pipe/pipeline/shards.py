@@ -383,7 +383,7 @@ def _tmp_is_stale(path: Path) -> bool:
 # ---------------------------------------------------------------------------------------------- locks
 
 
-def read_lock(path: Path) -> tuple[dict, float] | None:
+def _read_lock(path: Path) -> tuple[dict, float] | None:
     """(holder, mtime) of a lock file, None if it is gone; an unreadable holder (mid-write) is {}."""
     try:
         mtime = path.stat().st_mtime
@@ -397,7 +397,7 @@ def read_lock(path: Path) -> tuple[dict, float] | None:
     return (holder if isinstance(holder, dict) else {}), mtime
 
 
-def stale_reason(holder: dict, mtime: float) -> str | None:
+def _stale_reason(holder: dict, mtime: float) -> str | None:
     """Why a lock is stale ("pid 123 on node7 is no longer running"), or None if its holder may be alive."""
     age = time.time() - mtime
     pid, host = holder.get("pid"), holder.get("host")
@@ -408,6 +408,13 @@ def stale_reason(holder: dict, mtime: float) -> str | None:
     if age > FOREIGN_STALE_S:
         return f"pid {pid} on {host} stopped refreshing it {age / 60:.0f} min ago"
     return None
+
+
+def live_lock_holder(path: Path) -> dict | None:
+    """The holder of the lock at `path` while it may be alive ({} while its file is being written); None when
+    there is no lock or it is stale."""
+    current = _read_lock(path)
+    return current[0] if current is not None and _stale_reason(*current) is None else None
 
 
 def describe_lock_holder(holder: dict) -> str:
@@ -429,7 +436,7 @@ def _remove_stale_lock(path: Path, holder: dict, reason: str) -> None:
     except FileNotFoundError:
         return
     try:
-        moved = read_lock(aside)
+        moved = _read_lock(aside)
         if moved is not None and moved[0].get("token") != holder.get("token"):
             try:
                 os.link(aside, path)
@@ -470,14 +477,14 @@ class ShardLock:
             # empty lock that the next run would have to wait out as "still being written".
             if _publish_atomically(path, json.dumps(holder).encode(), exclusive=True):
                 return cls(path, holder), {}
-            current = read_lock(path)
+            current = _read_lock(path)
             if current is None:
                 continue
-            reason = stale_reason(*current)
+            reason = _stale_reason(*current)
             if reason is None:
                 return None, current[0]
             _remove_stale_lock(path, current[0], reason)
-        current = read_lock(path)
+        current = _read_lock(path)
         return None, current[0] if current else {}
 
     def _beat(self) -> None:
@@ -495,7 +502,7 @@ class ShardLock:
         self._stop.set()
         if self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
-        current = read_lock(self.path)
+        current = _read_lock(self.path)
         if current is not None and current[0].get("token") == self.holder["token"]:
             _remove_quietly(self.path)
 
@@ -711,10 +718,10 @@ class CacheFolder:
             names = _cache_files(path)
             for name in names:
                 if name.endswith(".lock"):
-                    current = read_lock(path / name)
-                    if current is not None and stale_reason(*current) is None:
+                    holder = live_lock_holder(path / name)
+                    if holder is not None:
                         raise VildError(
-                            f"{path / name}: {describe_lock_holder(current[0])} is writing this shard of the old"
+                            f"{path / name}: {describe_lock_holder(holder)} is writing this shard of the old"
                             " cache; stop that run before --overwrite"
                         )
             try:
@@ -773,9 +780,9 @@ class CacheFolder:
         being written, and those a killed run left (which the next run of the stage removes)."""
         locks, names = [], self._names()
         for index in range(self.num_shards):
-            current = read_lock(self.lock_path(index)) if f"{shard_name(index)}.lock" in names else None
+            current = _read_lock(self.lock_path(index)) if f"{shard_name(index)}.lock" in names else None
             if current is not None:
-                locks.append((index, current[0], stale_reason(*current)))
+                locks.append((index, current[0], _stale_reason(*current)))
         return locks
 
     def read_marker(self, index: int) -> dict:
@@ -802,8 +809,8 @@ class CacheFolder:
             file = self.path / name
             try:
                 if name.endswith(".lock"):
-                    current = read_lock(file)
-                    reason = stale_reason(*current) if current is not None else None
+                    current = _read_lock(file)
+                    reason = _stale_reason(*current) if current is not None else None
                     if reason is not None:
                         _remove_stale_lock(file, current[0], reason)
                 else:
@@ -906,8 +913,7 @@ def _cache_files(path: Path) -> list[str]:
 
 
 def _live_overwrite_lock(path: Path) -> bool:
-    current = read_lock(path / OVERWRITE_LOCK_NAME)
-    return current is not None and stale_reason(*current) is None
+    return live_lock_holder(path / OVERWRITE_LOCK_NAME) is not None
 
 
 # ---------------------------------------------------------------------------------------------- writing

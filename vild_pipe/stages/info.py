@@ -17,7 +17,7 @@ from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME
 from vild_pipe.pipeline.head import HEAD_NAME
 from vild_pipe.pipeline.shards import (
-    MANIFEST_NAME, CacheFolder, describe_lock_holder, format_bytes, read_lock, shard_name, stale_reason,
+    MANIFEST_NAME, CacheFolder, describe_lock_holder, format_bytes, live_lock_holder, shard_name,
 )
 from vild_pipe.pipeline.training_run import METRICS_NAME, RUN_LOCK_NAME
 
@@ -64,8 +64,8 @@ def describe_run(path: Path) -> dict[str, Any]:
     head = (path / HEAD_NAME).is_file() or "losses" in config or "text" in (last or {})  # train-head's loss terms
     rpn = (path / MODEL_NAME).is_file() or "detector" in config or "loss_objectness" in (last or {})
     final = path / (HEAD_NAME if head else MODEL_NAME)
-    lock = read_lock(path / RUN_LOCK_NAME)
-    held_by = describe_lock_holder(lock[0]) if lock is not None and stale_reason(*lock) is None else None
+    holder = live_lock_holder(path / RUN_LOCK_NAME)
+    held_by = describe_lock_holder(holder) if holder is not None else None
     return {
         "path": os.fspath(path), "kind": "run",
         "stage": "train-head" if head else "train-rpn" if rpn else None,   # None: a run in its first seconds
