@@ -350,7 +350,7 @@ def _check_same_detector(loaded: _LoadedHead, proposals: CacheFolder) -> None:
     """DataError when the head was trained on features of another detector than the one `proposals` came from
     (they mean nothing to the head). The head records that detector's sha256; a head written before it did is
     checked through its training cache when that is still where it was, else not at all."""
-    check_head_detector(loaded.file, training_detector(dict(loaded.info)),
+    check_head_detector(loaded.file, training_detector(loaded.info),
                         proposals.inputs.get("detector") or {}, f"the proposal cache {proposals.path} comes from",
                         "dump proposals with the head's detector, or use a head trained on this detector's proposals")
 
