@@ -310,6 +310,32 @@ def test_reference_path_agrees_and_is_a_different_cache(photos, proposals, teach
     assert len(cosines) == reference[1]["rows"] and cosines.mean() > 0.999
 
 
+def test_crops_too_big_to_pass_from_workers_are_made_here_into_the_same_cache(photos, proposals, teacher_file,
+                                                                             reference, tmp_path, monkeypatch,
+                                                                             caplog):
+    """Past CROPS_IN_FLIGHT_LIMIT the workers send decoded images (361 MB of float32 crops an image at 224 px
+    and 300 boxes would otherwise pass through /dev/shm), and this process crops them: the same cache."""
+    made_here = []
+    crop_here = cache_embeddings.crop_squares
+    monkeypatch.setattr(cache_embeddings, "crop_squares", lambda *args, **kw: made_here.append(1) or crop_here(
+        *args, **kw))
+    cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, tmp_path / "small", workers=2))
+    assert not made_here    # under the limit: every crop came from a worker
+    monkeypatch.setattr(cache_embeddings, "CROPS_IN_FLIGHT_LIMIT", 1000)
+    with caplog.at_level(logging.INFO, logger=cache_embeddings.log.name):
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, tmp_path / "big", workers=2))
+    assert made_here and "crops are made in this process" in caplog.text
+    assert_same_cache(tmp_path / "big", reference[0])
+    cropped_by_preprocess = []
+    preprocess_crops = cache_embeddings.reference_crops
+    monkeypatch.setattr(cache_embeddings, "reference_crops", lambda *args: cropped_by_preprocess.append(1) or
+                        preprocess_crops(*args))
+    reference_path = tmp_path / "reference-path"
+    cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, reference_path, crop_method="reference",
+                                        workers=2))
+    assert len(cropped_by_preprocess) == len(read_cache(reference[0])[0])   # every image, in this process
+
+
 def test_torchvision_decoding_matches_pil_decoding(photos, proposals, teacher_file, reference, tmp_path):
     out = tmp_path / "emb"
     cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, decode="torchvision"))

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
+from torch.utils.data import DataLoader
 
 from vild_pipe import __version__
 from vild_pipe.cli import main
@@ -52,10 +53,21 @@ def test_a_missing_or_wrong_kind_of_path_is_one_line_naming_it_and_exit_2(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_quick_demo_runs_every_stage_and_resumes(tmp_path):
+def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "demo"
+    worker_starts = []
+    make_loader = DataLoader.__init__
+
+    def recording_loader(loader, *args, **kwargs):
+        make_loader(loader, *args, **kwargs)
+        if loader.num_workers:
+            worker_starts.append(loader.multiprocessing_context and loader.multiprocessing_context.get_start_method())
+
+    monkeypatch.setattr(DataLoader, "__init__", recording_loader)
     first = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert first.exit_code == 0, first.output
+    if sys.platform.startswith("linux"):   # forked workers whatever Python's default (forkserver from 3.14)
+        assert len(worker_starts) >= 7 and set(worker_starts) == {"fork"}, worker_starts
     assert "| fit-teacher |" in first.output and "recall@0.5" in first.output
     for mode in ("CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble"):
         assert f"| {mode} |" in first.output

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -31,6 +30,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.pipeline.checkpoint import ignore_stop_signals
+from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.head import assign_labels, sample_rois
 from vild_pipe.pipeline.shards import CacheFolder, RowField, bytes_per_row, format_bytes
 
@@ -359,12 +360,6 @@ def workers_that_fit(workers: int, bytes_per_worker: int, folder: str = SHARED_M
     return int(fit)
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then stops them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class StepLoader:
     """Iterates StepBatch for steps [first_step, stop_step) of this rank, read by `workers` processes."""
 
@@ -376,9 +371,9 @@ class StepLoader:
         options: dict[str, Any] = {}
         workers = workers_that_fit(workers, window_bytes(order, selection) * (prefetch + 1))   # + the one it fills
         if workers > 0:
-            options = {"prefetch_factor": prefetch, "worker_init_fn": _ignore_stop_signals,
+            options = {"prefetch_factor": prefetch, "worker_init_fn": ignore_stop_signals,
                        "persistent_workers": False}
-        self.loader = DataLoader(self.reader, batch_size=None, num_workers=max(0, workers), **options)
+        self.loader = DataLoader(self.reader, batch_size=None, **loader_workers(workers), **options)
 
     def __len__(self) -> int:
         return max(0, self.stop_step - self.first_step)

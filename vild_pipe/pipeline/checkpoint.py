@@ -288,6 +288,13 @@ class GracefulStop:
         self._previous.clear()
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's init: workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint
+    and then stops them (GracefulStop)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of n samples in one epoch: a pure function of (seed, epoch), independent of any global RNG."""
     return np.random.default_rng([seed, epoch]).permutation(n)

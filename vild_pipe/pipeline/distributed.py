@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -53,6 +54,19 @@ def pick_device(requested: str | None = None) -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise VildError(f"--device {requested}: MPS is not available on this machine")
     return device
+
+
+def loader_workers(workers: int) -> dict[str, Any]:
+    """DataLoader options for `workers` worker processes, forked on Linux whatever Python's default.
+
+    Python 3.14 made forkserver the default there: each worker then imports torch and unpickles its dataset,
+    about 5 s a loader against 0.1 s forked (two workers, 2-core host), paid by every stage. Forking is safe
+    here: workers use no CUDA, open their own HDF5 files, and are started before the shard writer has work.
+    Elsewhere (macOS, Windows) the platform's default stays.
+    """
+    workers = max(0, workers)
+    fork = workers > 0 and sys.platform.startswith("linux")
+    return {"num_workers": workers, "multiprocessing_context": "fork" if fork else None}
 
 
 def _launched_by_torchrun() -> bool:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.pipeline.detector import predict_boxes
+from vild_pipe.pipeline.distributed import loader_workers
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def measure_recall(model: torch.nn.Module, dataset: CocoDataset, split: Category
     kept_detections = roi_heads.detections_per_img
     roi_heads.detections_per_img = max(kept_detections, top_k)
     accumulator = RecallAccumulator(split, top_k)
-    loader = DataLoader(ImageTensors(dataset), batch_size=batch_size, num_workers=workers, collate_fn=list)
+    loader = DataLoader(ImageTensors(dataset), batch_size=batch_size, collate_fn=list, **loader_workers(workers))
     try:
         for batch in tqdm(loader, desc="recall", unit="batch", disable=None, leave=False):
             images = [image.to(device) for image, _ in batch]

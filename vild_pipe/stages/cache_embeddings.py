@@ -9,7 +9,9 @@ Crops. The fast path (default) decodes each image once and resamples every box o
 one `roi_align` call on the teacher's device (`pipeline.crops.crop_squares`): the central square of the
 box, which is what CLIP's `preprocess` keeps of a crop. The reference path (`crop_method="reference"`)
 runs CLIP's own `preprocess` on a PIL crop of each box, in the loader workers; it is the exact, slow
-path the fast one is checked against (tests/test_cache_embeddings.py measures their agreement).
+path the fast one is checked against (tests/test_cache_embeddings.py measures their agreement). Workers hand
+over finished crops only while the batches in flight hold under CROPS_IN_FLIGHT_LIMIT of them (a 300-box
+image is 361 MB of crops at 224 px); else this process crops.
 
 Speed. Decoding runs ahead in DataLoader workers (or batched on the GPU with nvJPEG: `decode="torchvision"`,
 the default on CUDA); the fast crops are made on the GPU, or in the workers on a CPU; the encoder sees
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -37,7 +40,9 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.pipeline.cache_loader import SHARED_MEMORY
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
+from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.embedding_cache import (
     PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
 )
@@ -64,6 +69,7 @@ log = logging.getLogger(__name__)
 
 CROP_METHODS = ("fast", "reference")
 DECODERS = ("auto", "pil", "torchvision")
+CROPS_IN_FLIGHT_LIMIT = 1 << 30   # bytes of finished crops the loader may hold between its workers and the encoder
 
 
 def run(
@@ -311,12 +317,16 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
             starts = reader.row_start
             return [(int(image_id), boxes[starts[k]:starts[k + 1]]) for k, image_id in enumerate(reader.image_ids)]
 
+    crops_from_workers = (crop_method == "reference" or teacher.device.type == "cpu") and _workers_may_crop(
+        proposal_folder, pending_rows, workers, images_per_batch, teacher.input_resolution)
+    if crop_method == "reference" and not crops_from_workers:
+        workers = 0
     sampler = ClaimingSampler(folder, list(pending_rows), images_of)
     loader = DataLoader(
         _ImagesToCrop(dataset, crop_method, decode, teacher.preprocess,
-                      crop_size=teacher.input_resolution if teacher.device.type == "cpu" and workers else None),
+                      crop_size=teacher.input_resolution if crops_from_workers else None),
         batch_size=images_per_batch,
-        sampler=sampler, num_workers=workers, collate_fn=list,
+        sampler=sampler, collate_fn=list, **loader_workers(workers),
         pin_memory=teacher.device.type == "cuda" and crop_method != "reference",  # not 360 MB of crops an image
     )
     encoder = _CropEncoder(teacher, batch_size)
@@ -342,6 +352,29 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
                 shard_images.extend((item.image_id, len(item.boxes)) for item in group)
                 progress.update(2 * sum(len(item.boxes) for item in group))
     return shards.published
+
+
+def _workers_may_crop(proposal_folder: CacheFolder, pending_rows: dict[int, int], workers: int,
+                      images_per_batch: int, size: int) -> bool:
+    """Whether loader workers may hand over finished crops instead of images: only while the batches in flight
+    (torch's two per worker, and the one being encoded) hold under CROPS_IN_FLIGHT_LIMIT bytes of them and
+    under half the free shared memory they pass through. At CLIP's 224 px a 300-box image is 361 MB of float32
+    crops against under 1 MB decoded; at the demo's 32 px with 20 boxes, 0.5 MB. Where they may not, this
+    process crops (the reference path: reads the images too)."""
+    if workers < 1:
+        return False
+    images = sum(proposal_folder.read_marker(i)["images"] for i in pending_rows)
+    crop_bytes = 2 * sum(pending_rows.values()) / max(1, images) * 3 * size * size * 4   # 1x and 1.5x, float32
+    in_flight = (2 * workers + 1) * images_per_batch * crop_bytes
+    try:
+        shared = shutil.disk_usage(SHARED_MEMORY).free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except OSError:
+        shared = float("inf")   # no such folder (not Linux): torch shares memory another way
+    if in_flight <= min(CROPS_IN_FLIGHT_LIMIT, shared / 2):
+        return True
+    log.info("crops are made in this process, not in the loader workers: a batch of %d images is %s of crops"
+             " (--images-per-batch sets it)", images_per_batch, format_bytes(images_per_batch * crop_bytes))
+    return False
 
 
 def _by_shard(batch: list[_LoadedImage]) -> list[tuple[int, list[_LoadedImage]]]:

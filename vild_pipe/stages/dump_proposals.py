@@ -39,6 +39,7 @@ from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector
+from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -274,8 +275,8 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
     """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
     sampler = ClaimingSampler(folder, pending, lambda index: ranges[index])
     loader = DataLoader(
-        _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=list, pin_memory=device.type == "cuda",
+        _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, collate_fn=list,
+        pin_memory=device.type == "cuda", **loader_workers(workers),
     )
     total = sum(len(ranges[i]) for i in pending)
     progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,14 +33,15 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import (
-    GracefulStop, StepSampler, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
+    GracefulStop, StepSampler, ignore_stop_signals, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
 )
 from vild_pipe.pipeline.detector import (
     INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, load_detector,
     resolve_detector_file, save_final_model, set_sampling_seeds,
 )
 from vild_pipe.pipeline.distributed import (
-    all_reduce_mean, cleanup_distributed, init_distributed, is_main, pick_device, seed_everything, wrap_ddp,
+    all_reduce_mean, cleanup_distributed, init_distributed, is_main, loader_workers, pick_device, seed_everything,
+    wrap_ddp,
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
@@ -344,12 +344,6 @@ class _StepBatches:
             yield [(step, start + offset, int(sample)) for offset, sample in enumerate(samples)]
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint and then stops them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _collate(items: list) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]], list[int]]:
     images, targets, positions = zip(*items)
     return list(images), list(targets), list(positions)
@@ -361,8 +355,8 @@ def _step_loader(train_set: CocoDataset, sampler: StepSampler, config: dict[str,
     dataset = TrainingImages(train_set, detector["min_size"], detector["max_size"], config["seed"],
                              config["scale_jitter"], config["hflip"], detector.get("box_classes", 1))
     return DataLoader(dataset, batch_sampler=_StepBatches(sampler, first_step, config["iterations"]),
-                      num_workers=max(0, workers), collate_fn=_collate, pin_memory=device.type == "cuda",
-                      worker_init_fn=_ignore_stop_signals if workers > 0 else None)
+                      collate_fn=_collate, pin_memory=device.type == "cuda",
+                      worker_init_fn=ignore_stop_signals if workers > 0 else None, **loader_workers(workers))
 
 
 # --------------------------------------------------------------------------- one step
