@@ -469,6 +469,27 @@ def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):
         lock.release()
 
 
+def test_claims_remove_their_shards_stale_temp_files_from_one_listing_a_run(tmp_path, caplog, monkeypatch):
+    """A run with many shards lists its folder once for the claims, not once a claim (quadratic)."""
+    folder = open_cache(tmp_path / "cache")
+    host, gone = shards._HOST, dead_pid()
+    stale = [folder.path / f"shard-0000{index}.h5.{gone}@{host}.tmp" for index in (1, 3)]
+    live = folder.path / f"shard-00002.json.{os.getpid()}@{host}.tmp"
+    for temp in (*stale, live):
+        temp.write_bytes(b"part of a shard")
+    listings = []
+    list_folder = folder._names
+    monkeypatch.setattr(folder, "_names", lambda: listings.append(1) or list_folder())
+    with caplog.at_level(logging.INFO, logger=shards.__name__):
+        for index in range(4):
+            try_lock_shard(folder, index).release()
+            if index == 1:
+                assert not stale[0].exists() and stale[1].exists(), "removed as its own shard is claimed"
+    assert len(listings) == 1
+    assert [temp.exists() for temp in stale] == [False, False] and live.exists()
+    assert caplog.text.count("from a killed run") == 2
+
+
 KILLED_TAKING_A_LOCK = """
 import os, signal, sys
 from pathlib import Path
