@@ -174,6 +174,12 @@ BAD_FILES = {
     "image bad height": (
         lambda d: {**d, "images": IMAGES[:1] + [{**IMAGES[1], "height": 0}] + IMAGES[2:]},
         "image id 2: height must be a positive integer"),
+    "image width NaN": (lambda d: {**d, "images": [{**IMAGES[0], "width": math.nan}] + IMAGES[1:]},
+                        "image id 1: width must be a positive integer, got nan"),
+    "image height 1e400": (lambda d: {**d, "images": [{**IMAGES[0], "height": math.inf}] + IMAGES[1:]},
+                           "image id 1: height must be a positive integer, got inf"),
+    "image width past float64": (lambda d: {**d, "images": [{**IMAGES[0], "width": 10 ** 400}] + IMAGES[1:]},
+                                 "image id 1: width must be a positive integer"),
     "image not an object": (lambda d: {**d, "images": IMAGES + [3]}, "images[3]: is a JSON int"),
     "image without file_name": (lambda d: {**d, "images": [_drop(IMAGES[0], "file_name")] + IMAGES[1:]},
                                 "image id 1: missing key 'file_name' (or LVIS's 'coco_url')"),
@@ -193,6 +199,9 @@ BAD_FILES = {
     "unknown category_id": (_first_annotation(category_id=4), "annotation id 10: unknown category_id 4"),
     "bbox nan": (_first_annotation(bbox=[1, 2, math.nan, 3]), "annotation id 10: bbox has a non-finite value"),
     "bbox inf": (_first_annotation(bbox=[1, math.inf, 3, 3]), "annotation id 10: bbox has a non-finite value"),
+    "bbox past float64": (_first_annotation(bbox=[1, 2, 10 ** 400, 3]), "annotation id 10: bbox has a non-finite"),
+    "iscrowd a string": (_first_annotation(iscrowd="0"), "annotation id 10: iscrowd must be 0 or 1, got '0'"),
+    "iscrowd 2": (_first_annotation(iscrowd=2), "annotation id 10: iscrowd must be 0 or 1, got 2"),
     "bbox three numbers": (_first_annotation(bbox=[1, 2, 3]), "annotation id 10: bbox must be 4 numbers"),
     "bbox string": (_first_annotation(bbox=[1, 2, "3", 4]), "annotation id 10: bbox must be 4 numbers"),
     "category missing name": (

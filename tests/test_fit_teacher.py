@@ -62,3 +62,28 @@ def test_the_same_config_fits_the_same_teacher_bit_for_bit(world, tmp_path):
     second = fit_teacher.run(world, tmp_path / "b" / "teacher.pt", steps=3, batch_size=16, model=TINY)
     assert first["teacher"]["sha256"] == second["teacher"]["sha256"]
     assert first["val_crop_accuracy"] == second["val_crop_accuracy"]
+
+
+def test_a_file_fit_teacher_did_not_write_is_refused_and_a_stopped_fit_is_redone(world, tmp_path, monkeypatch):
+    """A user's own CLIP file at --out is never replaced without --overwrite; a fit stopped between saving the
+    teacher and writing its report (its report says only the config) is fitted again by the same command."""
+    out = tmp_path / "teacher.pt"
+    out.write_bytes(b"a user's CLIP weights")
+    with pytest.raises(VildError, match="teacher.pt: a file is already there, with no fit-teacher report"):
+        fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
+    assert out.read_bytes() == b"a user's CLIP weights"
+    (tmp_path / "teacher.json").write_text("not json")
+    with pytest.raises(VildError, match="teacher.json: not a fit-teacher report"):
+        fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
+    assert out.read_bytes() == b"a user's CLIP weights"
+
+    out.unlink()
+    (tmp_path / "teacher.json").unlink()
+    monkeypatch.setattr(fit_teacher, "crop_accuracy", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
+    assert out.exists() and "teacher" not in json.loads((tmp_path / "teacher.json").read_text())
+    monkeypatch.undo()
+    report = fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
+    expected = fit_teacher.run(world, tmp_path / "uninterrupted" / "teacher.pt", steps=3, batch_size=16, model=TINY)
+    assert report["teacher"]["sha256"] == expected["teacher"]["sha256"]

@@ -18,7 +18,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.errors import VildError
+from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME, detector_training_data, load_detector
 from vild_pipe.pipeline.shards import sha256_file
@@ -321,6 +321,11 @@ def test_recall_stage_counts_base_and_novel_objects_and_reuses_its_result(world,
     assert train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", out=out) == result
     proposals = train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", source="proposals")
     assert proposals["recall"]["all"]["objects"] == recall["all"]["objects"]
+    for not_a_report in ("[1, 2]", "some notes"):   # a user's file of that name: named, kept, not replaced
+        out.write_text(not_a_report)
+        with pytest.raises(DataError, match="recall-test.json: not a recall report"):
+            train_rpn.run_recall(run_dir, world / "val.json", top_k=20, device="cpu", out=out)
+        assert out.read_text() == not_a_report
 
 
 def test_train_with_val_writes_recall_json(world, reference, tmp_path):

@@ -354,6 +354,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite_number(value: Any) -> bool:
+    """A number a float64 holds, neither NaN nor infinite (json reads NaN, Infinity and 1e400 without a word)."""
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:   # an integer past float64's range
+        return False
+
+
 def _claim_id(rec: dict, seen: set, kind: str, label: str, where: str) -> None:
     """Check that a record's id is an integer not seen before in its list, and remember it."""
     if not _is_int(rec["id"]):
@@ -373,7 +381,7 @@ def _parse_images(images_json: list, image_dir: Path, where: str) -> list[ImageR
         file_name = _image_file_name(rec, label, where)
         for key in ("width", "height"):
             value = rec[key]
-            if not _is_number(value) or value != int(value) or value <= 0:
+            if not _is_finite_number(value) or value != int(value) or value <= 0:
                 raise DataError(f"{where}: {label}: {key} must be a positive integer, got {value!r}")
         images.append(ImageRecord(id=rec["id"], file_name=file_name, width=int(rec["width"]),
                                   height=int(rec["height"]), path=image_dir / file_name))
@@ -438,12 +446,15 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
         bbox = ann["bbox"]
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise DataError(f"{where}: {label}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
-        if not all(math.isfinite(v) for v in bbox):
+        if not all(_is_finite_number(v) for v in bbox):
             raise DataError(f"{where}: {label}: bbox has a non-finite value {bbox!r}")
+        iscrowd = ann.get("iscrowd", 0)
+        if not _is_number(iscrowd) and not isinstance(iscrowd, bool) or iscrowd not in (0, 1):   # bool("0") is True
+            raise DataError(f"{where}: {label}: iscrowd must be 0 or 1, got {iscrowd!r}")
         ann_image_pos[index] = image_pos[image_id]
         ann_category_ids[index] = category_id
         ann_bbox[index] = bbox
-        ann_iscrowd[index] = bool(ann.get("iscrowd", 0))
+        ann_iscrowd[index] = bool(iscrowd)
     return ann_image_pos, ann_category_ids, ann_bbox, ann_iscrowd
 
 

@@ -251,6 +251,18 @@ def _write_file(path: Path, data: bytes | Iterable[bytes]) -> None:
         os.close(fd)
 
 
+def read_json_report(path: str | os.PathLike, what: str, remedy: str) -> dict:
+    """The JSON object of a result file a stage wrote (`what`: "a recall report"); DataError naming the file and
+    `remedy` when it is something else, so a user's file of that name is neither taken for one nor replaced."""
+    try:
+        value = _read_json(Path(path), attempts=1)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not {what} ({describe_error(err)}); {remedy}") from err
+    if value is None:
+        raise DataError(f"{path}: no such file")
+    return value
+
+
 def write_json_atomically(path: str | os.PathLike, record: Any, **dump_options: Any) -> None:
     """Publish `record` as JSON at `path` (temp file, fsync, rename): a JSON file that exists is complete.
 

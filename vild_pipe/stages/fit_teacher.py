@@ -15,7 +15,7 @@ import torch
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
 from vild_pipe.errors import VildError
-from vild_pipe.pipeline.shards import write_json_atomically
+from vild_pipe.pipeline.shards import read_json_report, write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
 
@@ -33,16 +33,22 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                      "model": dataclasses.asdict(model)}))
     report_file = report_path(out)
-    if out.exists() and report_file.exists() and not overwrite:
-        report = json.loads(report_file.read_text())
-        if report.get("config") == config:
+    if out.exists() and not overwrite:
+        if not report_file.exists():
+            raise VildError(f"{out}: a file is already there, with no fit-teacher report ({report_file.name}) beside"
+                            " it; use another --out, or --overwrite to replace it")
+        report = read_json_report(report_file, "a fit-teacher report", "use another --out or --overwrite")
+        if report.get("config") != config:
+            raise VildError(f"{out}: a teacher fitted with another config is already there; "
+                            "use another --out or --overwrite")
+        if "teacher" in report:
             log.info("%s already fitted with this config; nothing to do", out)
             return report
-        raise VildError(f"{out}: a teacher fitted with another config is already there; "
-                        "use another --out or --overwrite")
+        log.info("%s: the fit with this config was stopped before its report; fitting again", out)
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
+    write_json_atomically(report_file, {"config": config}, indent=2)   # until the teacher is fitted: ours to redo
     train = CocoDataset.load(world / "train.json")
     val = CocoDataset.load(world / "val.json")
     split = resolve_split(val.categories, "auto")

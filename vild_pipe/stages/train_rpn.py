@@ -15,7 +15,6 @@ slice of the same global batch, so W processes train what one would (DDP average
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -44,7 +43,7 @@ from vild_pipe.pipeline.distributed import (
     wrap_ddp,
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
-from vild_pipe.pipeline.shards import sha256_file, write_json_atomically
+from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.training_run import (
     METRICS_NAME, append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
     run_folder_lock,
@@ -197,7 +196,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
                 "source": source}
     if out is not None and Path(out).is_file():
-        previous = json.loads(Path(out).read_text())
+        previous = read_json_report(out, "a recall report", "use another --out or move the file")
         file = resolve_detector_file(detector_path)
         if previous.get("settings") == settings and previous.get("detector", {}).get("sha256") == sha256_file(file):
             log.info("recall (from %s): %s", out, format_recall(previous["recall"]))
