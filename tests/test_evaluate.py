@@ -9,7 +9,9 @@ it scores 1/K everywhere); the "noisy" one the same directions plus noise, for n
 """
 import json
 import logging
+import shutil
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -382,3 +384,16 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
     assert (f"{head_05}: the head was trained on proposals made with class-agnostic NMS 0.5, the proposal cache"
             f" {world['folder'] / 'proposals'} was made with 0.7; dump-proposals --nms-threshold 0.5 makes them alike"
             in caplog.text)
+
+
+def test_an_embedding_cache_whose_rows_no_longer_match_the_proposals_is_refused(world, tmp_path):
+    """Embeddings belong to boxes by position: a shard whose images are the same but whose rows are split
+    otherwise (a proposal shard rebuilt since) would give boxes others' crop embeddings, so it is refused."""
+    embeddings = tmp_path / "embeddings"
+    shutil.copytree(world["folder"] / "embeddings-noisy", embeddings)
+    with h5py.File(embeddings / "shard-00000.h5", "r+") as h5:
+        row_start = h5["row_start"][()]
+        h5["row_start"][1] = row_start[1] - 1    # the same images and rows in all, one row moved to the next image
+    with pytest.raises(DataError, match="shard-00000.h5: images or rows differ from .*shard-00000.h5; rebuild"):
+        evaluate.run(**settings(world, tmp_path / "out", embeddings=None) | {"embeddings": embeddings})
+    assert not (tmp_path / "out").exists()

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.checkpoint import ignore_stop_signals
 from vild_pipe.pipeline.distributed import loader_workers
+from vild_pipe.pipeline.embedding_cache import check_same_rows
 from vild_pipe.pipeline.head import assign_labels, sample_rois
 from vild_pipe.pipeline.shards import CacheFolder, RowField, bytes_per_row, format_bytes
 
@@ -58,12 +59,9 @@ class CacheIndex:
         for index in range(proposals.num_shards):
             with proposals.read_shard(index) as reader:
                 image_ids, row_start = reader.image_ids, reader.row_start
-            if embeddings is not None:
-                with embeddings.read_shard(index) as reader:
-                    same_rows = np.array_equal(reader.row_start, row_start)
-                    if not (np.array_equal(reader.image_ids, image_ids) and same_rows):
-                        raise DataError(f"{embeddings.shard_path(index)}: images or rows differ from"
-                                        f" {proposals.shard_path(index)}; rebuild the embedding cache")
+                if embeddings is not None:
+                    with embeddings.read_shard(index) as embedding_reader:
+                        check_same_rows(reader, embedding_reader)
             ids.append(image_ids)
             shards.append(np.full(len(image_ids), index, dtype=np.int64))
             positions.append(np.arange(len(image_ids), dtype=np.int64))

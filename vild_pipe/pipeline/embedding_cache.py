@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from vild_pipe.data.coco import CocoDataset, read_annotation_json
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD
-from vild_pipe.pipeline.shards import CacheFolder, RowField, sha256_file
+from vild_pipe.pipeline.shards import CacheFolder, RowField, ShardReader, sha256_file
 from vild_pipe.pipeline.text_embeddings import describe_clip, same_clip
 
 STAGE = "cache-embeddings"
@@ -94,6 +94,15 @@ def open_cache_pair(
         proposal_folder.require_complete()
         embedding_folder.require_complete()
     return proposal_folder, embedding_folder
+
+
+def check_same_rows(proposal_shard: ShardReader, embedding_shard: ShardReader) -> None:
+    """DataError unless the two shards hold the same images with the same rows each: an embedding belongs to
+    the box at its position, so a proposal shard rebuilt with other rows would hand boxes others' embeddings."""
+    if not (np.array_equal(embedding_shard.image_ids, proposal_shard.image_ids)
+            and np.array_equal(embedding_shard.row_start, proposal_shard.row_start)):
+        raise DataError(f"{embedding_shard.path}: images or rows differ from {proposal_shard.path}; rebuild the"
+                        " embedding cache")
 
 
 def _made_from(embeddings: CacheFolder) -> str:

@@ -40,7 +40,8 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
-    ENSEMBLE_FIELD, annotation_json_of, check_text_clip, open_caches, training_detector, training_proposal_nms,
+    ENSEMBLE_FIELD, annotation_json_of, check_same_rows, check_text_clip, open_caches, training_detector,
+    training_proposal_nms,
 )
 from vild_pipe.pipeline.evaluation import (
     PROTOCOLS, Detections, evaluate_coco, federated_ground_truth, load_ground_truth, metrics_table, resolve_protocol,
@@ -133,6 +134,9 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     if embedding_folder is not None and any(mode in active for mode in (CLIP_ON_CROPS, ENSEMBLE)):
         check_text_clip(embedding_folder, os.fspath(text) if text is not None else f"--clip {clip}", texts.clip,
                         texts.embed_dim)
+        for index in range(proposal_folder.num_shards):
+            with proposal_folder.read_shard(index) as boxes, embedding_folder.read_shard(index) as crops:
+                check_same_rows(boxes, crops)
     make_output_folder(out)
     if unsaved:
         texts.save(out / TEXT_NAME)
@@ -415,9 +419,6 @@ def _score_caches(proposals: CacheFolder, embeddings: CacheFolder | None, scorer
             with proposals.read_shard(index) as reader:
                 crop_reader = embeddings.read_shard(index) if embeddings is not None and scorer.needs_crops else None
                 try:
-                    if crop_reader is not None and not np.array_equal(crop_reader.image_ids, reader.image_ids):
-                        raise DataError(f"{crop_reader.path}: holds other images than {reader.path}; rerun"
-                                        " cache-embeddings on this proposal cache")
                     for position, image_id in enumerate(reader.image_ids.tolist()):
                         rows = reader.image_rows(position, names)
                         keep = ~rows["is_gt"].astype(bool)
