@@ -15,12 +15,10 @@ from vild_pipe.pipeline.distributed import (
     DistInfo,
     all_reduce_mean,
     any_rank,
-    broadcast_object,
     gather_objects,
     init_distributed,
     is_main,
     pick_device,
-    rank_shards,
     seed_everything,
     unwrap_model,
     wrap_ddp,
@@ -42,7 +40,7 @@ from vild_pipe.pipeline.checkpoint import (
     CHECKPOINT_NAME, GracefulStop, StepSampler, TrainingStopped, resume_or_start, save_training_state,
 )
 from vild_pipe.pipeline.distributed import (
-    all_reduce_mean, any_rank, broadcast_object, cleanup_distributed, gather_objects, init_distributed, is_main,
+    all_reduce_mean, any_rank, cleanup_distributed, gather_objects, init_distributed, is_main,
     seed_everything, unwrap_model, wrap_ddp,
 )
 
@@ -87,7 +85,6 @@ def main(out):
     info = init_distributed("cpu")
     collectives = {
         "mean": all_reduce_mean(torch.tensor([float(info.rank)])).item(),
-        "broadcast": broadcast_object({"from_rank": info.rank}),
         "any_rank": any_rank(info.rank == 1),
         "gathered": gather_objects(info.rank),
         "world_size": info.world_size,
@@ -139,7 +136,6 @@ def test_single_process_without_torchrun_environment(no_torchrun_env):
     value = torch.tensor([1.5, 2.5])
     reduced = all_reduce_mean(value)
     assert torch.equal(reduced, value) and reduced is not value
-    assert broadcast_object({"a": 1}) == {"a": 1}
     assert gather_objects(5) == [5]
     assert any_rank(True) and not any_rank(False)
 
@@ -154,15 +150,6 @@ def test_seed_everything_repeats_draws_and_separates_ranks():
     assert draws() == first
     seed_everything(11, rank=1)
     assert all(a != b for a, b in zip(draws(), first))
-
-
-def test_rank_shards_cover_every_shard_once():
-    shards = [f"shard-{i:05d}.h5" for i in range(11)]
-    parts = [rank_shards(shards, rank, 3) for rank in range(3)]
-    assert parts[1] == ["shard-00001.h5", "shard-00004.h5", "shard-00007.h5", "shard-00010.h5"]
-    assert sorted(sum(parts, [])) == shards
-    with pytest.raises(ValueError):
-        rank_shards(shards, 3, 3)
 
 
 def test_torchrun_ddp_matches_one_process_and_resumes_exactly(tmp_path, no_torchrun_env):
@@ -188,7 +175,6 @@ def test_torchrun_ddp_matches_one_process_and_resumes_exactly(tmp_path, no_torch
     collectives = ranks[1]["collectives"]
     assert collectives["world_size"] == 2 and collectives["backend"] == "gloo"
     assert collectives["mean"] == 0.5
-    assert collectives["broadcast"] == {"from_rank": 0}
     assert collectives["any_rank"] is True
     assert collectives["gathered"] == [0, 1]
 

@@ -3,7 +3,7 @@
 `torchrun --nproc_per_node=W ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the same code runs as
 one process. The training stages wrap their model with `wrap_ddp` and take their slice of every global
 batch (`checkpoint.StepSampler`); the cache stages need no communication: rank r of W takes shards
-r, r+W, ... (`rank_shards`).
+r, r+W, ... (`shards.shards_for_worker`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,15 +158,6 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(value.item())
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """`obj` from rank `src` on every rank (any picklable object); the object itself for a single process."""
-    if not dist.is_initialized():
-        return obj
-    holder = [obj if dist.get_rank() == src else None]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank; `[obj]` for a single process."""
     if not dist.is_initialized():
@@ -208,10 +199,3 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(seeded)
     np.random.seed(seeded % 2**32)
     torch.manual_seed(seeded)
-
-
-def rank_shards(shards: Sequence[Any], rank: int, world_size: int) -> list[Any]:
-    """The shards rank r of W handles: r, r+W, r+2W, ... (the cache stages need no other coordination)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return list(shards[rank::world_size])

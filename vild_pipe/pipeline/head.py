@@ -96,11 +96,12 @@ def vild_image_loss(regions: torch.Tensor, targets: torch.Tensor, reduction: str
     """ViLD-image: L1 distance ||e_r - e_clip||_1 (summed over the embedding) per region; mean over regions.
 
     Both sides are unit length (the CLIP target is re-normalised here, fp16 storage loses a little)."""
-    distances = (regions - F.normalize(targets.to(regions.dtype), dim=-1)).abs().sum(dim=-1)
+    differences = (regions - F.normalize(targets.to(regions.dtype), dim=-1)).abs()
+    if reduction == "sum":
+        return differences.sum()
+    distances = differences.sum(dim=-1)
     if reduction == "none":
         return distances
-    if reduction == "sum":
-        return distances.sum()
     return distances.mean() if len(distances) else distances.sum()
 
 

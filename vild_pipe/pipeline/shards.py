@@ -194,8 +194,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _tmp_path(path: Path) -> Path:
+def temp_path(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place; `remove_stale_temps_in` knows the name."""
     return path.with_name(f"{path.name}.{os.getpid()}@{_HOST}.tmp")
+
+
+def remove_stale_temps_in(folder: Path) -> None:
+    """Remove the temp files (`temp_path`) that killed runs left in `folder`: one listing, one log line each."""
+    for temp in sorted(folder.glob("*.tmp")):
+        _remove_tmp_if_stale(temp)
 
 
 def _now_iso() -> str:
@@ -314,7 +321,7 @@ def _publish_atomically(path: Path, data: bytes | Iterable[bytes], *, exclusive:
     existing name) and returns False if another writer got there first; otherwise the file is replaced and
     True returned.
     """
-    tmp = _tmp_path(path)
+    tmp = temp_path(path)
     try:
         _write_file(tmp, data)
         if not exclusive:
@@ -1008,7 +1015,7 @@ class ShardWriter:
         if self._finished:
             raise RuntimeError(f"{self.path.name} was already closed")
         self._finished = True
-        tmp = _tmp_path(self.path)
+        tmp = temp_path(self.path)
         try:
             self._write_h5(tmp)
             fd = os.open(tmp, os.O_RDONLY)

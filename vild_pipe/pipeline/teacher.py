@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from vild_pipe.data.prompts import prompt_texts
 from vild_pipe.errors import DataError, VildError, describe_error
-from vild_pipe.pipeline.checkpoint import describe_load_error
+from vild_pipe.pipeline.checkpoint import describe_load_error, save_checkpoint
 from vild_pipe.pipeline.shards import sha256_file
 
 with warnings.catch_warnings():
@@ -165,15 +165,6 @@ class SmallClipConfig:
 
 
 def save_clip(model: CLIP, path) -> None:
-    """Save a state dict that `clip.load(path)` accepts: fp32 tensors, written to a temp file then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-             for k, v in model.state_dict().items()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise VildError(f"{path}: cannot write the teacher ({describe_error(err)})") from err
+    """Save a state dict that `clip.load(path)` accepts: fp32 tensors, published whole (`save_checkpoint`)."""
+    save_checkpoint(path, {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                           for k, v in model.state_dict().items()})

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.synthetic import BASE_IDS, WORLD_VERSION, coco_categories, image_rng, render_image
 from vild_pipe.errors import VildError
-from vild_pipe.pipeline.shards import write_json_atomically
+from vild_pipe.pipeline.shards import remove_stale_temps_in, temp_path, write_json_atomically
 
 COMPACT = (",", ":")   # JSON separators of the world files
 
@@ -130,6 +130,7 @@ def _generate_split(out: Path, split: str, params: dict, workers: int) -> None:
     if not starts:
         return
     (out / split).mkdir(parents=True, exist_ok=True)
+    remove_stale_temps_in(out / split)
     jobs = (delayed(_make_chunk)(os.fspath(out), split, start, min(start + IMAGES_PER_CHUNK, total),
                                  params["seed"], params["image_size"]) for start in starts)
     results = Parallel(n_jobs=workers, return_as="generator_unordered")(jobs)
@@ -150,7 +151,7 @@ def _make_chunk(out_dir: str, split: str, start: int, stop: int, seed: int, imag
         file_name = f"{split}/{image_id:06d}.jpg"
         image, objects = render_image(image_rng(seed, split, index), image_size)
         path = out / file_name
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp = temp_path(path)
         image.save(temp, format="JPEG", quality=JPEG_QUALITY)
         os.replace(temp, path)
         images.append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})

@@ -45,7 +45,7 @@ from vild_pipe.pipeline.embedding_cache import (
     annotations_of, check_text_clip, clip_identity, embedding_dim, open_caches,
 )
 from vild_pipe.pipeline.head import (
-    HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, text_logits,
+    HEAD_NAME, IMAGE_LOSS_WEIGHT, TEMPERATURE, HeadConfig, ViLDHead, save_head, vild_image_loss, vild_text_loss,
 )
 from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
@@ -306,13 +306,12 @@ def _train_step(ddp_head: torch.nn.Module, head: ViLDHead, optimizer: torch.opti
     regions = ddp_head(features)
     sums = []
     if texts is not None:
-        logits = text_logits(regions[text_rows], head.background_embedding(), texts, config["temperature"])
-        sums.append(torch.nn.functional.cross_entropy(logits, labels[text_rows], reduction="sum"))
+        sums.append(vild_text_loss(regions[text_rows], head.background_embedding(), texts, labels[text_rows],
+                                   config["temperature"], reduction="sum"))
     else:
         sums.append(regions.new_zeros(()))
     if batch.emb is not None:
-        targets = torch.nn.functional.normalize(batch.emb.to(device)[image_mask].float(), dim=-1)
-        sums.append((regions[image_mask] - targets).abs().sum())
+        sums.append(vild_image_loss(regions[image_mask], batch.emb.to(device)[image_mask], reduction="sum"))
     else:
         sums.append(regions.new_zeros(()))
     text_loss, image_loss = sums[0] / counts[0], sums[1] / counts[1]
