@@ -469,6 +469,20 @@ def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):
         lock.release()
 
 
+def test_a_writer_in_another_pid_namespace_of_this_host_name_is_not_taken_for_dead(tmp_path):
+    """Containers run with --net=host share the host name, not the process ids: such a writer's pid means
+    nothing here, so its lock and temp files stand until its heartbeat stops, as another machine's do."""
+    folder = open_cache(tmp_path / "cache")
+    name = shards._HOST.split("~")[0]
+    assert shards._HOST != name or not os.path.exists("/proc/self/ns/pid")
+    elsewhere = f"{name}~1"
+    folder.lock_path(0).write_text(json.dumps({"pid": dead_pid(), "host": elsewhere, "since": "now", "token": "a"}))
+    temp = folder.path / f"shard-00000.h5.{dead_pid()}@{elsewhere}.tmp"
+    temp.write_bytes(b"being written in the other container")
+    reopened = open_cache(tmp_path / "cache")
+    assert try_lock_shard(reopened, 0) is None and temp.exists()
+
+
 def test_claims_remove_their_shards_stale_temp_files_from_one_listing_a_run(tmp_path, caplog, monkeypatch):
     """A run with many shards lists its folder once for the claims, not once a claim (quadratic)."""
     folder = open_cache(tmp_path / "cache")

@@ -72,7 +72,20 @@ UNREADABLE_LOCK_STALE_S = 60.0
 OVERWRITE_WAIT_S = 120.0
 
 _RESERVED_NAMES = ("image_id", "row_start")
-_HOST = socket.gethostname()
+
+
+def _this_host() -> str:
+    """The machine's name, qualified by the pid namespace where one is known ("node7~4026531836"): containers
+    started with --net=host share the name but not the process ids, and a holder whose pid is checked in the
+    wrong namespace would look dead and have its shard taken while it writes."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")   # "pid:[4026531836]"
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}~{namespace.strip('pid:[]')}"
+
+
+_HOST = _this_host()
 _SHARD_FILE_RE = re.compile(r"^shard-(\d{5,})\.(h5|json|lock)$")
 # Temp files: "<final name>.<pid>@<host>.tmp", unique per writer so concurrent writers never share one.
 _TMP_RE = re.compile(r"^(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^@/]+)\.tmp$")
