@@ -1,9 +1,10 @@
 """dump-proposals: proposals + RoIAlign features per image into the sharded cache, on a tiny world and detector.
 
 The single-process run below is the reference every other way of filling the cache must match array for
-array: a run killed with SIGKILL and resumed, torchrun with two ranks, two `--shard i/n` jobs, other batch
-sizes and DataLoader worker counts. Every run uses one CPU thread (torchrun's default): the CPU kernels
-partition matmuls by thread, so the thread count moves results in the last bits.
+array: a run killed with SIGKILL and resumed, one stopped with SIGTERM and resumed, torchrun with two ranks,
+two `--shard i/n` jobs, a job whose shard another run held, other batch sizes and DataLoader worker counts.
+Every run uses one CPU thread (torchrun's default): the CPU kernels partition matmuls by thread, so the thread
+count moves results in the last bits.
 """
 import inspect
 import json
@@ -20,7 +21,9 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
@@ -28,7 +31,8 @@ from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_det
 from vild_pipe.pipeline.proposals import (
     PROPOSAL_NMS_THRESHOLD, dump_settings, feature_shape, features_for_boxes, propose_with_features,
 )
-from vild_pipe.pipeline.shards import CacheFolder, sha256_file
+from vild_pipe.pipeline.shard_work import ShardsHeldElsewhere
+from vild_pipe.pipeline.shards import FOREIGN_STALE_S, CacheFolder, sha256_file
 from vild_pipe.stages import dump_proposals, make_synthetic
 
 from child_processes import child_env, driver_command, run_to_end
@@ -40,21 +44,33 @@ IMAGES_PER_SHARD = 2
 TRAIN_IMAGES = 8
 FIELDS = ("boxes", "scores", "is_gt", "features")
 
-# Runs the stage in a child process (plain, under torchrun, or to be killed); DUMP_TEST_SLOW_S slows each
-# batch down so that a test can act between two shards.
+# Runs the stage in a child process (plain, under torchrun, or to be killed) and reports a VildError as the CLI
+# does (one `error:` line, exit 2). DUMP_TEST_SLOW_S slows each batch down so that a test can act between two
+# shards; once the file DUMP_TEST_STALL_WHEN exists, each batch creates DUMP_TEST_STALLED and stalls, so that
+# a test can signal the stage while it computes a shard.
 DRIVER = '''
 import json, logging, os, sys, time
+from pathlib import Path
+from vild_pipe.errors import VildError
 from vild_pipe.stages import dump_proposals
 
 slow = float(os.environ.get("DUMP_TEST_SLOW_S", "0"))
-if slow:
+stall_when = os.environ.get("DUMP_TEST_STALL_WHEN")
+if slow or stall_when:
     propose = dump_proposals.propose_with_features
     def slowed(*args, **kwargs):
         time.sleep(slow)
+        if stall_when and os.path.exists(stall_when):
+            Path(os.environ["DUMP_TEST_STALLED"]).touch()
+            time.sleep(120)
         return propose(*args, **kwargs)
     dump_proposals.propose_with_features = slowed
 logging.basicConfig(level=logging.INFO)
-summary = dump_proposals.run(**json.loads(sys.argv[1]))
+try:
+    summary = dump_proposals.run(**json.loads(sys.argv[1]))
+except VildError as err:
+    print(f"error: {err}", flush=True)
+    sys.exit(2)
 print("SUMMARY", json.dumps(summary))
 '''
 
@@ -330,6 +346,104 @@ def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(wo
     assert summary["complete"] and 0 not in summary["shards_written"]
     assert os.stat(out / "shard-00000.h5").st_ino == first_shard_inode
     assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".lock"))]
+    assert_same_cache(out, reference[0])
+
+
+def wait_for(path: Path, child: subprocess.Popen, seconds: float = 90) -> None:
+    """Until `path` exists; a test failure with the child's output if it ends or takes too long first."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if child.poll() is not None:
+            pytest.fail(f"the stage ended before {path.name} appeared:\n{child.communicate()[0]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path.name} did not appear within {seconds:.0f} s")
+        time.sleep(0.01)
+
+
+def process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_releases_every_lock_exits_with_one_line_and_the_rerun_completes_the_cache(world, detector,
+                                                                                             reference, tmp_path):
+    """A Slurm preemption: SIGTERM to the stage and its loader workers while it computes a shard. Nothing may
+    hold a shard after it (a lock a requeued job on another node would respect for FOREIGN_STALE_S)."""
+    out, stalled = tmp_path / "cache", tmp_path / "stalled"
+    kwargs = stage_kwargs(world, detector, out, batch_size=1, workers=1)
+    env = child_env(DUMP_TEST_STALL_WHEN=str(out / "shard-00000.json"), DUMP_TEST_STALLED=str(stalled))
+    child = subprocess.Popen(driver_command(tmp_path, DRIVER, kwargs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env, start_new_session=True)
+    try:
+        wait_for(stalled, child)
+        os.killpg(child.pid, signal.SIGTERM)
+        output, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    deadline = time.monotonic() + 30
+    while process_group_alive(child.pid):
+        assert time.monotonic() < deadline, "a loader worker outlived the stopped stage"
+        time.sleep(0.05)
+
+    folder = CacheFolder.open(out)
+    done = folder.complete_shards()
+    assert 0 in done and len(done) < folder.num_shards, done
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert child.returncode == 2 and "Traceback" not in output, output
+    published = f"{len(done)} shard{'s' if len(done) > 1 else ''}"
+    assert errors == [f"error: {out}: stopped by SIGTERM; {published} published by this run ({len(done)} of"
+                      f" {folder.num_shards} complete), rerun the same command to resume"], output
+    assert not [n for n in os.listdir(out) if n.endswith((".tmp", ".lock"))], os.listdir(out)
+    assert sorted(n for n in os.listdir(out) if n.endswith(".h5")) == [f"shard-{i:05d}.h5" for i in done]
+
+    summary = dump_proposals.run(**stage_kwargs(world, detector, out, batch_size=4))
+    assert summary["complete"] and sorted(summary["shards_written"]) == sorted(set(range(4)) - set(done))
+    assert_same_cache(out, reference[0])
+
+
+def write_foreign_lock(folder: Path, index: int) -> Path:
+    """A fresh lock of shard `index` as ShardLock writes it, held by a process of another host: live for
+    FOREIGN_STALE_S, as a job killed there just now looks."""
+    path = folder / f"shard-{index:05d}.lock"
+    holder = {"pid": 4242, "host": "node7", "since": "2026-01-01T00:00:00+00:00", "pid_start": None, "token": "ab"}
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(holder))
+    return path
+
+
+def test_a_shard_another_live_run_holds_fails_its_worker_until_the_rerun_writes_it(world, detector, reference,
+                                                                                   tmp_path, caplog):
+    """The defect this guards against: a Slurm job requeued on another node within FOREIGN_STALE_S of its kill
+    found its shard locked, skipped it, and exited 0 with the cache incomplete."""
+    out = tmp_path / "cache"
+    lock = write_foreign_lock(out, 2)
+    other = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2"))
+    assert other["shards_written"] == [1, 3], "a lock of another worker's shard is no concern of this one"
+
+    args = ["dump-proposals", detector, world / "train.json", out, "--top-n", TOP_N, "--images-per-shard",
+            IMAGES_PER_SHARD, "--batch-size", 3, "--device", "cpu", "--workers", 0, "--threads", 1, "--shard", "0/2"]
+    with caplog.at_level(logging.WARNING, logger="vild_pipe"):
+        result = CliRunner().invoke(main, [str(arg) for arg in args])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, (result.output, result.exception)
+    holder = "pid 4242 on node7 since 2026-01-01T00:00:00+00:00"
+    assert errors[0] == (f"error: {out}: the cache is not complete: another run is writing shard-00002 ({holder});"
+                         f" 1 shard published by this run. Rerun the same command when that run has finished (the"
+                         f" lock of a run killed on another host counts as stale {FOREIGN_STALE_S / 60:.0f} min"
+                         " after its last heartbeat)")
+    assert f"shard-00002 of this worker is not complete: another run is writing it ({holder})" in caplog.messages
+    assert CacheFolder.open(out).complete_shards() == [0, 1, 3] and lock.exists()
+
+    with pytest.raises(ShardsHeldElsewhere, match="shard-00002"):   # the same until that run ends
+        dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2"))
+    lock.unlink()
+    summary = dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2"))
+    assert summary["shards_written"] == [2] and summary["complete"]
     assert_same_cache(out, reference[0])
 
 

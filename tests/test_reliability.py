@@ -28,6 +28,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +40,12 @@ import torch
 from click.testing import CliRunner
 
 from vild_pipe.cli import main
+from vild_pipe.pipeline import shards
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME
 from vild_pipe.pipeline.detector import MODEL_NAME, DetectorConfig, build_detector, save_final_model
 from vild_pipe.pipeline.head import HEAD_NAME
+from vild_pipe.pipeline.shard_work import CacheStopped, ClaimingSampler, ShardSequence
+from vild_pipe.pipeline.shards import CacheFolder, RowField
 from vild_pipe.pipeline.teacher import SmallClipConfig, save_clip
 from vild_pipe.stages import cache_embeddings, dump_proposals, embed_text, make_synthetic, train_head, train_rpn
 
@@ -375,11 +379,15 @@ def test_killed_anywhere_then_rerun_ends_as_an_uninterrupted_run_and_redoes_noth
         if states:
             assert_resumed(kind, out, output, states[-1])
         state = state_after_kill(kind, out)
-        if kind == "training" and how == signal.SIGTERM:
+        if how == signal.SIGTERM:
             errors = [line for line in output.splitlines() if line.startswith("error:")]
-            assert status == 2 and len(errors) == 1, output
-            assert f"stopped by SIGTERM after step {state['step']} and saved" in errors[0]
-            assert metric_steps(out)[-1] == state["step"], "the stop lost no step"
+            assert status == 2 and len(errors) == 1 and "Traceback" not in output, output
+            if kind == "training":
+                assert f"stopped by SIGTERM after step {state['step']} and saved" in errors[0]
+                assert metric_steps(out)[-1] == state["step"], "the stop lost no step"
+            else:
+                assert "stopped by SIGTERM; " in errors[0] and "rerun the same command to resume" in errors[0]
+                assert not state["stale"], f"the stopped run left {sorted(state['stale'])}"
         else:
             assert status == -how, output
         if mid_write:
@@ -438,13 +446,50 @@ def test_a_temp_file_of_a_final_model_left_by_a_kill_is_removed_with_one_line(st
     assert all(torch.equal(weights[name], tensor) for name, tensor in expected.items())
 
 
+def test_sigterm_while_a_shard_is_published_lets_it_finish_and_releases_every_lock(tmp_path, monkeypatch):
+    """The shard loop signalled while the background thread writes the previous shard: that shard is complete,
+    so it is published whole; the open one is dropped; no lock or temp file stays; the handler is put back."""
+    folder = CacheFolder.open_or_create(tmp_path / "cache", stage="test", config={}, inputs={},
+                                        fields={"x": RowField("float32", ())}, num_shards=3, images_per_shard=1)
+    writing, may_finish = threading.Event(), threading.Event()
+    create_dataset = shards._create_dataset
+
+    def held_up(h5, name, data, description):
+        if name == "x":
+            writing.set()
+            may_finish.wait(30)
+        create_dataset(h5, name, data, description)
+
+    monkeypatch.setattr(shards, "_create_dataset", held_up)
+    handler = signal.getsignal(signal.SIGTERM)
+    sampler = ClaimingSampler(folder, [0, 1, 2], lambda index: [index])
+    with pytest.raises(CacheStopped) as stopped:
+        with ShardSequence(sampler) as sequence:
+            for index, image_id in sampler:
+                sequence.shard(index).writer.add_image(image_id, x=np.ones(2, np.float32))
+                if index == 1:
+                    assert writing.wait(30), "shard 0 was never handed to the publisher"
+                    threading.Timer(0.2, may_finish.set).start()   # the write ends after the signal
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    time.sleep(30)
+    assert str(stopped.value) == (f"{folder.path}: stopped by SIGTERM; 1 shard published by this run (1 of 3"
+                                  " complete), rerun the same command to resume")
+    assert folder.complete_shards() == [0]
+    assert sorted(os.listdir(folder.path)) == ["manifest.json", "shard-00000.h5", "shard-00000.json"]
+    with h5py.File(folder.shard_path(0), "r") as h5:
+        assert h5["x"][()].tolist() == [1.0, 1.0]
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 # ------------------------------------------------------------------------------------------------ shard anywhere
 
 
 def test_two_runs_of_the_same_shards_at_once_write_each_shard_once(pipeline, tmp_path):
     """The same command twice at once into one folder (every shard overlaps): the per-shard locks give each shard
     one writer, the run that finds a shard taken says which run holds it, and the cache is the uninterrupted one.
-    Whichever run is behind reaches the shard the other is computing and finds it locked."""
+    Whichever run is behind reaches the shard the other is computing and finds it locked. A run that ends while
+    the other still writes one of the shards it left to it exits 2 saying so: its part is not done; the run
+    that ends last finds every shard complete and exits 0."""
     out = tmp_path / "cache"
     kwargs = stage_kwargs("dump_proposals", pipeline, out)
     children = [start_child(tmp_path, "dump_proposals", kwargs, tmp_path / f"{name}.log", step_s=3 * STEP_S)
@@ -452,9 +497,18 @@ def test_two_runs_of_the_same_shards_at_once_write_each_shard_once(pipeline, tmp
     for child in children:
         child.wait(timeout=180)
     outputs = [(tmp_path / name).read_text() for name in ("a.log", "b.log")]
-    assert [child.returncode for child in children] == [0, 0], outputs
-    written = [json.loads(output.split("SUMMARY ", 1)[1])["shards_written"] for output in outputs]
-    assert sorted(written[0] + written[1]) == list(range(TRAIN_IMAGES))
+    assert sorted(child.returncode for child in children) in ([0, 0], [0, 2]), outputs
+    written = []
+    for output in outputs:
+        if "SUMMARY " in output:
+            written.append(len(json.loads(output.split("SUMMARY ", 1)[1])["shards_written"]))
+        else:
+            error = re.search(r"^error: .*: the cache is not complete: another run is writing shard-\d{5}.*; (\d+)"
+                              r" shards? published by this run\. Rerun the same command when that run has finished",
+                              output, re.MULTILINE)
+            assert error, output
+            written.append(int(error.group(1)))
+    assert sum(written) == TRAIN_IMAGES, "a shard was written twice"
     skipped = re.findall(r"skipping shard-\d{5}: another run is writing it \(pid \d+ on \S+ since", "".join(outputs))
     assert skipped, outputs
     manifest = json.loads((out / "manifest.json").read_text())

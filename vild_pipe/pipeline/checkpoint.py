@@ -289,8 +289,9 @@ class GracefulStop:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's init: workers leave SIGTERM/SIGINT to the main process, which saves a checkpoint
-    and then stops them (GracefulStop)."""
+    """A DataLoader worker's init: workers leave SIGTERM/SIGINT to the main process, which stops cleanly (saves a
+    checkpoint under GracefulStop, releases its shard locks under shard_work.StopSignals) and then stops them;
+    a worker killed by the signal would instead fail the main process with a traceback wherever it was."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -550,21 +550,29 @@ def try_lock_shard(folder: CacheFolder, index: int) -> ShardLock | None:
 
     Also removes temp files of this shard left by killed runs. Use as `with lock, ShardWriter(...)`.
     """
+    return claim_shard(folder, index)[0]
+
+
+def claim_shard(folder: CacheFolder, index: int) -> tuple[ShardLock | None, dict | None]:
+    """`try_lock_shard`, saying why not: (lock, None) when claimed, (None, holder) when another live run holds
+    the shard (a shard the caller must not call done), (None, None) when it is complete."""
     if folder.is_complete(index):
-        return None
+        return None, None
     try:
         lock, holder = ShardLock.acquire(folder.lock_path(index))
     except OSError as err:
         raise VildError(f"{folder.lock_path(index)}: cannot create lock ({describe_error(err)})") from err
     if lock is None:
+        if folder.is_complete(index):  # its writer published it and let go between our two looks
+            return None, None
         log.info("skipping %s: another run is writing it (%s)", shard_name(index), describe_lock_holder(holder))
-        return None
+        return None, holder
     if folder.is_complete(index):  # finished by another run between the caller's listing and our lock
         log.debug("skipping %s: already complete", shard_name(index))
         lock.release()
-        return None
+        return None, None
     folder.remove_stale_temp_files(index)
-    return lock
+    return lock, None
 
 
 # ---------------------------------------------------------------------------------------------- cache folder

@@ -16,7 +16,9 @@ not exact positives.
 Resumption and scale come from `pipeline.shards`: complete shards are skipped on a rerun; `shard` ("i/n")
 and torchrun ranks split the shards between processes with no communication; whichever process finishes
 last writes the final manifest. A shard is claimed (locked) when its first image is queued for decoding;
-the finished shard is written by a background thread while the next one is computed.
+the finished shard is written by a background thread while the next one is computed. SIGTERM and SIGINT
+release every lock before the run exits 2, and a shard of this worker left to another live run that is
+still not complete at the end fails the run (`pipeline.shard_work`): exit 0 means this worker's part is done.
 
 Every array is a function of the image and the detector weights only (the network sees one image at a
 time, see `pipeline.proposals`), so a killed-and-resumed run, a torchrun run and a `--shard` run all fill
@@ -37,6 +39,7 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.checkpoint import ignore_stop_signals
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector
 from vild_pipe.pipeline.distributed import loader_workers
@@ -276,7 +279,8 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
     sampler = ClaimingSampler(folder, pending, lambda index: ranges[index])
     loader = DataLoader(
         _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, collate_fn=list,
-        pin_memory=device.type == "cuda", **loader_workers(workers),
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals if workers > 0 else None,
+        **loader_workers(workers),
     )
     total = sum(len(ranges[i]) for i in pending)
     progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)
