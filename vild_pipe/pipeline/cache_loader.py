@@ -30,7 +30,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vild_pipe.errors import DataError, VildError, describe_error
-from vild_pipe.pipeline.checkpoint import ignore_stop_signals
 from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.embedding_cache import check_same_rows
 from vild_pipe.pipeline.head import assign_labels, sample_rois
@@ -369,8 +368,7 @@ class StepLoader:
         options: dict[str, Any] = {}
         workers = workers_that_fit(workers, window_bytes(order, selection) * (prefetch + 1))   # + the one it fills
         if workers > 0:
-            options = {"prefetch_factor": prefetch, "worker_init_fn": ignore_stop_signals,
-                       "persistent_workers": False}
+            options = {"prefetch_factor": prefetch, "persistent_workers": False}
         self.loader = DataLoader(self.reader, batch_size=None, **loader_workers(workers), **options)
 
     def __len__(self) -> int:

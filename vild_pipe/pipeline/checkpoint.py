@@ -288,14 +288,6 @@ class GracefulStop:
         self._previous.clear()
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's init: workers leave SIGTERM/SIGINT to the main process, which stops cleanly (saves a
-    checkpoint under GracefulStop, releases its shard locks under shard_work.StopSignals) and then stops them;
-    a worker killed by the signal would instead fail the main process with a traceback wherever it was."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of n samples in one epoch: a pure function of (seed, epoch), independent of any global RNG."""
     return np.random.default_rng([seed, epoch]).permutation(n)

@@ -11,6 +11,7 @@ import gc
 import logging
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -57,16 +58,26 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def loader_workers(workers: int) -> dict[str, Any]:
-    """DataLoader options for `workers` worker processes, forked on Linux whatever Python's default.
+    """DataLoader options for `workers` worker processes: forked on Linux whatever Python's default, and
+    leaving stop signals to the main process (`ignore_stop_signals`).
 
     Python 3.14 made forkserver the default there: each worker then imports torch and unpickles its dataset,
-    about 5 s a loader against 0.1 s forked (two workers, 2-core host), paid by every stage. Forking is safe
+    seconds a loader against 0.15 s forked (bench/loader_start.py), paid by every stage. Forking is safe
     here: workers use no CUDA, open their own HDF5 files, and are started before the shard writer has work.
     Elsewhere (macOS, Windows) the platform's default stays.
     """
     workers = max(0, workers)
     fork = workers > 0 and sys.platform.startswith("linux")
-    return {"num_workers": workers, "multiprocessing_context": "fork" if fork else None}
+    return {"num_workers": workers, "multiprocessing_context": "fork" if fork else None,
+            "worker_init_fn": ignore_stop_signals if workers > 0 else None}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's init: workers leave SIGTERM/SIGINT to the main process, which stops cleanly (saves a
+    checkpoint under GracefulStop, releases its shard locks under shard_work.StopSignals) and then stops them;
+    a worker killed by the signal would instead fail the main process with a traceback wherever it was."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _launched_by_torchrun() -> bool:

@@ -42,7 +42,6 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.cache_loader import SHARED_MEMORY
-from vild_pipe.pipeline.checkpoint import ignore_stop_signals
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.embedding_cache import (
@@ -328,8 +327,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
         _ImagesToCrop(dataset, crop_method, decode, teacher.preprocess,
                       crop_size=teacher.input_resolution if crops_from_workers else None),
         batch_size=images_per_batch,
-        sampler=sampler, collate_fn=list, worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        **loader_workers(workers),
+        sampler=sampler, collate_fn=list, **loader_workers(workers),
         pin_memory=teacher.device.type == "cuda" and crop_method != "reference",  # not 360 MB of crops an image
     )
     encoder = _CropEncoder(teacher, batch_size)

@@ -39,7 +39,6 @@ from tqdm import tqdm
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
-from vild_pipe.pipeline.checkpoint import ignore_stop_signals
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector
 from vild_pipe.pipeline.distributed import loader_workers
@@ -279,8 +278,7 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
     sampler = ClaimingSampler(folder, pending, lambda index: ranges[index])
     loader = DataLoader(
         _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, collate_fn=list,
-        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals if workers > 0 else None,
-        **loader_workers(workers),
+        pin_memory=device.type == "cuda", **loader_workers(workers),
     )
     total = sum(len(ranges[i]) for i in pending)
     progress = tqdm(total=total, desc="dump-proposals", unit="img", disable=None if show_progress else True)

@@ -32,7 +32,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import (
-    GracefulStop, StepSampler, ignore_stop_signals, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
+    GracefulStop, StepSampler, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
 )
 from vild_pipe.pipeline.detector import (
     INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, load_detector,
@@ -355,7 +355,7 @@ def _step_loader(train_set: CocoDataset, sampler: StepSampler, config: dict[str,
                              config["scale_jitter"], config["hflip"], detector.get("box_classes", 1))
     return DataLoader(dataset, batch_sampler=_StepBatches(sampler, first_step, config["iterations"]),
                       collate_fn=_collate, pin_memory=device.type == "cuda",
-                      worker_init_fn=ignore_stop_signals if workers > 0 else None, **loader_workers(workers))
+                      **loader_workers(workers))
 
 
 # --------------------------------------------------------------------------- one step
