@@ -32,6 +32,7 @@ from vild_pipe.pipeline.shards import (
     ShardWriter,
     claim_shard,
     describe_lock_holder,
+    first_few,
     format_bytes,
     live_lock_holder,
     shard_name,
@@ -82,7 +83,7 @@ class ShardsHeldElsewhere(VildError):
         names_by_holder: dict[str, list[str]] = {}
         for index, holder in sorted(held.items()):
             names_by_holder.setdefault(describe_lock_holder(holder), []).append(shard_name(index))
-        writing = "; ".join(f"{_first_few(names)} ({holder})" for holder, names in names_by_holder.items())
+        writing = "; ".join(f"{first_few(names, 8)} ({holder})" for holder, names in names_by_holder.items())
         super().__init__(
             f"{folder.path}: the cache is not complete: another run is writing {writing}; {_shards(published)}"
             f" published by this run. Rerun the same command when that run has finished (the lock of a run killed"
@@ -92,10 +93,6 @@ class ShardsHeldElsewhere(VildError):
 
 def _shards(count: int) -> str:
     return f"{count} shard" if count == 1 else f"{count} shards"
-
-
-def _first_few(names: list[str], limit: int = 8) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class StopSignals(GracefulStop):

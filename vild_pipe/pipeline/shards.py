@@ -678,7 +678,7 @@ class CacheFolder:
                                f" reads {SCHEMA_VERSION}): upgrade vild-pipe to resume it")
                 elif existing is not None:
                     changes = value_changes(_content(old_identity), _content(identity))
-                    shown = _first_few(changes, 4, "; ") or f"fingerprint {existing.get('fingerprint')}"
+                    shown = first_few(changes, 4, "; ") or f"fingerprint {existing.get('fingerprint')}"
                     problem = f"made with a different config or inputs ({shown})"
                 elif unreadable:
                     problem = f"left with an unreadable {MANIFEST_NAME} ({unreadable})"
@@ -810,7 +810,7 @@ class CacheFolder:
         """DataError naming the missing shards unless every shard is complete."""
         missing = self.missing_shards()
         if missing:
-            names = _first_few([shard_name(i) for i in missing], 8)
+            names = first_few([shard_name(i) for i in missing], 8)
             raise DataError(
                 f"{self.path}: incomplete {self.stage} cache, {len(missing)} of {self.num_shards} shards missing"
                 f" ({names}); rerun {self.stage} with the same options to finish it"
@@ -935,7 +935,7 @@ def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1) + "\n").encode()
 
 
-def _first_few(items: list[str], limit: int, separator: str = ", ") -> str:
+def first_few(items: list[str], limit: int, separator: str = ", ") -> str:
     """The first `limit` items joined, and how many more there are: a message stays one readable line."""
     shown = separator.join(items[:limit])
     return shown + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
