@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="where each variant's head and evaluation go")
     parser.add_argument("settings", nargs="?", default="{}", help="JSON: train_head.run keyword arguments")
     args = parser.parse_args()
-    settings = {**HEAD_SETTINGS, "iterations": FULL["head_iterations"], "batch_size": FULL["head_batch_size"],
-                "losses": "text+image", **json.loads(args.settings)}
+    settings = {**HEAD_SETTINGS, "iterations": FULL["head_iterations"], "warmup": FULL["head_warmup"],
+                "batch_size": FULL["head_batch_size"], "losses": "text+image", **json.loads(args.settings)}
     name = "-".join(f"{key}={value}" for key, value in json.loads(args.settings).items()) or "demo-settings"
     run_dir, demo, teacher = args.out / name, args.demo, str(args.demo / "teacher.pt")
 

@@ -39,8 +39,8 @@ def main() -> None:
                 heads[mode] = out / "heads" / losses.replace("+", "-")
                 train_head.run(out / "proposals" / "train", out / "embeddings" / "train",
                                demo / "world" / "train.json", heads[mode], clip=str(demo / "teacher.pt"), losses=losses,
-                               iterations=FULL["head_iterations"], batch_size=FULL["head_batch_size"], seed=0,
-                               **HEAD_SETTINGS)
+                               iterations=FULL["head_iterations"], warmup=FULL["head_warmup"],
+                               batch_size=FULL["head_batch_size"], seed=0, **HEAD_SETTINGS)
         metrics = evaluate.run(out / "proposals" / "val", out / "embeddings" / "val", demo / "world" / "val.json",
                                out / "evaluation", heads=heads, text=demo / "evaluation" / "text_all.pt")
         scores = " ".join(f"{mode} {100 * m['AP50_novel']:.1f}/{100 * m['AP50_base']:.1f}"

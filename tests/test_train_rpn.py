@@ -1,6 +1,7 @@
 """train-rpn on a tiny synthetic world: targets, resumption after SIGKILL and SIGTERM, refused config changes,
 torchrun equivalence, and the recall stage."""
 import json
+import logging
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME, detector_training_data, load_detector
 from vild_pipe.pipeline.shards import sha256_file
-from vild_pipe.pipeline.training_run import lr_factor_schedule
+from vild_pipe.pipeline.training_run import check_schedule, lr_factor_schedule
 from vild_pipe.stages import make_synthetic, train_rpn
 from vild_pipe.stages.train_rpn import (
     METRICS_NAME, RECALL_NAME, TrainingImages, image_flip, resize_for_training, step_scale,
@@ -336,3 +337,14 @@ def test_train_with_val_writes_recall_json(world, reference, tmp_path):
     summary = train(world, run_dir, val=str(world / "val.json"), top_k=50)
     written = json.loads((run_dir / RECALL_NAME).read_text())
     assert summary["recall"] == written and written["recall"]["top_k"] == 50
+
+
+def test_a_warm_up_as_long_as_the_run_is_named_in_a_warning(caplog):
+    """A short run on a small dataset with the default warm-up would never reach its lr, with no word said."""
+    hyper = {"iterations": 10, "batch_size": 4, "lr": 0.02, "warmup": 500, "schedule": "cosine"}
+    with caplog.at_level(logging.WARNING, logger="vild_pipe.pipeline.training_run"):
+        check_schedule(hyper)
+        assert "--warmup 500 is not shorter than --iterations 10: the lr never reaches --lr 0.02" in caplog.text
+        caplog.clear()
+        check_schedule({**hyper, "warmup": 2})
+    assert not caplog.text

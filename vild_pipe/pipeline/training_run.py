@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,6 +12,8 @@ from typing import Any, Iterator
 from vild_pipe.errors import VildError, describe_error
 from vild_pipe.pipeline.distributed import any_rank
 from vild_pipe.pipeline.shards import FOREIGN_STALE_S, ShardLock, describe_lock_holder, write_text_atomically
+
+log = logging.getLogger(__name__)
 
 METRICS_NAME = "metrics.jsonl"
 RUN_LOCK_NAME = "run.lock"
@@ -31,6 +34,11 @@ def check_schedule(hyper: dict[str, Any]) -> None:
         raise VildError(f"--warmup must be 0 or more, got {hyper['warmup']}")
     if hyper["schedule"] not in SCHEDULES:
         raise VildError(f"unknown lr schedule {hyper['schedule']!r}: use one of {', '.join(SCHEDULES)}")
+    if hyper["warmup"] >= hyper["iterations"] > 1:   # a short run on a small dataset, with the default warm-up
+        last = hyper["lr"] * lr_factor_schedule(hyper)(hyper["iterations"] - 1)
+        log.warning("--warmup %d is not shorter than --iterations %d: the lr never reaches --lr %g (its last step"
+                    " runs at %.3g); a --warmup of about a tenth of the steps suits a short run", hyper["warmup"],
+                    hyper["iterations"], hyper["lr"], last)
 
 
 def lr_factor_schedule(hyper: dict[str, Any]):

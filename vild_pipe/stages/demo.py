@@ -22,15 +22,16 @@ log = logging.getLogger(__name__)
 # heads of 1000 steps of 16 images instead of 600 of 8, and 1200 train images instead of 600 (base AP50 +3 to
 # +6 for ~1 minute; 2000 images fitted a worse teacher in the same steps) bought the most per second.
 FULL = {"train_images": 1200, "val_images": 150, "image_size": 192, "teacher_steps": 1800,
-        "rpn_iterations": 2000, "top_n": 20, "head_iterations": 1000, "head_batch_size": 16,
-        "detect_images": 4}
+        "rpn_iterations": 2000, "rpn_warmup": None, "top_n": 20, "head_iterations": 1000, "head_warmup": 60,
+        "head_batch_size": 16, "detect_images": 4}
 QUICK = {"train_images": 12, "val_images": 6, "image_size": 96, "teacher_steps": 3,
-         "rpn_iterations": 4, "top_n": 20, "head_iterations": 4, "head_batch_size": 4, "detect_images": 2}
+         "rpn_iterations": 4, "rpn_warmup": 1, "top_n": 20, "head_iterations": 4, "head_warmup": 1,
+         "head_batch_size": 4, "detect_images": 2}
 PROPOSAL_NMS = 0.5
 """The demo's class-agnostic NMS for its 20 boxes an image (the stages' default is 0.7): on the world's val
 split, heads unchanged, 0.7 at 20 boxes let near-duplicates take places and gave ViLD 52.6 / 84.9 novel / base
 AP50 against 0.5's 55.4 / 85.2 (bench/RESULTS.md); the world has few overlapping objects of two categories."""
-HEAD_SETTINGS = {"optimizer": "adamw", "lr": 1e-3, "warmup": 60, "representation_size": 512, "workers": 1}
+HEAD_SETTINGS = {"optimizer": "adamw", "lr": 1e-3, "representation_size": 512, "workers": 1}
 HEADS = {"ViLD-text": "text", "ViLD-image": "image", "ViLD": "text+image"}
 
 
@@ -52,8 +53,8 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     teacher = timed("fit-teacher", fit_teacher.run, world, teacher_file, steps=sizes["teacher_steps"], seed=seed)
     size = sizes["image_size"]
     rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
-                box_classes="base", iterations=sizes["rpn_iterations"], min_size=size, max_size=size, seed=seed,
-                val=world / "val.json", workers=1)
+                box_classes="base", iterations=sizes["rpn_iterations"], warmup=sizes["rpn_warmup"], min_size=size,
+                max_size=size, seed=seed, val=world / "val.json", workers=1)
     for split in ("train", "val"):
         timed(f"dump-proposals {split}", dump_proposals.run, out / "rpn", world / f"{split}.json",
               out / "proposals" / split, top_n=sizes["top_n"], nms_threshold=PROPOSAL_NMS)
@@ -65,7 +66,8 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
         heads[mode] = out / "heads" / losses.replace("+", "-")
         timed(f"train-head {losses}", train_head.run, out / "proposals" / "train", out / "embeddings" / "train",
               world / "train.json", heads[mode], clip=str(teacher_file), losses=losses,
-              iterations=sizes["head_iterations"], batch_size=sizes["head_batch_size"], seed=seed, **HEAD_SETTINGS)
+              iterations=sizes["head_iterations"], warmup=sizes["head_warmup"], batch_size=sizes["head_batch_size"],
+              seed=seed, **HEAD_SETTINGS)
     metrics = timed("evaluate", evaluate.run, out / "proposals" / "val", out / "embeddings" / "val",
                     world / "val.json", out / "evaluation", heads=heads, clip=str(teacher_file))
     val = CocoDataset.load(world / "val.json")
