@@ -175,8 +175,8 @@ def test_ensemble_crops_are_what_cache_embeddings_stores_and_zebra_is_base(model
     computed = detect.crop_embeddings(teacher, pixels, boxes)
     assert computed.dtype == torch.float16
     np.testing.assert_array_equal(computed.numpy(), cached)
-    assert detect._novel_names(["zebra", "red car", " ZEBRA "], {"base_names": ["Zebra"]}).tolist() == [
-        False, True, False]
+    assert detect._novel_names(["zebra", "red car", " ZEBRA ", "teddy bear", "Teddy_Bear"],
+                               {"base_names": ["Zebra", "teddy_bear"]}).tolist() == [False, True, False, False, False]
 
 
 def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path):

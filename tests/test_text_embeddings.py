@@ -66,7 +66,7 @@ def test_names_from_an_annotation_file_a_list_or_a_file(tmp_path):
     annotations.write_text(json.dumps({"images": [], "annotations": [], "categories": [
         {"id": 2, "name": "star"}, {"id": 1, "name": "circle"}]}))
     assert vocabulary_names(annotations=annotations) == ["circle", "star"]
-    assert vocabulary_names(vocab=" kite , zebra") == ["kite", "zebra"]
+    assert vocabulary_names(vocab=" kite , zebra") == vocabulary_names(vocab="kite, zebra, ") == ["kite", "zebra"]
     names = tmp_path / "names.txt"
     names.write_text("# my names\nkite\n\nzebra\n")
     assert vocabulary_names(vocab_file=names) == ["kite", "zebra"]

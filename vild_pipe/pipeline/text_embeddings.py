@@ -78,7 +78,8 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
                      vocab_file: str | os.PathLike | None = None, offered: Sequence[str] = tuple(NAME_SOURCES)
                      ) -> list[str]:
     """Category names from exactly one source: an annotation file (all its categories, in id order), a
-    comma-separated list, or a file with one name per line (blank lines and `#` comments skipped).
+    comma-separated list (a comma at its end allowed), or a file with one name per line (blank lines and `#`
+    comments skipped).
     `offered`: the sources (NAME_SOURCES keys) the caller's command has, which the message names."""
     given = [source for source in (annotations, vocab, vocab_file) if source is not None]
     if len(given) != 1:
@@ -88,7 +89,8 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
     if annotations is not None:
         return check_names(CocoDataset.load(annotations).category_names, os.fspath(annotations))
     if vocab is not None:
-        return check_names(vocab.split(","), "--vocab")
+        pieces = vocab.split(",")
+        return check_names(pieces[:-1] if len(pieces) > 1 and not pieces[-1].strip() else pieces, "--vocab")
     try:
         lines = Path(vocab_file).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:

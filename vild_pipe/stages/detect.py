@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from vild_pipe import __version__
 from vild_pipe.data.coco import read_rgb_image
+from vild_pipe.data.prompts import clean_name
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
@@ -237,12 +238,12 @@ def _drawing_names(paths: list[Path]) -> list[str]:
 
 
 def _novel_names(names: list[str], info: dict) -> np.ndarray:
-    """Per vocabulary name: True unless it is one of the head's base categories (compared case- and
-    space-insensitively). With an arbitrary vocabulary there is no split; what the head was trained on is
-    the only base there is."""
+    """Per vocabulary name: True unless it is one of the head's base categories, compared as their prompts
+    read them (`clean_name`: "teddy_bear" is "Teddy bear"). With an arbitrary vocabulary there is no split;
+    what the head was trained on is the only base there is."""
     base = info.get("base_names")
     if base is None:
         log.warning("the head records no base categories: every name is weighted as novel in the ensemble")
         base = []
-    base_keys = {" ".join(name.lower().split()) for name in base}
-    return np.array([" ".join(name.lower().split()) not in base_keys for name in names], dtype=bool)
+    base_keys = {" ".join(clean_name(name).split()) for name in base}
+    return np.array([" ".join(clean_name(name).split()) not in base_keys for name in names], dtype=bool)
