@@ -44,15 +44,17 @@ class _Path(click.Path):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vild-pipe")
-@click.option("-v", "--verbose", is_flag=True, help="Debug-level log output on stderr (default: info).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level log output on stderr (default: info); give it before"
+              " the command: vild-pipe -v STAGE ...")
 def main(verbose):
     """Open-vocabulary object detection the ViLD way: distil CLIP into a detector.
 
     Each stage is a separate command that caches its work on disk and resumes when rerun.
     Run `vild-pipe demo` to see every built stage on a generated world, offline, on a CPU.
     """
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)   # other libraries' info lines (torch's) are not the user's business
+    logging.getLogger("vild_pipe").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 @main.command("make-synthetic")
