@@ -8,8 +8,8 @@ the image's base ground-truth boxes flagged `is_gt` (score 1) so the head sees e
 `add_gt` defaults to on for the annotation file the detector was trained on (train-rpn records its sha256
 and split, and the rows then follow the detector's split) or one whose name contains "train" (train.json,
 instances_train2017.json, lvis_v1_train.json), and off otherwise; the value used is part of the cache's
-config. A setting left out of a rerun keeps the value of the cache being resumed (`_unsaid_settings`), so the
-same command resumes a cache made before a default changed. Only BASE boxes are ever appended (the training
+config. `nms_threshold` and `add_gt` left out of a rerun keep the values of the cache being resumed
+(`_unsaid_settings`), so the same command resumes a cache made before their defaults changed. Only BASE boxes are ever appended (the training
 view of the category split): novel boxes never reach the cache. Crowd boxes are left out: they are regions,
 not exact positives.
 
