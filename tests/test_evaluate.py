@@ -337,7 +337,8 @@ def test_heads_caches_and_files_that_do_not_belong_together_are_refused(world, t
         with pytest.raises(DataError) as raised:
             evaluate.run(**settings(world, tmp_path / "out", heads={"ViLD-text": head}))
         messages[case] = str(raised.value)
-    assert "embed dim 16" in messages["embed dim"] and "use one model" in messages["other CLIP"]
+    assert "dim 16)," in messages["embed dim"] and messages["embed dim"].count(", dim ") == 2
+    assert "use one model" in messages["other CLIP"]
     assert "4x7x7" in messages["other channels"] and "8x7x7" in messages["other channels"]
     assert "trained on features of detector model.pt (ffffffffffff)" in messages["other detector"]
     assert all("\n" not in message and str(tmp_path) in message for message in messages.values())

@@ -328,8 +328,9 @@ def _check_head(loaded: _LoadedHead, texts: TextEmbeddings, proposals: CacheFold
     info, config, file = loaded.info, loaded.head.config, loaded.file
     head_clip = info.get("clip") or {}
     if not same_clip(head_clip, texts.clip) or config.embed_dim != texts.embed_dim:
-        raise DataError(f"{file}: head was trained against CLIP {describe_clip(head_clip)} (embed dim"
-                        f" {config.embed_dim}), the text embeddings are of {describe_clip(texts.clip)}; use one model")
+        trained = describe_clip({**head_clip, "embed_dim": config.embed_dim})
+        raise DataError(f"{file}: head was trained against CLIP {trained}, the text embeddings are of"
+                        f" {describe_clip(texts.clip)}; use one model")
     channels, height, width = proposals.fields["features"].shape
     if (config.in_channels, config.resolution, config.resolution) != (channels, height, width):
         raise DataError(f"{file}: head takes {config.in_channels}x{config.resolution}x{config.resolution} RoI features,"
