@@ -114,9 +114,11 @@ def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_rea
     assert result.output.splitlines()[-1] == f"{rpn}: train-rpn run, no step logged yet; finished: {rpn / 'model.pt'}"
     states = json.loads(CliRunner().invoke(main, ["info", "--json", str(folder.path), str(rpn)]).output)
     assert [state["kind"] for state in states] == ["cache", "run"] and states[0]["complete_shards"] == 2
-    result = CliRunner().invoke(main, ["info", str(tmp_path)])
-    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+    result = CliRunner().invoke(main, ["info", str(folder.path), str(tmp_path), str(rpn)])
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-2:] == [
+        f"{rpn}: train-rpn run, no step logged yet; finished: {rpn / 'model.pt'}",
         f"error: {tmp_path}: neither a vild-pipe cache (no manifest.json) nor a training run folder (no last.pt,"
-        " metrics.jsonl, model.pt, head.pt or run.lock)"]
+        " metrics.jsonl, model.pt, head.pt or run.lock)"], "the readable folders are described all the same"
+    assert result.output.startswith(f"{folder.path}: dump-proposals cache")
     with pytest.raises(DataError):
         info.describe(tmp_path)

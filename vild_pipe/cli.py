@@ -420,7 +420,12 @@ def info(paths, as_json):
     """
     from vild_pipe.stages import info as stage
     states = stage.run(paths)
-    click.echo(json.dumps(states, indent=1) if as_json else "\n".join(map(stage.format_state, states)))
+    readable = [state for state in states if state["kind"] != "error"]
+    if as_json or readable:
+        click.echo(json.dumps(states, indent=1) if as_json else "\n".join(map(stage.format_state, readable)))
+    errors = [state["error"] for state in states if state["kind"] == "error"]
+    if errors:
+        raise VildError("; ".join(errors))
 
 
 @main.command()

@@ -25,8 +25,15 @@ MISSING_SHOWN = 8
 
 
 def run(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """What `describe` says of each path."""
-    return [describe(Path(path)) for path in paths]
+    """What `describe` says of each path; a path it cannot read is {"path", "kind": "error", "error"}, so that
+    one wrong path among many does not hide what the others say."""
+    states = []
+    for path in paths:
+        try:
+            states.append(describe(Path(path)))
+        except DataError as err:
+            states.append({"path": os.fspath(path), "kind": "error", "error": str(err)})
+    return states
 
 
 def describe(path: Path) -> dict[str, Any]:
