@@ -61,12 +61,14 @@ def detect_kwargs(models, out, **overrides):
             **overrides}
 
 
-def test_detections_json_and_drawings_of_a_photograph(models, tmp_path):
+def test_detections_json_and_drawings_of_a_photograph(models, tmp_path, caplog):
     second = tmp_path / "copy" / "astronaut.jpg"
     second.parent.mkdir()
     second.write_bytes(models["photo"].read_bytes())
     out = tmp_path / "out"
-    summary = detect.run(**detect_kwargs(models, out, images=[models["photo"], second]))
+    with caplog.at_level(logging.INFO, logger=detect.__name__):
+        summary = detect.run(**detect_kwargs(models, out, images=[models["photo"], second]))
+    assert f"{second} is drawn as astronaut-2.png (another image is astronaut.png)" in caplog.text
 
     coco = COCO(str(out / "detections.json"))
     assert [coco.cats[k]["name"] for k in sorted(coco.cats)] == NAMES

@@ -232,6 +232,8 @@ def _drawing_names(paths: list[Path]) -> list[str]:
         while name in taken:
             count += 1
             name = f"{path.stem}-{count}.png"
+        if count > 1:
+            log.info("%s is drawn as %s (another image is %s.png)", path, name, path.stem)
         taken.add(name)
         names.append(name)
     return names
