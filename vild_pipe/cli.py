@@ -376,14 +376,15 @@ def detect(images, **options):
 @click.option("--min-size", type=int, help="Image shorter side, pixels [preset: small 192, resnet50-fpn 800].")
 @click.option("--max-size", type=int, help="Longer-side cap, pixels [preset: small 320, resnet50-fpn 1333].")
 @click.option("--iterations", type=int, help="Training steps [preset: small 1600, resnet50-fpn 90000].")
-@click.option("--batch-size", type=int, help="Global batch, split over torchrun processes [small 4, resnet50-fpn 16].")
-@click.option("--lr", type=float, help="Peak SGD learning rate [0.02].")
-@click.option("--warmup", type=int, help="Linear warm-up steps [small 100, resnet50-fpn 1000].")
+@click.option("--batch-size", type=int,
+              help="Global batch, split over torchrun processes [preset: small 4, resnet50-fpn 16].")
+@click.option("--lr", type=float, help="Peak SGD learning rate [default: 0.02].")
+@click.option("--warmup", type=int, help="Linear warm-up steps [preset: small 100, resnet50-fpn 1000].")
 @click.option("--schedule", type=click.Choice(["cosine", "step"]),
-              help="Decay after warm-up [small cosine, resnet50-fpn step at 2/3 and 8/9].")
+              help="Decay after warm-up [preset: small cosine, resnet50-fpn step at 2/3 and 8/9].")
 @click.option("--momentum", default=0.9, show_default=True)
 @click.option("--weight-decay", default=1e-4, show_default=True)
-@click.option("--clip-grad-norm", type=float, help="Clip the gradient norm [off].")
+@click.option("--clip-grad-norm", type=float, help="Clip the gradient norm [default: off].")
 @click.option("--scale-jitter", nargs=2, type=float, default=(0.75, 1.25), show_default=True,
               help="Per-step image scale range.")
 @click.option("--no-hflip", "hflip", flag_value=False, default=True, help="No random left-right flips.")
