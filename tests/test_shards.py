@@ -597,6 +597,18 @@ def test_cost_helpers():
     assert format_bytes(bytes_per_row(features)) == "24.5 KiB"
     assert bytes_per_row(FIELDS) == 4 * 4 + 4 + 1 + 2 * 36
     assert estimate_cache_bytes(features, num_rows=300, num_images=1) == 300 * 25088 + 16
+
+
+def test_the_size_estimate_holds_a_written_shard_with_a_little_to_spare(tmp_path):
+    """The estimate logged before a cache is written is what its files take: arrays plus HDF5's own."""
+    folder = open_cache(tmp_path / "cache", num_shards=1)
+    rows = {"boxes": np.zeros((40, 4), np.float32), "scores": np.zeros(40, np.float32), "is_gt": np.zeros(40, bool),
+            "features": np.ones((40, 4, 3, 3), np.float16)}
+    with ShardWriter(folder, 0) as writer:
+        for image_id in (1, 2, 3):
+            writer.add_image(image_id, **rows)
+    written = folder.shard_path(0).stat().st_size
+    assert written <= estimate_cache_bytes(FIELDS, num_rows=120, num_images=3, num_shards=1) <= written * 1.25
     assert format_bytes(512) == "512 B"
     assert format_bytes(100_000 * 300 * 512 * 2) == "28.6 GiB"
 

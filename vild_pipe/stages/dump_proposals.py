@@ -235,7 +235,7 @@ def _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ra
             _, _, iscrowd = ground_truth.annotations_for(record.id)
             gt_rows += int((~iscrowd).sum())
     num_images = len(dataset)
-    total = estimate_cache_bytes(fields, top_n * num_images + gt_rows, num_images)
+    total = estimate_cache_bytes(fields, top_n * num_images + gt_rows, num_images, folder.num_shards)
     pending_images = sum(len(ranges[i]) for i in pending)
     log.info(
         "proposal cache %s: up to %s per image (%d proposals + %.1f ground-truth boxes on average, %s a row with"
