@@ -287,6 +287,12 @@ def test_the_file_the_detector_was_trained_on_gets_ground_truth_rows_of_its_spli
     made = json.loads((tmp_path / "mine" / "manifest.json").read_text())["config"]
     assert made["add_gt"] is True and made["split"] == own.to_json()
     assert "appending ground-truth rows: the detector was trained on this annotation file" in caplog.text
+    assert "the ground-truth rows follow split" not in caplog.text
+    dump_proposals.run(**{**kwargs, "out": str(tmp_path / "auto"), "split": "auto"})   # auto: the detector's own
+    assert "the ground-truth rows follow split" not in caplog.text
+    dump_proposals.run(**{**kwargs, "out": str(tmp_path / "other-split"), "split": "field"})
+    assert (f"mine.json: the detector was trained on this file with split novel:mine ({len(own.base_ids)} base"
+            f" categories), the ground-truth rows follow split field ({len(auto.base_ids)})") in caplog.text
     rows = read_cache(tmp_path / "mine")
     for image_id, got in rows.items():
         expected = CocoDataset.load(tmp_path / "mine.json").training_view(own).annotations_for(image_id)[0]

@@ -120,6 +120,20 @@ def _unsaid_settings(out: str | os.PathLike, overwrite: bool, annotations: str |
     return float(nms_threshold), bool(add_gt), split
 
 
+def _warn_of_a_split_not_the_detectors(detector: str | os.PathLike, annotations: str | os.PathLike,
+                                       annotations_sha256: str, split: CategorySplit) -> None:
+    """A warning when the detector's own training file gets ground-truth rows by another split: boxes of
+    categories the detector was trained to see as background, or never saw, become the head's positives."""
+    trained_on = detector_training_data(detector)
+    if trained_on.get("annotations_sha256") != annotations_sha256 or not trained_on.get("split"):
+        return
+    own = CategorySplit.from_json(trained_on["split"])
+    if sorted(own.base_ids) != sorted(split.base_ids):
+        log.warning("%s: the detector was trained on this file with split %s (%d base categories), the ground-truth"
+                    " rows follow split %s (%d): leave --split out to use the detector's", os.fspath(annotations),
+                    own.spec, len(own.base_ids), split.spec, len(split.base_ids))
+
+
 def _config_of_existing_cache(out: str | os.PathLike) -> dict:
     """The config of the proposal cache already in `out`; {} where there is none (or none this stage reads)."""
     try:
@@ -183,6 +197,8 @@ def run(
         nms_threshold, add_gt, split = _unsaid_settings(out, overwrite, annotations, annotations_sha256, detector,
                                                         nms_threshold, add_gt, split)
         ground_truth = dataset.training_view(split) if add_gt else None
+        if ground_truth is not None:
+            _warn_of_a_split_not_the_detectors(detector, annotations, annotations_sha256, ground_truth.split)
 
         model, _, detector_identity = load_detector(detector, info.device)
         use_fp16 = fp16 and info.device.type == "cuda"
