@@ -287,7 +287,8 @@ def test_image_problems_are_found_lazily(tmp_path):
     (tmp_path / IMAGES[1]["file_name"]).write_bytes(b"")
     ds = CocoDataset.load(write_coco(tmp_path))  # loading does not look at image files
 
-    with pytest.raises(DataError, match=r"images/000001\.png: missing image file$"):
+    with pytest.raises(DataError, match=r"images/000001\.png: missing image file \(images are looked for beside"
+                                        r" the annotation file; give --images FOLDER\)$"):
         ds.open_image(ds.images[0])
     with pytest.raises(DataError, match=r"images/000002\.png: zero-byte image file$"):
         ds.open_image(ds.images[1])
@@ -371,6 +372,32 @@ def test_check_images_up_front(tmp_path):
     (tmp_path / IMAGES[0]["file_name"]).unlink()
     with pytest.raises(DataError, match=r"000001\.png: missing image file \(image id 1 of .*; 1 more images"):
         CocoDataset.load(ann, check_images=True)
+
+
+def test_a_missing_image_hints_at_the_images_option_only_where_no_folder_was_given(tmp_path):
+    """Forgetting --images is the usual first mistake: the default folder (the annotation file's) is named."""
+    ann = write_coco(tmp_path)
+    write_images(tmp_path)
+    (tmp_path / IMAGES[0]["file_name"]).unlink()
+    hint = "images are looked for beside the annotation file; give --val-images FOLDER"
+    defaulted = CocoDataset.load(ann, images_option="--val-images").training_view("auto")  # views keep the hint
+    with pytest.raises(DataError) as lazily:
+        defaulted.open_image(defaulted.images[0])
+    with pytest.raises(DataError) as up_front:
+        CocoDataset.load(ann, check_images=True, images_option="--val-images")
+    assert str(lazily.value) == f"{tmp_path / IMAGES[0]['file_name']}: missing image file ({hint})"
+    assert str(up_front.value) == (f"{tmp_path / IMAGES[0]['file_name']}: missing image file (image id 1 of {ann};"
+                                   f" {hint})")
+
+    given = CocoDataset.load(ann, image_dir=tmp_path)
+    with pytest.raises(DataError, match=r"000001\.png: missing image file$"):
+        given.open_image(given.images[0])
+    with pytest.raises(DataError, match=r"000001\.png: missing image file \(image id 1 of [^;]*\)$"):
+        CocoDataset.load(ann, image_dir=tmp_path, check_images=True)
+    (tmp_path / IMAGES[1]["file_name"]).write_bytes(b"")
+    empty_only = CocoDataset.load(ann)   # found, but empty: where it was looked for is not the problem
+    with pytest.raises(DataError, match=r"000002\.png: zero-byte image file$"):
+        empty_only.open_image(empty_only.images[1])
 
 
 def test_training_view_drops_novel_annotations_and_keeps_images(tmp_path):

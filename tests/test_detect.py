@@ -218,6 +218,17 @@ def test_bad_vocabularies_images_and_models_are_one_line_errors(models, tmp_path
     unfinished.mkdir()
     save_checkpoint(unfinished / "last.pt", {"step": 3, "config": {"detector": {"backbone": "small"}}})
     assert error(VildError, head=unfinished).startswith(f"{unfinished}: a train-rpn run folder, not a train-head one")
+    assert error(VildError, detector=unfinished) == (
+        f"{unfinished}: train-rpn has not finished (step 3; model.pt is written at its end); rerun train-rpn to finish"
+        f" it, or pass {unfinished / 'last.pt'} to use its last checkpoint as it is")
+    head_run = tmp_path / "head-text"     # the reverse mistake: a train-head run folder given as the detector
+    head_run.mkdir()
+    shutil.copy(models["head"], head_run / "head.pt")
+    save_checkpoint(head_run / "last.pt", {"step": 4, "config": {"losses": "text", "head": {"in_channels": 16}}})
+    assert error(VildError, detector=head_run) == (
+        f"{head_run}: a train-head run folder, not a train-rpn one; give a train-rpn run folder or its model.pt")
+    assert error(DataError, detector=models["head"]) == (
+        f"{models['head']}: a train-head checkpoint, not a detector; give a train-rpn run folder or its model.pt")
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     assert error(DataError, images=[tmp_path / "broken.jpg"]) == (
         f"{tmp_path / 'broken.jpg'}: cannot decode image (truncated or not an image)")

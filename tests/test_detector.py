@@ -10,9 +10,10 @@ from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from vild_pipe.pipeline.detector import (
-    MODEL_NAME, DetectorConfig, RoIPool, SeededSampler, build_detector, feature_channels, load_detector,
-    predict_boxes, save_final_model, set_sampling_seeds,
+    MODEL_NAME, DetectorConfig, RoIPool, SeededSampler, build_detector, detector_training_data, feature_channels,
+    load_detector, predict_boxes, save_final_model, set_sampling_seeds,
 )
 from vild_pipe.pipeline.recall import IOU_THRESHOLDS, RecallAccumulator, best_overlaps
 
@@ -200,8 +201,49 @@ def test_final_model_loads_with_identity_and_same_outputs(tmp_path, one_torch_th
     assert torch.equal(boxes, expected) and torch.equal(scores, expected_scores)
     empty_run = tmp_path / "empty-run"
     empty_run.mkdir()
-    with pytest.raises(VildError, match="no model.pt or last.pt"):
+    with pytest.raises(VildError, match="empty-run: no model.pt in this folder"):
         load_detector(empty_run)
+
+
+def test_an_unfinished_run_folder_is_refused_and_its_last_checkpoint_used_only_when_named(tmp_path, one_torch_thread):
+    """A folder's last.pt is a half-trained detector: using it must be a choice, made by naming the file."""
+    config = DetectorConfig.preset("small", **TINY)
+    run_dir = tmp_path / "rpn-int"
+    run_dir.mkdir()
+    data = {"annotations_sha256": "a" * 64}
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {"step": 62, "model": build_detector(config).state_dict(),
+                                                "config": {"detector": config.to_dict(), "iterations": 300,
+                                                           "data": data}})
+    with pytest.raises(VildError) as refused:
+        load_detector(run_dir)
+    assert str(refused.value) == (
+        f"{run_dir}: train-rpn has not finished (step 62 of 300; model.pt is written at its end); rerun train-rpn"
+        f" to finish it, or pass {run_dir / CHECKPOINT_NAME} to use its last checkpoint as it is")
+    assert detector_training_data(run_dir) == {}
+    _, loaded_config, identity = load_detector(run_dir / CHECKPOINT_NAME)
+    assert loaded_config == config and identity["checkpoint"] == CHECKPOINT_NAME and identity["step"] == 62
+    assert detector_training_data(run_dir / CHECKPOINT_NAME) == data
+
+
+def test_a_train_head_run_folder_or_head_given_as_the_detector_says_so(tmp_path):
+    run_dir = tmp_path / "head-text"
+    run_dir.mkdir()
+    head_config = {"in_channels": 16, "embed_dim": 32}
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {"step": 4, "model": {}, "config": {"losses": "text",
+                                                                                   "head": head_config}})
+    with pytest.raises(VildError) as unfinished:
+        load_detector(run_dir)
+    assert str(unfinished.value) == (f"{run_dir}: a train-head run folder, not a train-rpn one; give a train-rpn run"
+                                     " folder or its model.pt")
+    save_checkpoint(run_dir / "head.pt", {"kind": "vild-pipe head", "head_config": head_config, "model": {},
+                                          "config": {"losses": "text", "head": head_config}})
+    with pytest.raises(VildError, match="head-text: a train-head run folder, not a train-rpn one"):
+        load_detector(run_dir)
+    for file in (run_dir / "head.pt", run_dir / CHECKPOINT_NAME):
+        with pytest.raises(DataError) as named:
+            load_detector(file)
+        assert str(named.value) == (f"{file}: a train-head checkpoint, not a detector; give a train-rpn run folder"
+                                    " or its model.pt")
 
 
 def test_predicted_boxes_are_in_input_pixels_and_sorted(one_torch_thread):

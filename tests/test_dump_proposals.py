@@ -27,6 +27,7 @@ from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
 from vild_pipe.pipeline.proposals import (
     PROPOSAL_NMS_THRESHOLD, dump_settings, feature_shape, features_for_boxes, propose_with_features,
@@ -526,6 +527,27 @@ def test_bad_image_names_the_file_keeps_earlier_shards_and_can_be_skipped(world,
     assert [s["image_id"] for s in skipped] == [bad.id] and bad.file_name in skipped[0]["reason"]
     rows = read_cache(out)
     assert bad.id not in rows and len(rows) == TRAIN_IMAGES - 1
+
+
+def test_an_unfinished_detector_run_folder_is_refused_and_its_checkpoint_used_when_named(world, detector, tmp_path):
+    """A train-rpn run stopped before its end has last.pt but no model.pt: its folder is refused with the way on,
+    before anything is made; the file itself, named, is used as it is."""
+    finished = torch.load(detector / "model.pt", weights_only=True)
+    run_dir = tmp_path / "rpn-int"
+    run_dir.mkdir()
+    save_checkpoint(run_dir / CHECKPOINT_NAME, {"step": 62, "model": finished["model"],
+                                                "config": {"detector": finished["detector"], "iterations": 300}})
+    out = tmp_path / "cache"
+    options = [str(world / "val.json"), str(out), "--top-n", "4", "--device", "cpu", "--workers", "0",
+               "--threads", "1"]
+    result = CliRunner().invoke(main, ["dump-proposals", str(run_dir), *options])
+    assert result.exit_code == 2 and result.output.splitlines() == [
+        f"error: {run_dir}: train-rpn has not finished (step 62 of 300; model.pt is written at its end); rerun"
+        f" train-rpn to finish it, or pass {run_dir / CHECKPOINT_NAME} to use its last checkpoint as it is"]
+    assert not out.exists()
+    result = CliRunner().invoke(main, ["dump-proposals", str(run_dir / CHECKPOINT_NAME), *options])
+    assert result.exit_code == 0, result.output
+    assert CacheFolder.open(out).inputs["detector"]["checkpoint"] == CHECKPOINT_NAME
 
 
 def test_other_config_is_refused_and_overwrite_replaces_the_cache(world, detector, tmp_path):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -227,6 +228,36 @@ def test_imagenet_init_offline_is_one_line_and_leaves_no_run_folder(world, tmp_p
     assert not run_dir.exists()
 
 
+def test_a_missing_image_is_found_before_training_and_leaves_no_run_folder(world, tmp_path):
+    """Training opens images lazily; a missing one must stop the command at once, not at the step that draws it."""
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    missing = copy / "train" / "000003.jpg"
+    missing.unlink()
+    run_dir = tmp_path / "runs" / "rpn"
+    command = ["train-rpn", str(copy / "train.json"), str(run_dir), "--backbone", "small", "--iterations", "1",
+               "--workers", "0", "--device", "cpu"]
+
+    def error_line(*extra):
+        result = CliRunner().invoke(main, [*command, *extra])
+        errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert result.exit_code == 2 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert not run_dir.parent.exists()
+        return errors[0]
+
+    assert error_line() == (f"error: {missing}: missing image file (image id 3 of {copy / 'train.json'}; images are"
+                            " looked for beside the annotation file; give --images FOLDER)")
+    assert error_line("--images", str(copy)) == (
+        f"error: {missing}: missing image file (image id 3 of {copy / 'train.json'})")
+    shutil.copy(world / "train" / "000003.jpg", missing)
+    missing_val = sorted((copy / "val").glob("*.jpg"))[0]
+    missing_val.unlink()
+    assert error_line("--val", str(copy / "val.json")).startswith(
+        f"error: {missing_val}: missing image file (image id ")
+    assert error_line("--val", str(copy / "val.json")).endswith(
+        "; images are looked for beside the annotation file; give --val-images FOLDER)")
+
+
 def test_recall_of_a_file_that_is_not_a_checkpoint_is_one_short_line(world, reference):
     metrics = reference[0] / METRICS_NAME
     result = CliRunner().invoke(main, ["recall", str(metrics), str(world / "val.json"), "--device", "cpu"])
@@ -257,7 +288,15 @@ def test_sigkill_at_a_random_step_then_rerun_gives_identical_weights(world, refe
     saved = load_checkpoint(run_dir / CHECKPOINT_NAME)     # a complete checkpoint or none, never half of one
     assert saved is not None and 4 <= saved["step"] < ITERATIONS
     assert not (run_dir / MODEL_NAME).exists()
-    _, _, identity = load_detector(run_dir)                 # without model.pt: the training checkpoint
+    unfinished = (f"{run_dir}: train-rpn has not finished (step {saved['step']} of {ITERATIONS}; model.pt is written"
+                  f" at its end); rerun train-rpn to finish it, or pass {run_dir / CHECKPOINT_NAME} to use its last"
+                  " checkpoint as it is")
+    with pytest.raises(VildError) as refused:               # the folder alone does not stand for a half-trained model
+        load_detector(run_dir)
+    assert str(refused.value) == unfinished
+    result = CliRunner().invoke(main, ["recall", str(run_dir), str(world / "val.json"), "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == f"error: {unfinished}", result.output
+    _, _, identity = load_detector(run_dir / CHECKPOINT_NAME)   # named, the training checkpoint is used as it is
     assert identity["checkpoint"] == CHECKPOINT_NAME and identity["step"] == saved["step"]
 
     summary = train(world, run_dir)

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("id", "width", "height")  # and file_name, or LVIS's coco_url
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 CATEGORY_KEYS = ("id", "name")
+MISSING_IMAGE = "missing image file"
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,11 @@ class CocoDataset:
         box_image_pos: np.ndarray,
         split: CategorySplit | None = None,
         skipped_degenerate: int = 0,
+        missing_image_hint: str = "",
     ) -> None:
         self.path = path
         self.image_dir = image_dir
+        self.missing_image_hint = missing_image_hint  # where images were looked for, when no one said where
         self.images = images
         self.categories = categories
         self.split = split
@@ -106,9 +109,11 @@ class CocoDataset:
 
     @classmethod
     def load(cls, ann_path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-             check_images: bool = False, parsed_json: Any = None) -> CocoDataset:
+             check_images: bool = False, parsed_json: Any = None, images_option: str = "--images") -> CocoDataset:
         """Read and validate `ann_path`; images live in `image_dir` (default: the JSON's folder).
         `parsed_json`: the file's JSON, when the caller has parsed it already (`read_annotation_json`).
+        `images_option`: the option that gives `image_dir`; a missing image found in the default folder names
+        it, since a forgotten images folder is the usual cause.
 
         Raises `DataError` (one line naming the file and the record) for an unreadable or non-JSON file,
         missing top-level lists or record keys, duplicate ids or category names, annotations pointing at
@@ -120,6 +125,8 @@ class CocoDataset:
         where = os.fspath(ann_path)
         raw = read_annotation_json(path) if parsed_json is None else parsed_json
         images_json, annotations_json, categories_json = _top_level_lists(raw, where)
+        missing_image_hint = ("" if image_dir is not None else
+                              f"images are looked for beside the annotation file; give {images_option} FOLDER")
         image_dir = Path(image_dir) if image_dir is not None else path.parent
 
         images = _parse_images(images_json, image_dir, where)
@@ -147,6 +154,7 @@ class CocoDataset:
             iscrowd=ann_iscrowd[keep][order],
             box_image_pos=ann_image_pos[keep][order],
             skipped_degenerate=skipped,
+            missing_image_hint=missing_image_hint,
         )
         if check_images:
             dataset.check_image_files()
@@ -219,7 +227,8 @@ class CocoDataset:
         path = record.path
         problem = _file_problem(path)
         if problem:
-            raise DataError(f"{os.fspath(path)}: {problem}")
+            hint = f" ({self.missing_image_hint})" if problem == MISSING_IMAGE and self.missing_image_hint else ""
+            raise DataError(f"{os.fspath(path)}: {problem}{hint}")
         rgb = read_rgb_image(path)
         if rgb.size != (record.width, record.height):
             raise self.wrong_size_error(record, rgb.size)
@@ -242,7 +251,10 @@ class CocoDataset:
         if problems:
             rec, problem = problems[0]
             more = f"; {len(problems) - 1} more images missing or empty" if len(problems) > 1 else ""
-            raise DataError(f"{os.fspath(rec.path)}: {problem} (image id {rec.id} of {os.fspath(self.path)}{more})")
+            missing = any(reason == MISSING_IMAGE for _, reason in problems)
+            hint = f"; {self.missing_image_hint}" if missing and self.missing_image_hint else ""
+            raise DataError(f"{os.fspath(rec.path)}: {problem} (image id {rec.id} of {os.fspath(self.path)}{more}"
+                            f"{hint})")
 
     # ------------------------------------------------------------------ views
 
@@ -281,7 +293,7 @@ class CocoDataset:
         return CocoDataset(
             path=self.path, image_dir=self.image_dir, images=self.images, categories=self.categories,
             boxes=boxes, category_ids=category_ids, iscrowd=iscrowd, box_image_pos=image_pos,
-            split=split, skipped_degenerate=self.skipped_degenerate,
+            split=split, skipped_degenerate=self.skipped_degenerate, missing_image_hint=self.missing_image_hint,
         )
 
 
@@ -534,7 +546,7 @@ def _file_problem(path: Path) -> str | None:
     try:
         status = path.stat()
     except FileNotFoundError:
-        return "missing image file"
+        return MISSING_IMAGE
     except OSError as exc:
         return f"cannot read image file ({describe_error(exc)})"
     if not stat.S_ISREG(status.st_mode):

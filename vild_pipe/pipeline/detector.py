@@ -45,13 +45,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from torchvision.ops.poolers import _setup_scales, initLevelMapper
 
 from vild_pipe.errors import DataError, VildError, describe_error
-from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from vild_pipe.pipeline.shards import sha256_file
 
 NUM_CLASSES = 2  # background, object
 MODEL_NAME = "model.pt"
 MODEL_FORMAT = 1
-TRAINING_CHECKPOINT_NAME = "last.pt"
 PRESETS = ("resnet50-fpn", "small")
 SMALL_RETURNED_STAGES = ("stage2", "stage3", "stage4")  # strides 8, 16, 32; the FPN adds a max-pooled stride 64
 
@@ -529,13 +528,25 @@ def save_final_model(run_dir: str | os.PathLike, model: nn.Module, config: Detec
 
 
 def resolve_detector_file(path: str | os.PathLike) -> Path:
-    """The file a detector path names: a file as given; a run folder's model.pt, else its last.pt."""
+    """The file a detector path names: a file as given; a train-rpn run folder's model.pt. A folder whose
+    training has not finished is refused rather than read for its half-trained last.pt: using that one is a
+    choice the caller makes by naming the file."""
     path = Path(path)
     if path.is_dir():
-        for name in (MODEL_NAME, TRAINING_CHECKPOINT_NAME):
-            if (path / name).is_file():
-                return path / name
-        raise VildError(f"{path}: no {MODEL_NAME} or {TRAINING_CHECKPOINT_NAME} in this folder (run train-rpn first)")
+        if (path / MODEL_NAME).is_file():
+            return path / MODEL_NAME
+        checkpoint = path / CHECKPOINT_NAME
+        state = load_checkpoint(checkpoint, remove_stale_tmp=False, mmap=True) if checkpoint.is_file() else None
+        config = _run_config(state or {})
+        if "detector" in config:
+            iterations = f" of {config['iterations']}" if isinstance(config.get("iterations"), int) else ""
+            raise VildError(f"{path}: train-rpn has not finished (step {int(state.get('step', 0))}{iterations};"
+                            f" {MODEL_NAME} is written at its end); rerun train-rpn to finish it, or pass"
+                            f" {checkpoint} to use its last checkpoint as it is")
+        if "head" in config:    # train-head's run config names its head; train-rpn's never does
+            raise VildError(f"{path}: a train-head run folder, not a train-rpn one; give a train-rpn run folder"
+                            f" or its {MODEL_NAME}")
+        raise VildError(f"{path}: no {MODEL_NAME} in this folder (run train-rpn first)")
     if not path.is_file():
         raise VildError(f"{path}: no such detector checkpoint or train-rpn run folder")
     return path
@@ -545,8 +556,9 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
                   ) -> tuple[FasterRCNN, DetectorConfig, dict[str, Any]]:
     """(model in eval mode on `device`, its DetectorConfig, identity) from a train-rpn run folder or a file.
 
-    A folder gives its final model.pt, else its resumable last.pt. identity = {"checkpoint": file name,
-    "sha256": of the file, "step": training steps}: what a cache records to refuse another detector.
+    A folder gives its final model.pt (see `resolve_detector_file`); a last.pt is read only when named.
+    identity = {"checkpoint": file name, "sha256": of the file, "step": training steps}: what a cache records
+    to refuse another detector.
     """
     file = resolve_detector_file(path)
     state = load_checkpoint(file, remove_stale_tmp=False)  # a reader must not delete a save in progress
@@ -556,6 +568,9 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
         detector_dict = state["detector"]
     elif "detector" in _run_config(state):
         detector_dict = _run_config(state)["detector"]  # a train-rpn last.pt
+    elif "head_config" in state or "head" in _run_config(state):
+        raise DataError(f"{file}: a train-head checkpoint, not a detector; give a train-rpn run folder or its"
+                        f" {MODEL_NAME}")
     else:
         raise DataError(f"{file}: not a vild-pipe detector checkpoint (no detector config inside)")
     if "model" not in state:

@@ -40,7 +40,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
-from vild_pipe.pipeline.detector import detector_training_data, load_detector
+from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
 from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
@@ -185,6 +185,7 @@ def run(
     if workers < 0:
         raise VildError(f"--workers must be >= 0, got {workers}")
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
+    resolve_detector_file(detector)  # an unfinished or mistaken run folder is refused before any work or log line
     if threads:
         torch.set_num_threads(threads)
     with joined_process_group(device) as info:

@@ -2,7 +2,8 @@
 
 RUN (the run folder) holds:
     last.pt          resumable training state (model, optimiser, scheduler, step, RNG states, config)
-    model.pt         the final detector: weights + DetectorConfig (what `load_detector` and later stages read)
+    model.pt         the final detector: weights + DetectorConfig (what `load_detector` and later stages read;
+                     a folder without it is refused, and its last.pt is used only when given as the file)
     metrics.jsonl    one JSON line per step: loss terms, lr, step time, images/s
     recall.json      class-agnostic recall on the val split (when `val` is given)
 
@@ -12,6 +13,8 @@ same step with, on CPU, identical weights) because everything random in a step i
 (seed, step, position in the global batch): the images (`StepSampler`), the scale of the step, each image's
 flip, and the RPN's and RoI head's box sampling (`set_sampling_seeds`). Under torchrun each rank takes its
 slice of the same global batch, so W processes train what one would (DDP averages the gradients).
+Every image file (and every --val one) is checked up front, before the run folder is made: training opens
+images lazily and would otherwise stop at the step that draws a missing one.
 """
 from __future__ import annotations
 
@@ -99,6 +102,10 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     detector = _detector_config(backbone, backbone_init, min_size, max_size, detector_options)
     hyper = _training_settings(detector.backbone, iterations, batch_size, lr, warmup, schedule)
     _check_settings(hyper, scale_jitter, checkpoint_every, top_k)
+    # Training opens images lazily: a missing one would stop the run hours in, at the step that draws it.
+    train_set.check_image_files()
+    if val is not None:
+        CocoDataset.load(val, val_images, check_images=True, images_option="--val-images")
     use_amp = bool(amp) and info.device.type == "cuda"
     config = {
         "detector": detector.to_dict(),
@@ -173,7 +180,8 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
             log.info("train-rpn: %s already finished at step %d", run_dir, step)
         if val is not None:
             summary["recall"] = run_recall(run_dir, val, images=val_images, split=train_set.split, top_k=top_k,
-                                           device=str(info.device), out=run_dir / RECALL_NAME)
+                                           device=str(info.device), out=run_dir / RECALL_NAME,
+                                           images_option="--val-images")
         return summary
     finally:
         if owns_process_group:
@@ -183,15 +191,16 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
 def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
                images: str | os.PathLike | None = None, split: str | CategorySplit = "auto", top_k: int = 100,
                device: str = "auto", source: str = "detections", batch_size: int = 8, workers: int = 0,
-               out: str | os.PathLike | None = None) -> dict[str, Any]:
+               out: str | os.PathLike | None = None, images_option: str = "--images") -> dict[str, Any]:
     """Class-agnostic recall of a detector (run folder or file) on an annotated split, base and novel apart.
 
     Writes the result as JSON to `out` when given (a result already there for the same detector, data and
-    settings is returned as is). Logs one line with recall@0.5 and AR per group.
+    settings is returned as is). Logs one line with recall@0.5 and AR per group. `images_option` names the option
+    that gives `images`, for the hint of a missing image.
     """
     if top_k < 1:
         raise VildError(f"--top-k must be at least 1, got {top_k}")
-    dataset = CocoDataset.load(annotations, images)
+    dataset = CocoDataset.load(annotations, images, images_option=images_option)
     category_split = dataset.resolve_split(split)
     settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
                 "source": source}
