@@ -9,9 +9,9 @@ the image's base ground-truth boxes flagged `is_gt` (score 1) so the head sees e
 and split, and the rows then follow the detector's split) or one whose name contains "train" (train.json,
 instances_train2017.json, lvis_v1_train.json), and off otherwise; the value used is part of the cache's
 config. `nms_threshold` and `add_gt` left out of a rerun keep the values of the cache being resumed
-(`_unsaid_settings`), so the same command resumes a cache made before their defaults changed. Only BASE boxes are ever appended (the training
-view of the category split): novel boxes never reach the cache. Crowd boxes are left out: they are regions,
-not exact positives.
+(`_unsaid_settings`), so the same command resumes a cache made before their defaults changed. Only BASE boxes
+are ever appended (the training view of the category split): novel boxes never reach the cache. Crowd boxes
+are left out: they are regions, not exact positives.
 
 Resumption and scale come from `pipeline.shards`: complete shards are skipped on a rerun; `shard` ("i/n")
 and torchrun ranks split the shards between processes with no communication; whichever process finishes
