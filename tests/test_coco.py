@@ -153,7 +153,8 @@ def test_degenerate_boxes_are_skipped_and_counted(tmp_path, caplog):
     assert ds.annotations_for(1)[0].shape == (0, 4)
     np.testing.assert_array_equal(ds.annotations_for(2)[0], [[1, 1, 6, 6]])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"{tmp_path / 'val.json'}: skipped 4 degenerate boxes (non-positive size or outside the image)"]
+    assert warnings == [f"{tmp_path / 'val.json'}: skipped 4 degenerate boxes (non-positive size or outside the image):"
+                        " annotation id 1, 2, 3, 4"]
 
 
 def _drop(record, key):

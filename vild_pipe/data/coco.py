@@ -132,14 +132,17 @@ class CocoDataset:
         images = _parse_images(images_json, image_dir, where)
         categories = _parse_categories(categories_json, where)
         parsed = _parse_annotations(annotations_json, images, categories, where)
-        ann_image_pos, ann_category_ids, ann_bbox_xywh, ann_iscrowd = parsed
+        ann_ids, ann_image_pos, ann_category_ids, ann_bbox_xywh, ann_iscrowd = parsed
 
         widths = np.array([rec.width for rec in images], dtype=np.float64)
         heights = np.array([rec.height for rec in images], dtype=np.float64)
         boxes, keep, clipped = clip_xywh_to_xyxy(ann_bbox_xywh, widths[ann_image_pos], heights[ann_image_pos])
         skipped = int((~keep).sum())
         if skipped:
-            logger.warning("%s: skipped %d degenerate boxes (non-positive size or outside the image)", where, skipped)
+            ids = ", ".join(str(ann_ids[k]) for k in np.flatnonzero(~keep)[:5]) + (
+                f" and {skipped - 5} more" if skipped > 5 else "")
+            logger.warning("%s: skipped %d degenerate boxes (non-positive size or outside the image): annotation"
+                           " id %s", where, skipped, ids)
         if clipped:
             logger.info("%s: clipped %d boxes to the image", where, clipped)
 
@@ -436,8 +439,8 @@ def _parse_categories(categories_json: list, where: str) -> list[Category]:
 
 
 def _parse_annotations(annotations_json: list, images: list[ImageRecord], categories: list[Category], where: str
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Validate every annotation; return (image position, category id, bbox xywh float64, iscrowd) arrays."""
+                       ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Validate every annotation; return (ids, image position, category id, bbox xywh float64, iscrowd arrays)."""
     image_pos = {rec.id: pos for pos, rec in enumerate(images)}
     category_ids = {cat.id for cat in categories}
     n = len(annotations_json)
@@ -445,6 +448,7 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
     ann_category_ids = np.empty(n, dtype=np.int64)
     ann_bbox = np.empty((n, 4), dtype=np.float64)
     ann_iscrowd = np.zeros(n, dtype=bool)
+    ann_ids = [ann.get("id") for ann in annotations_json]   # kept as JSON gave them: ids are not bounded
     seen: set[int] = set()
     for index, ann in enumerate(annotations_json):
         label = _record_label("annotation", "annotations", index, ann)
@@ -467,7 +471,7 @@ def _parse_annotations(annotations_json: list, images: list[ImageRecord], catego
         ann_category_ids[index] = category_id
         ann_bbox[index] = bbox
         ann_iscrowd[index] = bool(iscrowd)
-    return ann_image_pos, ann_category_ids, ann_bbox, ann_iscrowd
+    return ann_ids, ann_image_pos, ann_category_ids, ann_bbox, ann_iscrowd
 
 
 EXIF_ORIENTATION = 0x0112
