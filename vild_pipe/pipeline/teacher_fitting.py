@@ -5,6 +5,8 @@ captions, for every category (novel ones included): each "web image" is a crop a
 training image, its caption one of ViLD's templates filled with the object's name. The detector and the
 ViLD head never see these pairs; they only ever meet the teacher through its embeddings.
 """
+from __future__ import annotations
+
 import logging
 import math
 
