@@ -1,4 +1,11 @@
+import dataclasses
 import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -6,12 +13,32 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import VildError
+from vild_pipe.pipeline import teacher_fitting
+from vild_pipe.pipeline.checkpoint import load_checkpoint
+from vild_pipe.pipeline.shards import sha256_file
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, fit_small_clip
 from vild_pipe.stages import fit_teacher, make_synthetic
 
+from child_processes import child_env
+
 TINY = SmallClipConfig(embed_dim=32, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=8,
                        transformer_width=64, transformer_layers=1)
+RESUMED = dict(steps=8, batch_size=16, model=TINY)   # the fit the resume tests stop and rerun
+
+# The CLI in a child process with the TINY model and a slow step (the fit's result is unchanged), so a signal
+# sent after the first checkpoint reaches it mid-fit.
+CLI_DRIVER = '''
+import functools, sys, time
+from vild_pipe import cli
+from vild_pipe.pipeline import teacher_fitting
+from vild_pipe.pipeline.teacher import SmallClipConfig
+from vild_pipe.stages import fit_teacher
+fit_teacher.run = functools.partial(fit_teacher.run, model=SmallClipConfig(**{model}))
+loss = teacher_fitting.multi_positive_clip_loss
+teacher_fitting.multi_positive_clip_loss = lambda *args: (time.sleep(0.5), loss(*args))[1]
+cli.main(sys.argv[1:])
+'''
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +114,89 @@ def test_a_file_fit_teacher_did_not_write_is_refused_and_a_stopped_fit_is_redone
     report = fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
     expected = fit_teacher.run(world, tmp_path / "uninterrupted" / "teacher.pt", steps=3, batch_size=16, model=TINY)
     assert report["teacher"]["sha256"] == expected["teacher"]["sha256"]
+
+
+def teacher_and_report(out, report):
+    """What a fit must reproduce: the teacher file's bytes and every number of its report but the time taken."""
+    return sha256_file(out), {key: value for key, value in report.items() if key != "seconds"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(one_torch_thread, world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "teacher.pt"
+    return teacher_and_report(out, fit_teacher.run(world, out, **RESUMED))
+
+
+def interrupt_at_step(monkeypatch, step):
+    """Make the joint step number `step` (1-based) raise KeyboardInterrupt, as a kill there would end it."""
+    loss, calls = teacher_fitting.multi_positive_clip_loss, []
+
+    def loss_until_interrupted(*args):
+        calls.append(None)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return loss(*args)
+
+    monkeypatch.setattr(teacher_fitting, "multi_positive_clip_loss", loss_until_interrupted)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_fit_killed_part_way_resumes_to_the_teacher_and_report_of_an_uninterrupted_fit(world, uninterrupted,
+                                                                                        tmp_path, monkeypatch, caplog):
+    out, checkpoint = tmp_path / "teacher.pt", tmp_path / "teacher.fitting.pt"
+    interrupt_at_step(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        fit_teacher.run(world, out, checkpoint_every=2, **RESUMED)
+    monkeypatch.undo()
+    assert load_checkpoint(checkpoint)["step"] == 4 and not out.exists()
+    with caplog.at_level(logging.INFO, logger="vild_pipe"):
+        report = fit_teacher.run(world, out, checkpoint_every=2, **RESUMED)
+    assert f"resuming from {checkpoint} at step 4" in caplog.text
+    assert teacher_and_report(out, report) == uninterrupted
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["teacher.json", "teacher.pt"]
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_sigterm_saves_the_fit_exits_2_with_one_line_and_the_rerun_ends_as_an_uninterrupted_fit(world, uninterrupted,
+                                                                                               tmp_path):
+    out, checkpoint = tmp_path / "teacher.pt", tmp_path / "teacher.fitting.pt"
+    script = tmp_path / "driver.py"
+    script.write_text(CLI_DRIVER.format(model=dataclasses.asdict(TINY)))
+    command = [sys.executable, str(script), "fit-teacher", str(world), "--out", str(out), "--steps", "8",
+               "--batch-size", "16", "--checkpoint-every", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=child_env(), start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not checkpoint.is_file():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no first checkpoint within 60 s"
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 2, output
+    step = load_checkpoint(checkpoint)["step"]
+    assert 1 <= step < 8 and not out.exists()
+    expected = (f"error: {checkpoint}: stopped by SIGTERM after step {step} and saved; rerun the same command to "
+                "resume")
+    assert [line for line in output.splitlines() if "error" in line or "stopped" in line] == [expected], output
+
+    report = fit_teacher.run(world, out, checkpoint_every=1, **RESUMED)
+    assert teacher_and_report(out, report) == uninterrupted and not checkpoint.exists()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_stopped_fit_of_another_config_is_refused_not_resumed_and_overwrite_starts_over(world, uninterrupted,
+                                                                                         tmp_path, monkeypatch):
+    out, checkpoint = tmp_path / "teacher.pt", tmp_path / "teacher.fitting.pt"
+    interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        fit_teacher.run(world, out, checkpoint_every=1, **{**RESUMED, "steps": 9})
+    monkeypatch.undo()
+    with pytest.raises(VildError, match=r"teacher.fitting.pt: a stopped fit with another config \(steps: 9 -> 8\);"
+                                        " rerun its command to finish it, or give --overwrite to start this one over"):
+        fit_teacher.run(world, out, **RESUMED)
+    assert load_checkpoint(checkpoint)["step"] == 2
+    assert json.loads((tmp_path / "teacher.json").read_text())["config"]["steps"] == 9
+
+    report = fit_teacher.run(world, out, overwrite=True, **RESUMED)
+    assert teacher_and_report(out, report) == uninterrupted and not checkpoint.exists()

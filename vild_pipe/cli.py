@@ -84,17 +84,21 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
 @click.option("--lr", default=3e-3, show_default=True, help="Peak AdamW learning rate.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
-@click.option("--overwrite", is_flag=True, help="Refit even if a teacher with another config is there.")
-def fit_teacher(world, out, steps, batch_size, lr, seed, threads, overwrite):
+@click.option("--checkpoint-every", default=200, show_default=True,
+              help="Save the fit's state to <out stem>.fitting.pt every N steps.")
+@click.option("--overwrite", is_flag=True, help="Refit even if a teacher (or a stopped fit) with another config is"
+              " there.")
+def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_every, overwrite):
     """Fit a small CLIP (OpenAI's architecture) on image–caption pairs of the synthetic WORLD.
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
     the detector from here. The file loads with `clip.load(path)`; val crop accuracy goes to
-    <out>.json next to it.
+    <out>.json next to it. Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
+    <out stem>.fitting.pt to the teacher an uninterrupted fit writes.
     """
     from vild_pipe.stages import fit_teacher as stage
     stage.run(world, out or f"{world}/teacher.pt", steps=steps, batch_size=batch_size, lr=lr,
-              seed=seed, threads=threads, overwrite=overwrite)
+              seed=seed, threads=threads, overwrite=overwrite, checkpoint_every=checkpoint_every)
 
 
 @main.command()

@@ -364,14 +364,15 @@ def save_training_state(
     scheduler: Any = None,
     scaler: Any = None,
     extra: Mapping[str, Any] | None = None,
+    name: str = CHECKPOINT_NAME,
 ) -> Path:
-    """Checkpoint everything needed to continue after `step` completed steps to run_dir/last.pt.
+    """Checkpoint everything needed to continue after `step` completed steps to run_dir/`name` (last.pt).
 
     Under torchrun every rank must call it (each rank's RNG state is gathered); only rank 0 writes.
     `extra` holds the caller's own tensors/plain values (e.g. a running loss average).
     """
     rng_per_rank = gather_objects(rng_state())
-    path = Path(run_dir) / CHECKPOINT_NAME
+    path = Path(run_dir) / name
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         state: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
@@ -397,14 +398,15 @@ def save_training_state(
 
 def save_on_schedule_or_stop(stop: "GracefulStop", device: torch.device | str, run_dir: str | os.PathLike, step: int,
                              last_step: int, every: int, config: Any, model: nn.Module,
-                             optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None) -> None:
+                             optimizer: torch.optim.Optimizer, scheduler: Any = None, scaler: Any = None,
+                             extra: Mapping[str, Any] | None = None, name: str = CHECKPOINT_NAME) -> None:
     """After a training step: checkpoint every `every` steps, at `last_step`, and when a stop signal reached any
     rank; in that last case raise TrainingStopped once the state is saved, so no finished step is lost."""
     stopping = stop.requested_on_any_rank(device)
     if stopping or step % every == 0 or step == last_step:
-        save_training_state(run_dir, step, config, model, optimizer, scheduler, scaler)
+        save_training_state(run_dir, step, config, model, optimizer, scheduler, scaler, extra, name)
     if stopping:
-        raise TrainingStopped(stop.signal_name, step, Path(run_dir) / CHECKPOINT_NAME)
+        raise TrainingStopped(stop.signal_name, step, Path(run_dir) / name)
 
 
 def resume_or_start(
@@ -423,12 +425,28 @@ def resume_or_start(
     neither describes. Keys in `resumable_changes` (dotted for nested ones, e.g. "iterations") may differ.
     Call it after seeding and after building the optimizer; under torchrun every rank calls it.
     """
-    path = Path(run_dir) / CHECKPOINT_NAME
+    step, _ = resume_with_extra_or_start(run_dir, config, model, optimizer, scheduler, scaler, resumable_changes)
+    return step
+
+
+def resume_with_extra_or_start(
+    run_dir: str | os.PathLike,
+    config: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any = None,
+    scaler: Any = None,
+    resumable_changes: Iterable[str] = (),
+    name: str = CHECKPOINT_NAME,
+) -> tuple[int, dict[str, Any]]:
+    """`resume_or_start` from run_dir/`name`, also returning the `extra` saved with the state ({} when none):
+    for a loop whose step draws from more than the global RNGs and the modules (its own generator, say)."""
+    path = Path(run_dir) / name
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     state = load_checkpoint(path, remove_stale_tmp=rank == 0)
     if state is None:
-        log.info("no checkpoint in %s: starting at step 0", run_dir)
-        return 0
+        log.info("no checkpoint %s: starting at step 0", f"in {run_dir}" if name == CHECKPOINT_NAME else f"at {path}")
+        return 0, {}
     missing = {"step", "config", "model", "optimizer", "rng"} - state.keys()
     if missing:
         raise DataError(f"{path}: not a training checkpoint (lacks {', '.join(sorted(missing))})")
@@ -464,4 +482,4 @@ def resume_or_start(
             path, state["world_size"], world_size,
         )
     log.info("resuming from %s at step %d", path, state["step"])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("extra", {}))

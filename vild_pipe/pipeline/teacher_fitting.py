@@ -7,8 +7,11 @@ ViLD head never see these pairs; they only ever meet the teacher through its emb
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vild_pipe.data.prompts import fill_template, vild_templates
+from vild_pipe.pipeline.checkpoint import GracefulStop, resume_with_extra_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.crops import (centre_square_crop, clip_boxes, crop_box_pil, normalize_pixels,
                                       pil_to_uint8_chw, scale_boxes)
 from vild_pipe.pipeline.teacher import encode_text_trimmed, tokenize
@@ -119,53 +123,86 @@ def warm_up_text_tower(model, names, steps: int, lr: float, rng: np.random.Gener
 
 
 def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_size: int, lr: float, seed: int,
-                   captions_per_category: int = 2, warmup: int = 50,
-                   text_warmup_steps: int | None = None):
+                   captions_per_category: int = 2, warmup: int = 50, text_warmup_steps: int | None = None,
+                   checkpoint: Path | None = None, checkpoint_every: int = 200, config: dict | None = None):
     """AdamW with warm-up and cosine decay; fresh crops, random flips and colour-channel orders every step
     (the category is the shape, never the colour); returns the per-step losses. The text tower's warm-up
     (`warm_up_text_tower`) takes 100 steps, or `steps` when the fit is shorter: a 3-step fit (a smoke test)
-    spent 98% of its time there."""
+    spent 98% of its time there.
+
+    With `checkpoint` (a file) the fit is resumable like train-rpn's: the state after a step (model, AdamW,
+    schedule, the caption/crop generator, the global RNGs, the losses so far, `config`) is saved there every
+    `checkpoint_every` steps, after the last one, and on SIGTERM/SIGINT (then TrainingStopped is raised); a fit
+    that finds it continues from it, without the warm-up, to the weights and losses of a fit never stopped."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
-    if text_warmup_steps is None:
-        text_warmup_steps = min(TEXT_WARMUP_STEPS, steps)
-    if text_warmup_steps:
-        warm_up_text_tower(model, names, text_warmup_steps, lr, rng)
-    # After the warm-up the token table is frozen: the ~30 tokens the captions use keep their codes, and a
-    # step no longer drags 49408 untouched rows through AdamW (10% faster; fit 1800 steps in the 5 minutes).
-    model.token_embedding.requires_grad_(False)
-    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    optimizer, schedule = _joint_optimiser(model, lr, steps, warmup)
+    step, losses = 0, []
+    with GracefulStop() if checkpoint is not None else contextlib.nullcontext() as stop:
+        if checkpoint is not None:
+            step, extra = resume_with_extra_or_start(checkpoint.parent, config, model, optimizer, schedule,
+                                                     name=checkpoint.name)
+            if step:
+                rng.bit_generator.state = json.loads(extra["caption_rng"])
+                losses = list(extra["losses"])
+        if text_warmup_steps is None:
+            text_warmup_steps = min(TEXT_WARMUP_STEPS, steps)
+        if text_warmup_steps and not step:
+            warm_up_text_tower(model, names, text_warmup_steps, lr, rng)
+        # After the warm-up the token table is frozen: the ~30 tokens the captions use keep their codes, and a
+        # step no longer drags 49408 untouched rows through AdamW (10% faster; fit 1800 steps in the 5 minutes).
+        model.token_embedding.requires_grad_(False)
+        bar = tqdm(total=steps, initial=step, desc="fitting teacher", unit="step", disable=None)
+        while step < steps:
+            loss = _joint_step(model, sampler, names, batch_size, captions_per_category, rng, optimizer, schedule)
+            losses.append(loss)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}")
+            step += 1
+            bar.update(1)
+            if checkpoint is not None:
+                save_on_schedule_or_stop(stop, "cpu", checkpoint.parent, step, steps, checkpoint_every, config,
+                                         model, optimizer, schedule, name=checkpoint.name,
+                                         extra={"caption_rng": json.dumps(rng.bit_generator.state), "losses": losses})
+        bar.close()
+    model.eval()
+    return losses
+
+
+def _joint_optimiser(model, lr: float, steps: int, warmup: int):
+    """AdamW over every weight but the token table (frozen after the text warm-up), decay on matrices only, and
+    its warm-up + cosine schedule; made before the warm-up so a checkpoint can be loaded into them."""
+    trained = [(name, p) for name, p in model.named_parameters()
+               if p.requires_grad and not name.startswith("token_embedding.")]
     decay = [p for name, p in trained if p.ndim >= 2 and "embedding" not in name]
     no_decay = [p for name, p in trained if not (p.ndim >= 2 and "embedding" not in name)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(s, steps) / steps)))
-    losses = []
-    bar = tqdm(range(steps), desc="fitting teacher", unit="step", disable=None)
-    for step in bar:
-        crops, labels = sampler.sample(batch_size, rng)
-        flip = torch.from_numpy(rng.random(batch_size) < 0.5)
-        crops[flip] = crops[flip].flip(-1)
-        channel_order = torch.from_numpy(rng.permuted(np.tile(np.arange(3), (batch_size, 1)), axis=1))
-        crops = torch.gather(crops, 1, channel_order[:, :, None, None].expand_as(crops))
-        pixels = normalize_pixels(crops)
-        texts, text_labels = caption_batch(len(names), names, rng, captions_per_category)
-        tokens = tokenize(texts, model.context_length)
-        image_emb = F.normalize(model.encode_image(pixels), dim=-1)
-        text_emb = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
-        loss = multi_positive_clip_loss(image_emb, text_emb, labels, text_labels,
-                                        model.logit_scale.exp().clamp(max=100))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
+    return optimizer, schedule
+
+
+def _joint_step(model, sampler: CaptionCropSampler, names, batch_size: int, captions_per_category: int,
+                rng: np.random.Generator, optimizer, schedule) -> float:
+    """One step of both towers on fresh crops and captions; the loss."""
+    crops, labels = sampler.sample(batch_size, rng)
+    flip = torch.from_numpy(rng.random(batch_size) < 0.5)
+    crops[flip] = crops[flip].flip(-1)
+    channel_order = torch.from_numpy(rng.permuted(np.tile(np.arange(3), (batch_size, 1)), axis=1))
+    crops = torch.gather(crops, 1, channel_order[:, :, None, None].expand_as(crops))
+    pixels = normalize_pixels(crops)
+    texts, text_labels = caption_batch(len(names), names, rng, captions_per_category)
+    tokens = tokenize(texts, model.context_length)
+    image_emb = F.normalize(model.encode_image(pixels), dim=-1)
+    text_emb = F.normalize(encode_text_trimmed(model, tokens), dim=-1)
+    loss = multi_positive_clip_loss(image_emb, text_emb, labels, text_labels, model.logit_scale.exp().clamp(max=100))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss.item()
 
 
 def crop_accuracy(teacher, dataset, split, batch_size: int = 256) -> dict:

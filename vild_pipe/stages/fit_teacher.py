@@ -3,6 +3,10 @@
 Reads WORLD/train.json (every category: captions, never boxes, reach the teacher), fits a
 `clip.model.CLIP`, saves it where `clip.load(path)` reads it, then loads it back through that same loader
 and measures its crop classification accuracy on WORLD/val.json, base and novel apart.
+
+The fit is resumable as train-rpn is: <out stem>.fitting.pt beside OUT holds the fit's state every
+`checkpoint_every` steps and on SIGTERM/SIGINT; the same command rerun continues from it and writes the teacher
+an uninterrupted fit writes, byte for byte, and the same report. It is removed once teacher and report are out.
 """
 import dataclasses
 import json
@@ -15,7 +19,8 @@ import torch
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
 from vild_pipe.errors import VildError
-from vild_pipe.pipeline.shards import read_json_report, write_json_atomically
+from vild_pipe.pipeline.checkpoint import config_differences, load_checkpoint
+from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
 
@@ -27,12 +32,21 @@ def report_path(out) -> Path:
     return out.with_name(out.stem + ".json")
 
 
+def checkpoint_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".fitting.pt")
+
+
 def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
-        seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False) -> dict:
+        seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False,
+        checkpoint_every: int = 200) -> dict:
     world, out = Path(world), Path(out)
+    if checkpoint_every < 1:
+        raise VildError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                      "model": dataclasses.asdict(model)}))
     report_file = report_path(out)
+    checkpoint = checkpoint_path(out)
     if out.exists() and not overwrite:
         if not report_file.exists():
             raise VildError(f"{out}: a file is already there, with no fit-teacher report ({report_file.name}) beside"
@@ -42,22 +56,29 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
             raise VildError(f"{out}: a teacher fitted with another config is already there; "
                             "use another --out or --overwrite")
         if "teacher" in report:
+            if checkpoint.exists():
+                checkpoint.unlink()
+                log.info("removed %s, left by a fit stopped after its report", checkpoint)
             log.info("%s already fitted with this config; nothing to do", out)
             return report
         log.info("%s: the fit with this config was stopped before its report; fitting again", out)
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
-    write_json_atomically(report_file, {"config": config}, indent=2)   # until the teacher is fitted: ours to redo
     train = CocoDataset.load(world / "train.json")
     val = CocoDataset.load(world / "val.json")
+    # The checkpoint's config names the training captions too: a fit resumed on another world fits neither.
+    fitting_config = {**config, "data": {"train_sha256": sha256_file(train.path)}}
+    _refuse_or_remove_another_fit(checkpoint, fitting_config, overwrite)
+    write_json_atomically(report_file, {"config": config}, indent=2)   # until the teacher is fitted: ours to redo
     split = resolve_split(val.categories, "auto")
 
     sampler = CaptionCropSampler(train, model.image_resolution)
     log.info("fitting a %s on crops of %d objects of %d categories", model, len(sampler), len(train.category_names))
     torch.manual_seed(seed)  # the initial weights too: the same config gives the same teacher
     clip_model = model.build()
-    losses = fit_small_clip(clip_model, sampler, train.category_names, steps, batch_size, lr, seed)
+    losses = fit_small_clip(clip_model, sampler, train.category_names, steps, batch_size, lr, seed,
+                            checkpoint=checkpoint, checkpoint_every=checkpoint_every, config=fitting_config)
     save_clip(clip_model, out)
 
     teacher = load_teacher(str(out), device="cpu")
@@ -65,8 +86,25 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
     report = {"config": config, "teacher": teacher.identity, "val_crop_accuracy": accuracy,
               "final_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": round(time.time() - started, 1)}
     write_json_atomically(report_file, report, indent=2)
+    checkpoint.unlink(missing_ok=True)
     figures = "; ".join(f"{crop} {accuracy[crop]['base']:.3f} / {accuracy[crop]['novel']:.3f}"
                         for crop in ("1x+1.5x", "1x", "1.5x"))
     log.info("teacher %s: val crop top-1, base / novel: %s (%d objects); %.0f s", out, figures,
              accuracy["crops"], report["seconds"])
     return report
+
+
+def _refuse_or_remove_another_fit(checkpoint: Path, config: dict, overwrite: bool) -> None:
+    """A checkpoint of another config (a stopped fit of another command to this --out) is never resumed: as the
+    train stages do, the command is refused naming what differs; --overwrite starts this fit over instead."""
+    saved = load_checkpoint(checkpoint, mmap=True)
+    if saved is None:
+        return
+    differences = config_differences(saved.get("config", {}), config)
+    if not differences:
+        return
+    if not overwrite:
+        raise VildError(f"{checkpoint}: a stopped fit with another config ({'; '.join(differences)}); rerun its "
+                        "command to finish it, or give --overwrite to start this one over")
+    checkpoint.unlink()
+    log.info("removed %s, a stopped fit with another config (%s)", checkpoint, "; ".join(differences))
