@@ -1,4 +1,5 @@
 import json
+import logging
 import subprocess
 import sys
 
@@ -85,3 +86,15 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     second = CliRunner().invoke(main, ["demo", "--quick", "--out", str(out)])
     assert second.exit_code == 0, second.output
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a rerun must resume, not redo"
+
+
+def test_the_log_shows_vild_pipes_lines_and_only_other_libraries_warnings():
+    """torch logs its FakeTensor cache stats at info when a run is stopped: not the user's business."""
+    from vild_pipe.cli import _ours_or_a_warning
+
+    def shown(name, level):
+        return _ours_or_a_warning(logging.LogRecord(name, level, __file__, 0, "line", None, None))
+
+    assert shown("vild_pipe.stages.detect", logging.INFO) and shown("vild_pipe", logging.DEBUG)
+    assert not shown("torch._subclasses.fake_tensor", logging.INFO) and not shown("vild_pipe_other", logging.INFO)
+    assert shown("torch", logging.WARNING)

@@ -52,9 +52,16 @@ def main(verbose):
     Each stage is a separate command that caches its work on disk and resumes when rerun.
     Run `vild-pipe demo` to see every built stage on a generated world, offline, on a CPU.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)   # other libraries' info lines (torch's) are not the user's business
-    logging.getLogger("vild_pipe").setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_ours_or_a_warning)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
+
+
+def _ours_or_a_warning(record: logging.LogRecord) -> bool:
+    """vild-pipe's log lines, and other libraries' warnings: their info lines (torch's FakeTensor cache stats at
+    exit) are not the user's business."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "vild_pipe"
 
 
 @main.command("make-synthetic")
