@@ -417,36 +417,24 @@ def resume_or_start(
     scheduler: Any = None,
     scaler: Any = None,
     resumable_changes: Iterable[str] = (),
-) -> int:
-    """Continue from run_dir/last.pt if there is one: the number of completed steps (0 for a fresh start).
-
-    Restores model (DDP-wrapped or not), optimizer, scheduler, scaler and this rank's RNG state. Refuses,
-    naming the keys, a checkpoint saved with another config: mixing two configs in one run gives a model
-    neither describes. Keys in `resumable_changes` (dotted for nested ones, e.g. "iterations") may differ.
-    Call it after seeding and after building the optimizer; under torchrun every rank calls it.
-    """
-    step, _ = resume_with_extra_or_start(run_dir, config, model, optimizer, scheduler, scaler, resumable_changes)
-    return step
-
-
-def resume_with_extra_or_start(
-    run_dir: str | os.PathLike,
-    config: Any,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any = None,
-    scaler: Any = None,
-    resumable_changes: Iterable[str] = (),
     name: str = CHECKPOINT_NAME,
-) -> tuple[int, dict[str, Any]]:
-    """`resume_or_start` from run_dir/`name`, also returning the `extra` saved with the state ({} when none):
-    for a loop whose step draws from more than the global RNGs and the modules (its own generator, say)."""
+    extra_into: dict[str, Any] | None = None,
+) -> int:
+    """Continue from run_dir/`name` (last.pt) if there is one: the number of completed steps (0 for a fresh start).
+
+    Restores model (DDP-wrapped or not), optimizer, scheduler, scaler and this rank's RNG state, and copies the
+    `extra` saved with them into `extra_into` (for a loop whose step draws from more than the global RNGs and
+    the modules: its own generator, say). Refuses, naming the keys, a checkpoint saved with another config:
+    mixing two configs in one run gives a model neither describes. Keys in `resumable_changes` (dotted for
+    nested ones, e.g. "iterations") may differ. Call it after seeding and after building the optimizer; under
+    torchrun every rank calls it.
+    """
     path = Path(run_dir) / name
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     state = load_checkpoint(path, remove_stale_tmp=rank == 0)
     if state is None:
         log.info("no checkpoint %s: starting at step 0", f"in {run_dir}" if name == CHECKPOINT_NAME else f"at {path}")
-        return 0, {}
+        return 0
     missing = {"step", "config", "model", "optimizer", "rng"} - state.keys()
     if missing:
         raise DataError(f"{path}: not a training checkpoint (lacks {', '.join(sorted(missing))})")
@@ -456,11 +444,11 @@ def resume_with_extra_or_start(
             f"{path}: saved with another config ({'; '.join(differences)}); "
             "use a new run folder, or delete this one to start over"
         )
-    for name, given in (("scheduler", scheduler), ("scaler", scaler)):
-        if (given is not None) != (name in state):
-            held = "holds" if name in state else "lacks"
+    for part, given in (("scheduler", scheduler), ("scaler", scaler)):
+        if (given is not None) != (part in state):
+            held = "holds" if part in state else "lacks"
             uses = "does not use" if given is None else "uses"
-            raise VildError(f"{path}: checkpoint {held} a {name} state but this run {uses} one")
+            raise VildError(f"{path}: checkpoint {held} a {part} state but this run {uses} one")
 
     try:
         unwrap_model(model).load_state_dict(state["model"])
@@ -481,5 +469,7 @@ def resume_with_extra_or_start(
             "(dropout, augmentation) continue from this run's seed instead",
             path, state["world_size"], world_size,
         )
+    if extra_into is not None:
+        extra_into.update(state.get("extra", {}))
     log.info("resuming from %s at step %d", path, state["step"])
-    return int(state["step"]), dict(state.get("extra", {}))
+    return int(state["step"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vild_pipe.data.prompts import fill_template, vild_templates
-from vild_pipe.pipeline.checkpoint import GracefulStop, resume_with_extra_or_start, save_on_schedule_or_stop
+from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.crops import (centre_square_crop, clip_boxes, crop_box_pil, normalize_pixels,
                                       pil_to_uint8_chw, scale_boxes)
 from vild_pipe.pipeline.teacher import encode_text_trimmed, tokenize
@@ -141,8 +141,9 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
     step, losses = 0, []
     with GracefulStop() if checkpoint is not None else contextlib.nullcontext() as stop:
         if checkpoint is not None:
-            step, extra = resume_with_extra_or_start(checkpoint.parent, config, model, optimizer, schedule,
-                                                     name=checkpoint.name)
+            extra: dict = {}
+            step = resume_or_start(checkpoint.parent, config, model, optimizer, schedule, name=checkpoint.name,
+                                   extra_into=extra)
             if step:
                 rng.bit_generator.state = json.loads(extra["caption_rng"])
                 losses = list(extra["losses"])
