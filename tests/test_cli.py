@@ -98,3 +98,15 @@ def test_the_log_shows_vild_pipes_lines_and_only_other_libraries_warnings():
     assert shown("vild_pipe.stages.detect", logging.INFO) and shown("vild_pipe", logging.DEBUG)
     assert not shown("torch._subclasses.fake_tensor", logging.INFO) and not shown("vild_pipe_other", logging.INFO)
     assert shown("torch", logging.WARNING)
+
+
+def test_every_command_takes_v_after_its_name_too(tmp_path, monkeypatch):
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", root.level)   # put back after the test
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"weights")
+    result = CliRunner().invoke(main, ["info", "-v", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert root.level == logging.DEBUG
+    for command in main.commands.values():
+        assert "--verbose" in [opt for param in command.params for opt in param.opts], command.name

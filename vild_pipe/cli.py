@@ -11,7 +11,13 @@ from vild_pipe.errors import VildError
 
 
 class _Group(click.Group):
-    """Turns a VildError anywhere below into one line on stderr and exit status 2."""
+    """Turns a VildError anywhere below into one line on stderr and exit status 2, and gives every command the
+    group's -v too (`vild-pipe info -v PATH` as well as `vild-pipe -v info PATH`)."""
+
+    def add_command(self, cmd, name=None):
+        cmd.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, callback=_debug_log,
+                                       help="Debug-level log output on stderr (default: info)."))
+        super().add_command(cmd, name)
 
     def invoke(self, ctx):
         try:
@@ -19,6 +25,11 @@ class _Group(click.Group):
         except VildError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+
+
+def _debug_log(ctx, param, verbose: bool) -> None:
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
 
 
 class _Path(click.Path):
@@ -44,8 +55,7 @@ class _Path(click.Path):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vild-pipe")
-@click.option("-v", "--verbose", is_flag=True, help="Debug-level log output on stderr (default: info); give it before"
-              " the command: vild-pipe -v STAGE ...")
+@click.option("-v", "--verbose", is_flag=True, help="Debug-level log output on stderr (default: info).")
 def main(verbose):
     """Open-vocabulary object detection the ViLD way: distil CLIP into a detector.
 
