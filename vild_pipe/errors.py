@@ -66,6 +66,12 @@ def short_value(value: Any, limit: int = 40) -> str:
     return cut[:cut.rfind(", ")] + ", ..." if ", " in cut else cut + "..."
 
 
+def first_few(items: Iterable[Any], limit: int, separator: str = ", ") -> str:
+    """The first `limit` items joined, and how many more there are: a message stays one readable line."""
+    items = [str(item) for item in items]
+    return separator.join(items[:limit]) + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def value_changes(old: Mapping[str, Any], new: Mapping[str, Any], skip: Iterable[str] = ()) -> list[str]:
     """"key: old -> new" for every dotted key of two nested mappings whose values differ, "(absent)" where one
     lacks it, values as `short_value` writes them; keys in `skip` (dotted) and those below them left out."""

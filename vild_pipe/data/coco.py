@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vild_pipe.data.splits import CategorySplit, resolve_split
-from vild_pipe.errors import DataError, describe_error
+from vild_pipe.errors import DataError, describe_error, first_few
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ class CocoDataset:
         boxes, keep, clipped = clip_xywh_to_xyxy(ann_bbox_xywh, widths[ann_image_pos], heights[ann_image_pos])
         skipped = int((~keep).sum())
         if skipped:
-            ids = ", ".join(str(ann_ids[k]) for k in np.flatnonzero(~keep)[:5]) + (
-                f" and {skipped - 5} more" if skipped > 5 else "")
+            ids = first_few([ann_ids[k] for k in np.flatnonzero(~keep)], 5)
             logger.warning("%s: skipped %d degenerate boxes (non-positive size or outside the image): annotation"
                            " id %s", where, skipped, ids)
         if clipped:

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Hashable, Iterable
 
 import torch
 
-from vild_pipe.errors import VildError
+from vild_pipe.errors import VildError, first_few
 from vild_pipe.pipeline.checkpoint import GracefulStop
 from vild_pipe.pipeline.distributed import cleanup_distributed, init_distributed
 from vild_pipe.pipeline.shards import (
@@ -32,7 +32,6 @@ from vild_pipe.pipeline.shards import (
     ShardWriter,
     claim_shard,
     describe_lock_holder,
-    first_few,
     format_bytes,
     live_lock_holder,
     shard_name,

@@ -58,7 +58,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError, describe_error, value_changes
+from vild_pipe.errors import DataError, VildError, describe_error, first_few, value_changes
 
 log = logging.getLogger(__name__)
 
@@ -940,12 +940,6 @@ class CacheFolder:
 
 def _manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1) + "\n").encode()
-
-
-def first_few(items: list[str], limit: int, separator: str = ", ") -> str:
-    """The first `limit` items joined, and how many more there are: a message stays one readable line."""
-    shown = separator.join(items[:limit])
-    return shown + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
 
 
 INPUT_NAME_KEYS = ("file", "checkpoint", "model", "path")

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from vild_pipe.errors import DataError
+from vild_pipe.errors import DataError, first_few
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME
 from vild_pipe.pipeline.head import HEAD_NAME
@@ -113,8 +113,7 @@ def format_state(state: dict[str, Any]) -> str:
                      + ", ".join(f"{lock['shard']} ({lock['why']})" for lock in state["stale_locks"]))
     missing = state["missing"]
     if missing:
-        more = f" and {len(missing) - MISSING_SHOWN} more" if len(missing) > MISSING_SHOWN else ""
-        lines.append(f"  missing: {', '.join(missing[:MISSING_SHOWN])}{more}; rerun {state['stage']} to fill them")
+        lines.append(f"  missing: {first_few(missing, MISSING_SHOWN)}; rerun {state['stage']} to fill them")
     if state["skipped_images"]:
         lines.append(f"  skipped images (--skip-bad-images): {state['skipped_images']}")
     return "\n".join(lines)
