@@ -335,6 +335,16 @@ def window_bytes(order: StepOrder, selection: RowSelection) -> int:
     return int(images * index.num_rows / max(1, len(index)) * bytes_per_row(fields))
 
 
+def shared_memory_share(folder: str = SHARED_MEMORY) -> tuple[int, int] | None:
+    """(free bytes of the shared memory loader workers pass data through, how many processes of this node share
+    it: torchrun's LOCAL_WORLD_SIZE); None where there is no such folder (not Linux)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return free, max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def workers_that_fit(workers: int, bytes_per_worker: int, folder: str = SHARED_MEMORY) -> int:
     """As many of `workers` as the shared memory their windows travel through can hold, with a warning when
     that is fewer: torch loses a window that does not fit in a worker's queue thread, and the step then waits
@@ -343,11 +353,10 @@ def workers_that_fit(workers: int, bytes_per_worker: int, folder: str = SHARED_M
     workers, so neither do the weights."""
     if workers < 1:
         return workers
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
+    share = shared_memory_share(folder)
+    if share is None:
         return workers  # no such folder (not Linux): torch shares memory another way
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    free, processes = share
     fit = min(workers, free // processes // max(1, bytes_per_worker))
     if fit < workers:
         log.warning("%s: %s free for %d process(es), but %d loader worker(s) each would pass about %s of cached rows"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -41,7 +40,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, describe_error
-from vild_pipe.pipeline.cache_loader import SHARED_MEMORY
+from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.distributed import loader_workers
 from vild_pipe.pipeline.embedding_cache import (
@@ -367,10 +366,8 @@ def _workers_may_crop(proposal_folder: CacheFolder, pending_rows: dict[int, int]
     images = sum(proposal_folder.read_marker(i)["images"] for i in pending_rows)
     crop_bytes = 2 * sum(pending_rows.values()) / max(1, images) * 3 * size * size * 4   # 1x and 1.5x, float32
     in_flight = (2 * workers + 1) * images_per_batch * crop_bytes
-    try:
-        shared = shutil.disk_usage(SHARED_MEMORY).free / max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except OSError:
-        shared = float("inf")   # no such folder (not Linux): torch shares memory another way
+    share = shared_memory_share()
+    shared = share[0] / share[1] if share is not None else float("inf")   # None: torch shares memory another way
     if in_flight <= min(CROPS_IN_FLIGHT_LIMIT, shared / 2):
         return True
     log.info("crops are made in this process, not in the loader workers: a batch of %d images is %s of crops"
