@@ -92,18 +92,18 @@ def default_add_gt(annotations: str | os.PathLike, detectors_own: bool | None) -
 
 
 def _unsaid_settings(out: str | os.PathLike, overwrite: bool, annotations: str | os.PathLike, annotations_sha256: str,
-                     detector: str | os.PathLike, nms_threshold: float | None, add_gt: bool | None,
+                     trained_on: dict, nms_threshold: float | None, add_gt: bool | None,
                      split: str | CategorySplit) -> tuple[float, bool, str | CategorySplit]:
     """Values for the settings the command left out (None, or split "auto"). The cache being resumed keeps its
     own; otherwise: NMS at PROPOSAL_NMS_THRESHOLD, ground-truth rows by `default_add_gt`, and for the file the
-    detector was trained on, the detector's own split (its base boxes are the rows' positives)."""
+    detector was trained on (`trained_on`, from `detector_training_data`), the detector's own split (its base
+    boxes are the rows' positives)."""
     earlier = {} if overwrite else _config_of_existing_cache(out)
     if nms_threshold is None:
         nms_threshold = earlier.get("nms_threshold", PROPOSAL_NMS_THRESHOLD)
         if nms_threshold != PROPOSAL_NMS_THRESHOLD:
             log.info("class-agnostic NMS at %g, as the cache being resumed was made (the default for a new cache"
                      " is %g)", nms_threshold, PROPOSAL_NMS_THRESHOLD)
-    trained_on = detector_training_data(detector)
     detectors_own = (trained_on["annotations_sha256"] == annotations_sha256
                      if trained_on.get("annotations_sha256") else None)
     if add_gt is None:
@@ -120,11 +120,10 @@ def _unsaid_settings(out: str | os.PathLike, overwrite: bool, annotations: str |
     return float(nms_threshold), bool(add_gt), split
 
 
-def _warn_of_a_split_not_the_detectors(detector: str | os.PathLike, annotations: str | os.PathLike,
-                                       annotations_sha256: str, split: CategorySplit) -> None:
+def _warn_of_a_split_not_the_detectors(trained_on: dict, annotations: str | os.PathLike, annotations_sha256: str,
+                                       split: CategorySplit) -> None:
     """A warning when the detector's own training file gets ground-truth rows by another split: boxes of
     categories the detector was trained to see as background, or never saw, become the head's positives."""
-    trained_on = detector_training_data(detector)
     if trained_on.get("annotations_sha256") != annotations_sha256 or not trained_on.get("split"):
         return
     own = CategorySplit.from_json(trained_on["split"])
@@ -195,11 +194,12 @@ def run(
         if not len(dataset):
             raise DataError(f"{os.fspath(annotations)}: no images to dump proposals for")
         annotations_sha256 = sha256_file(annotations)
-        nms_threshold, add_gt, split = _unsaid_settings(out, overwrite, annotations, annotations_sha256, detector,
+        trained_on = detector_training_data(detector)   # what train-rpn recorded of its data: file sha256, split
+        nms_threshold, add_gt, split = _unsaid_settings(out, overwrite, annotations, annotations_sha256, trained_on,
                                                         nms_threshold, add_gt, split)
         ground_truth = dataset.training_view(split) if add_gt else None
         if ground_truth is not None:
-            _warn_of_a_split_not_the_detectors(detector, annotations, annotations_sha256, ground_truth.split)
+            _warn_of_a_split_not_the_detectors(trained_on, annotations, annotations_sha256, ground_truth.split)
 
         model, _, detector_identity = load_detector(detector, info.device)
         use_fp16 = fp16 and info.device.type == "cuda"
