@@ -13,7 +13,7 @@ from vild_pipe.cli import main
 from vild_pipe.errors import DataError
 from vild_pipe.pipeline import shards
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from vild_pipe.pipeline.shards import CacheFolder, RowField, ShardLock, ShardWriter, try_lock_shard
+from vild_pipe.pipeline.shards import CacheFolder, RowField, ShardLock, ShardWriter, claim_shard
 from vild_pipe.pipeline.training_run import METRICS_NAME, RUN_LOCK_NAME
 from vild_pipe.stages import info
 
@@ -38,7 +38,7 @@ def half_made_cache(tmp_path):
         with ShardWriter(folder, index) as writer:
             for image_id in (2 * index, 2 * index + 1):
                 writer.add_image(image_id, boxes=np.zeros((2, 4), np.float32), scores=np.ones(2, np.float32))
-    lock = try_lock_shard(folder, 1)
+    lock = claim_shard(folder, 1)[0]
     holder = {"pid": dead_pid(), "host": shards._HOST, "since": "2026-11-27T09:00:00+00:00", "token": "00"}
     folder.lock_path(2).write_text(json.dumps(holder))
     yield folder, holder

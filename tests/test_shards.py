@@ -26,13 +26,13 @@ from vild_pipe.pipeline.shards import (
     ShardReader,
     ShardWriter,
     bytes_per_row,
+    claim_shard,
     effective_worker,
     estimate_cache_bytes,
     format_bytes,
     parse_shard_option,
     shard_image_ranges,
     shards_for_worker,
-    try_lock_shard,
     write_text_atomically,
 )
 
@@ -325,7 +325,7 @@ def test_a_cache_of_a_newer_schema_is_refused_with_upgrade_advice_and_many_chang
 
 def test_overwrite_refuses_while_a_shard_of_the_old_cache_is_being_written(tmp_path):
     folder = open_cache(tmp_path / "cache")
-    lock = try_lock_shard(folder, 2)
+    lock = claim_shard(folder, 2)[0]
     with lock, pytest.raises(VildError, match=r"shard-00002.lock: pid \d+ on .* is writing this shard"):
         open_cache(tmp_path / "cache", config={"top_n": 1}, overwrite=True)
     assert json.loads((folder.path / "manifest.json").read_text())["fingerprint"] == folder.fingerprint
@@ -394,18 +394,18 @@ def test_truncated_or_corrupt_shards_raise_data_error_not_h5py_tracebacks(tmp_pa
 
 def test_a_live_lock_excludes_other_writers_until_released(tmp_path, caplog):
     folder = open_cache(tmp_path / "cache")
-    lock = try_lock_shard(folder, 1)
+    lock = claim_shard(folder, 1)[0]
     assert lock is not None and folder.lock_path(1).exists()
     holder = json.loads(folder.lock_path(1).read_text())
     assert holder["pid"] == os.getpid()
     with caplog.at_level(logging.INFO, logger=shards.__name__):
-        assert try_lock_shard(folder, 1) is None
+        assert claim_shard(folder, 1)[0] is None
     assert f"skipping shard-00001: another run is writing it (pid {os.getpid()}" in caplog.text
     with lock, ShardWriter(folder, 1) as writer:
         writer.add_image(3, **image_rows(np.random.default_rng(0), 1))
     assert not folder.lock_path(1).exists()
-    assert try_lock_shard(folder, 1) is None, "a complete shard is not handed out again"
-    again = try_lock_shard(folder, 2)
+    assert claim_shard(folder, 1)[0] is None, "a complete shard is not handed out again"
+    again = claim_shard(folder, 2)[0]
     assert again is not None
     again.release()
 
@@ -419,7 +419,7 @@ def test_a_shard_completed_while_we_took_its_lock_is_not_handed_out(tmp_path, mo
         return real_acquire(cls, path)
 
     monkeypatch.setattr(shards.ShardLock, "acquire", classmethod(another_run_finishes_first))
-    assert try_lock_shard(folder, 0) is None
+    assert claim_shard(folder, 0)[0] is None
     assert not folder.lock_path(0).exists()
 
 
@@ -462,9 +462,9 @@ def test_stale_locks_and_tmp_files_of_killed_runs_are_removed(tmp_path, caplog):
     remaining = set(os.listdir(folder.path))
     assert remaining == {"manifest.json", "shard-00002.lock", live_tmp.name}, "pid reuse (wrong start) is stale too"
 
-    assert try_lock_shard(reopened, 2) is None, "a fresh lock of another host is respected"
+    assert claim_shard(reopened, 2)[0] is None, "a fresh lock of another host is respected"
     for index in (0, 1, 3):
-        lock = try_lock_shard(reopened, index)
+        lock = claim_shard(reopened, index)[0]
         assert lock is not None
         lock.release()
 
@@ -480,7 +480,7 @@ def test_a_writer_in_another_pid_namespace_of_this_host_name_is_not_taken_for_de
     temp = folder.path / f"shard-00000.h5.{dead_pid()}@{elsewhere}.tmp"
     temp.write_bytes(b"being written in the other container")
     reopened = open_cache(tmp_path / "cache")
-    assert try_lock_shard(reopened, 0) is None and temp.exists()
+    assert claim_shard(reopened, 0)[0] is None and temp.exists()
 
 
 def test_claims_remove_their_shards_stale_temp_files_from_one_listing_a_run(tmp_path, caplog, monkeypatch):
@@ -496,7 +496,7 @@ def test_claims_remove_their_shards_stale_temp_files_from_one_listing_a_run(tmp_
     monkeypatch.setattr(folder, "_names", lambda: listings.append(1) or list_folder())
     with caplog.at_level(logging.INFO, logger=shards.__name__):
         for index in range(4):
-            try_lock_shard(folder, index).release()
+            claim_shard(folder, index)[0].release()
             if index == 1:
                 assert not stale[0].exists() and stale[1].exists(), "removed as its own shard is claimed"
     assert len(listings) == 1
@@ -531,7 +531,7 @@ def test_a_run_killed_while_taking_a_lock_does_not_hold_up_the_next_run(tmp_path
         assert set(json.loads(folder.lock_path(4).read_text())) >= {"pid", "host", "token"}, "whole, never empty"
 
     with caplog.at_level(logging.INFO, logger=shards.__name__):
-        lock = try_lock_shard(open_cache(tmp_path / "cache"), 4)
+        lock = claim_shard(open_cache(tmp_path / "cache"), 4)[0]
     assert lock is not None
     lock.release()
     assert f"removed stale {temp} from a killed run" in caplog.text
@@ -542,7 +542,7 @@ def test_a_run_killed_while_taking_a_lock_does_not_hold_up_the_next_run(tmp_path
 def test_lock_heartbeat_refreshes_the_lock_file(tmp_path, monkeypatch):
     monkeypatch.setattr(shards, "LOCK_HEARTBEAT_S", 0.05)
     folder = open_cache(tmp_path / "cache")
-    with try_lock_shard(folder, 0):
+    with claim_shard(folder, 0)[0]:
         os.utime(folder.lock_path(0), (0, 0))
         deadline = time.time() + 5
         while folder.lock_path(0).stat().st_mtime == 0 and time.time() < deadline:
@@ -671,7 +671,7 @@ def _fill_shards(path, assigned, results):
     folder = open_cache(path, num_shards=12)
     written = []
     for index in assigned:
-        lock = try_lock_shard(folder, index)
+        lock = claim_shard(folder, index)[0]
         if lock is None:
             continue
         with lock, ShardWriter(folder, index) as writer:
@@ -794,7 +794,7 @@ def test_read_only_folder_is_a_vild_error_naming_the_file(tmp_path, read_only):
     read_only(tmp_path)
 
     with pytest.raises(VildError, match=r"cache/shard-00001.lock: cannot create lock \(read-only file system\)"):
-        try_lock_shard(folder, 1)
+        claim_shard(folder, 1)[0]
     with pytest.raises(VildError, match=r"cache/shard-00001.h5: cannot write cache shard \(read-only file system\)"):
         write_shard(folder, 1, [2])
     with pytest.raises(VildError, match=r"new: cannot create the cache folder \(read-only file system\)"):

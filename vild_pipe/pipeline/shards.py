@@ -552,17 +552,12 @@ class ShardLock:
         self.release()
 
 
-def try_lock_shard(folder: CacheFolder, index: int) -> ShardLock | None:
-    """Claim shard `index` for writing; None (and one log line) if a live process holds it or it is complete.
-
-    Also removes temp files of this shard left by killed runs. Use as `with lock, ShardWriter(...)`.
-    """
-    return claim_shard(folder, index)[0]
-
-
 def claim_shard(folder: CacheFolder, index: int) -> tuple[ShardLock | None, dict | None]:
-    """`try_lock_shard`, saying why not: (lock, None) when claimed, (None, holder) when another live run holds
-    the shard (a shard the caller must not call done), (None, None) when it is complete."""
+    """Claim shard `index` for writing: (lock, None) when claimed; (None, holder), with one log line, when another
+    live run holds it (a shard the caller must not call done); (None, None) when it is complete.
+
+    Also removes temp files of this shard left by killed runs. Use the lock as `with lock, ShardWriter(...)`.
+    """
     if folder.is_complete(index):
         return None, None
     try:
