@@ -137,7 +137,9 @@ def run(
         )
         worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
         pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
-        rows = {i: proposal_folder.read_marker(i)["rows"] for i in pending}
+        markers = {i: proposal_folder.read_marker(i) for i in pending}
+        rows = {i: marker["rows"] for i, marker in markers.items()}
+        rows_per_image = sum(rows.values()) / max(1, sum(marker["images"] for marker in markers.values()))
         if info.rank == 0:
             _log_expected_cost(folder, proposal_folder, rows, teacher.embed_dim)
 
@@ -146,7 +148,7 @@ def run(
                      worker, num_workers, len(pending), info.device, crop_method, config["precision"],
                      batch_size, decode)
             written = _write_shards(
-                teacher, dataset, proposal_folder, folder, rows, crop_method, decode, batch_size,
+                teacher, dataset, proposal_folder, folder, rows, rows_per_image, crop_method, decode, batch_size,
                 images_per_batch, workers, show_progress=info.rank == 0,
             )
         else:
@@ -307,10 +309,10 @@ class _CropEncoder:
         return encoded
 
 
-def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_method, decode, batch_size,
-                  images_per_batch, workers, show_progress) -> list[int]:
-    """Compute and publish the pending shards (`pending_rows`: shard -> rows) this process can claim; returns the
-    ones it wrote."""
+def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, rows_per_image, crop_method, decode,
+                  batch_size, images_per_batch, workers, show_progress) -> list[int]:
+    """Compute and publish the pending shards (`pending_rows`: shard -> rows; `rows_per_image` over them) this
+    process can claim; returns the ones it wrote."""
     def images_of(index: int) -> list[tuple[int, np.ndarray]]:
         with proposal_folder.read_shard(index) as reader:
             boxes = reader.arrays(["boxes"])["boxes"]
@@ -318,7 +320,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
             return [(int(image_id), boxes[starts[k]:starts[k + 1]]) for k, image_id in enumerate(reader.image_ids)]
 
     crops_from_workers = (crop_method == "reference" or teacher.device.type == "cpu") and _workers_may_crop(
-        proposal_folder, pending_rows, workers, images_per_batch, teacher.input_resolution)
+        rows_per_image, workers, images_per_batch, teacher.input_resolution)
     if crop_method == "reference" and not crops_from_workers:
         workers = 0
     sampler = ClaimingSampler(folder, list(pending_rows), images_of)
@@ -354,8 +356,7 @@ def _write_shards(teacher, dataset, proposal_folder, folder, pending_rows, crop_
     return shards.published
 
 
-def _workers_may_crop(proposal_folder: CacheFolder, pending_rows: dict[int, int], workers: int,
-                      images_per_batch: int, size: int) -> bool:
+def _workers_may_crop(rows_per_image: float, workers: int, images_per_batch: int, size: int) -> bool:
     """Whether loader workers may hand over finished crops instead of images: only while the batches in flight
     (torch's two per worker, and the one being encoded) hold under CROPS_IN_FLIGHT_LIMIT bytes of them and
     under half the free shared memory they pass through. At CLIP's 224 px a 300-box image is 361 MB of float32
@@ -363,8 +364,7 @@ def _workers_may_crop(proposal_folder: CacheFolder, pending_rows: dict[int, int]
     process crops (the reference path: reads the images too)."""
     if workers < 1:
         return False
-    images = sum(proposal_folder.read_marker(i)["images"] for i in pending_rows)
-    crop_bytes = 2 * sum(pending_rows.values()) / max(1, images) * 3 * size * size * 4   # 1x and 1.5x, float32
+    crop_bytes = 2 * rows_per_image * 3 * size * size * 4   # 1x and 1.5x, float32
     in_flight = (2 * workers + 1) * images_per_batch * crop_bytes
     share = shared_memory_share()
     shared = share[0] / share[1] if share is not None else float("inf")   # None: torch shares memory another way
