@@ -11,6 +11,13 @@ import pytest
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended: what a lock or temp file of a killed run names."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

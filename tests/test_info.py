@@ -2,8 +2,6 @@
 being trained and a finished one, and the command line's text and JSON; nothing in the folders changes."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,16 +15,13 @@ from vild_pipe.pipeline.shards import CacheFolder, RowField, ShardLock, ShardWri
 from vild_pipe.pipeline.training_run import METRICS_NAME, RUN_LOCK_NAME
 from vild_pipe.stages import info
 
+from child_processes import dead_pid
+
 FIELDS = {"boxes": RowField("float32", (4,)), "scores": RowField("float32", ())}
 
 
 def snapshot(folder):
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
-
-
-def dead_pid() -> int:
-    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True).stdout)
 
 
 @pytest.fixture

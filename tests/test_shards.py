@@ -36,6 +36,8 @@ from vild_pipe.pipeline.shards import (
     write_text_atomically,
 )
 
+from child_processes import dead_pid
+
 FIELDS = {
     "boxes": RowField("float32", (4,), "xyxy in original image pixels"),
     "scores": RowField("float32", (), "objectness"),
@@ -76,12 +78,6 @@ def write_shard(folder, index, rows_per_image, seed=0, first_image_id=None):
             written[first + k] = image_rows(rng, num_rows)
             writer.add_image(first + k, **written[first + k])
     return written
-
-
-def dead_pid():
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
 
 
 # ------------------------------------------------------------------------------------------------ round trip

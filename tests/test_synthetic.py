@@ -1,5 +1,4 @@
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,8 @@ from vild_pipe.data.synthetic import (
 from vild_pipe.errors import VildError
 from vild_pipe.pipeline import shards
 from vild_pipe.stages import make_synthetic
+
+from child_processes import dead_pid
 
 TINY = {"train_images": 6, "val_images": 3, "image_size": 96}
 
@@ -178,7 +179,7 @@ def test_a_killed_run_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         make_synthetic.run(tmp_path / "resumed", seed=3, workers=1, **TINY)
     assert not (tmp_path / "resumed" / "train.json").exists()
-    gone = _finished_pid()
+    gone = dead_pid()
     half_saved = tmp_path / "resumed" / "train" / f"000005.jpg.{gone}@{shards._HOST}.tmp"   # killed mid-save
     half_saved.write_bytes(b"\xff\xd8 half a JPEG")
 
@@ -191,9 +192,3 @@ def test_a_killed_run_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
     make_synthetic.run(tmp_path / "resumed", seed=3, workers=1, **TINY)
     assert len(rendered) == 9 - 4
     assert _world_bytes(tmp_path / "resumed") == _world_bytes(tmp_path / "whole"), "no temp file left either"
-
-
-def _finished_pid() -> int:
-    process = subprocess.Popen(["true"])
-    process.wait()
-    return process.pid
