@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import skimage.data
 import torch
+from click.testing import CliRunner
 from PIL import Image
 from pycocotools.coco import COCO
 
+from vild_pipe.cli import main
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import save_checkpoint
 from vild_pipe.pipeline.detector import DetectorConfig, build_detector, load_detector, save_final_model
@@ -95,6 +97,21 @@ def test_detections_json_and_drawings_of_a_photograph(models, tmp_path, caplog):
     edge = (int(round(y + height / 2)), int(np.clip(round(x), 0, 511)))
     assert np.abs(drawn[edge] - photo[edge]).max() > 0
     assert np.abs(drawn - photo).max(axis=2).astype(bool).mean() < 0.9  # boxes drawn, not the picture replaced
+
+
+def test_the_command_prints_each_images_count_and_best_detections_once(models, tmp_path):
+    photo, empty = models["photo"], tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    result = CliRunner().invoke(main, ["detect", str(photo), str(empty), "--skip-bad-images",
+                                       "--detector", str(models["detector"]), "--head", str(models["head"]),
+                                       "--clip", models["clip"], "--vocab", VOCAB, "--score-threshold", "0",
+                                       "--top-k", "7", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "detections.json").read_text())["annotations"]
+    best = sorted(written, key=lambda a: -a["score"])[:5]
+    assert [line for line in result.output.splitlines() if str(photo) in line] == [
+        f"{photo}: 7 detections: " + ", ".join(f"{a['category_name']} {a['score']:.2f}" for a in best) + ", ..."]
+    assert len([line for line in result.output.splitlines() if "7 detections" in line]) == 1
 
 
 def test_a_folder_stands_for_its_image_files(models, tmp_path):

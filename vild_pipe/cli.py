@@ -376,8 +376,8 @@ def detect(images, **options):
     """
     from vild_pipe.stages import detect as stage
     summary = stage.run(list(images), **options)
-    skipped = f" ({len(summary['skipped'])} unreadable, skipped)" if summary["skipped"] else ""
-    click.echo(f"{summary['detections']} detections on {summary['images']} image(s){skipped} → {summary['json']}")
+    for line in stage.found_lines(summary):
+        click.echo(line)
 
 
 @main.command("train-rpn")

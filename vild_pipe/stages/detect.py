@@ -59,6 +59,18 @@ JSON_NAME = "detections.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
+def found_lines(summary: dict, shown: int = 5) -> list[str]:
+    """A line per image: its best detections, name and score, as a user reads them at the terminal."""
+    lines = []
+    for image in summary["found"]:
+        detections = sorted(image["detections"], key=lambda found: -found[1])
+        listed = ", ".join(f"{name} {score:.2f}" for name, score in detections[:shown])
+        more = ", ..." if len(detections) > shown else ""
+        count = f"{len(detections)} detection{'s' if len(detections) != 1 else ''}"
+        lines.append(f"{image['image']}: {count}: {listed}{more}" if detections else f"{image['image']}: nothing found")
+    return lines
+
+
 def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: str | os.PathLike,
         out: str | os.PathLike, vocab: str | None = None, vocab_file: str | os.PathLike | None = None,
         clip: str | None = None, ensemble: bool = True, score_threshold: float = 0.05, top_k: int = 100,
@@ -155,9 +167,13 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     write_detections_json(out / JSON_NAME, found, names, made_by)
     total = sum(len(d.scores) for d in found)
     seconds = time.monotonic() - started
-    log.info("detect: %d detections on %d image(s) in %.1f s -> %s", total, len(found), seconds, out / JSON_NAME)
+    log.info("detect: %d detections on %d image(s)%s in %.1f s -> %s", total, len(found),
+             f" ({len(skipped)} unreadable, skipped)" if skipped else "", seconds, out / JSON_NAME)
     return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": drawings, "names": names,
-            "images": len(found), "skipped": skipped, "detections": total, "per_image": [len(d.scores) for d in found],
+            "images": len(found), "skipped": skipped, "detections": total,
+            "found": [{"image": d.file_name, "detections": [[names[k], round(float(score), 3)] for k, score in
+                                                        zip(d.class_index.tolist(), d.scores.tolist())]}
+                      for d in found],
             "ensemble": ensemble, "proposal_nms": proposal_nms, "detector": detector_identity, "clip": teacher.identity,
             "seconds": round(seconds, 1)}
 
