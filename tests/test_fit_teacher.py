@@ -171,11 +171,17 @@ def test_sigterm_saves_the_fit_exits_2_with_one_line_and_the_rerun_ends_as_an_un
         assert process.poll() is None, process.stdout.read()
         assert time.monotonic() < deadline, "no first checkpoint within 60 s"
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGTERM)
+    try:  # the same command started again while the fit runs is refused, its files left to the fit
+        with pytest.raises(VildError) as refused:
+            fit_teacher.run(world, out, checkpoint_every=1, **RESUMED)
+        assert str(refused.value).startswith(f"{out}: pid {process.pid} on ")
+        assert "is fitting this teacher; wait for it to end or stop it" in str(refused.value)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 2, output
     step = load_checkpoint(checkpoint)["step"]
-    assert 1 <= step < 8 and not out.exists()
+    assert 1 <= step < 8 and not out.exists() and not fit_teacher.lock_path(out).exists()
     expected = (f"error: {checkpoint}: stopped by SIGTERM after step {step} and saved; rerun the same command to "
                 "resume")
     assert [line for line in output.splitlines() if "error" in line or "stopped" in line] == [expected], output

@@ -376,7 +376,7 @@ def test_under_torchrun_a_held_run_folder_stops_every_rank_with_its_one_line(wor
     refusals = sorted(line for line in process.stdout.splitlines() if line.startswith("REFUSED"))
     assert process.returncode != 0 and len(refusals) == 2, process.stdout + process.stderr
     assert refusals[0].startswith(f"REFUSED {run_dir}: pid {os.getpid()} on ")   # rank 0
-    assert refusals[1] == f"REFUSED {run_dir}: the main process could not take this run folder (its error says why)"
+    assert refusals[1] == f"REFUSED {run_dir}: the main process could not take run.lock (its error says why)"
     assert list(run_dir.iterdir()) == []   # the refused run wrote nothing; our lock is released
 
 

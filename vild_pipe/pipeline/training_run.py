@@ -95,23 +95,30 @@ def make_run_dir(run_dir: Path) -> None:
 @contextlib.contextmanager
 def run_folder_lock(run_dir: Path, main_process: bool = True) -> Iterator[None]:
     """Hold RUN_DIR/run.lock while training: a second run of the same folder (a command started twice, a job
-    requeued while the first still runs) is refused instead of interleaving checkpoints and metric lines. A
-    killed run's lock is found stale (dead pid, or no heartbeat from another host) and taken over. Under
-    torchrun only the main process, the one that writes the folder, holds it; every rank learns whether it
-    got it, so all of them stop with one line instead of the others failing in their next collective."""
+    requeued while the first still runs) is refused instead of interleaving checkpoints and metric lines."""
+    with run_lock(run_dir / RUN_LOCK_NAME, run_dir, "is training in this run folder", main_process):
+        yield
+
+
+@contextlib.contextmanager
+def run_lock(path: Path, guarded: Path, doing: str, main_process: bool = True) -> Iterator[None]:
+    """Hold the lock file `path` while this run writes `guarded`; another live holder is a VildError naming it
+    and `doing` (what it is doing there). A killed run's lock is found stale (dead pid, or no heartbeat from
+    another host) and taken over. Under torchrun only the main process, the one that writes, holds it; every
+    rank learns whether it got it, so all of them stop with one line instead of the others failing in their
+    next collective."""
     lock, problem = None, None
     if main_process:
-        path = run_dir / RUN_LOCK_NAME
         try:
             lock, holder = ShardLock.acquire(path)
         except OSError as err:
             problem = f"{path}: cannot create ({describe_error(err)})"
         else:
             if lock is None:
-                problem = (f"{run_dir}: {describe_lock_holder(holder)} is training in this run folder; wait for it"
-                           f" to end or stop it (should it have been killed, the next run takes over {path}: on its"
-                           f" host at once, elsewhere {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)")
+                problem = (f"{guarded}: {describe_lock_holder(holder)} {doing}; wait for it to end or stop it"
+                           f" (should it have been killed, the next run takes over {path}: on its host at once,"
+                           f" elsewhere {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)")
     if any_rank(problem is not None):
-        raise VildError(problem or f"{run_dir}: the main process could not take this run folder (its error says why)")
+        raise VildError(problem or f"{guarded}: the main process could not take {path.name} (its error says why)")
     with lock if lock is not None else contextlib.nullcontext():
         yield

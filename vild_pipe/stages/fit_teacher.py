@@ -7,6 +7,7 @@ and measures its crop classification accuracy on WORLD/val.json, base and novel 
 The fit is resumable as train-rpn is: <out stem>.fitting.pt beside OUT holds the fit's state every
 `checkpoint_every` steps and on SIGTERM/SIGINT; the same command rerun continues from it and writes the teacher
 an uninterrupted fit writes, byte for byte, and the same report. It is removed once teacher and report are out.
+<out stem>.fitting.lock is held while the command runs: the same command started twice is refused.
 """
 import dataclasses
 import json
@@ -18,11 +19,12 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
-from vild_pipe.errors import VildError
+from vild_pipe.errors import VildError, describe_error
 from vild_pipe.pipeline.checkpoint import config_differences, load_checkpoint
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
+from vild_pipe.pipeline.training_run import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,11 @@ def checkpoint_path(out) -> Path:
     return out.with_name(out.stem + ".fitting.pt")
 
 
+def lock_path(out) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".fitting.lock")
+
+
 def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False,
         checkpoint_every: int = 200) -> dict:
@@ -45,6 +52,21 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
         raise VildError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                      "model": dataclasses.asdict(model)}))
+    train = CocoDataset.load(world / "train.json")
+    val = CocoDataset.load(world / "val.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VildError(f"{out.parent}: cannot create the folder ({describe_error(err)})") from err
+    # Held from the first look at OUT to the last write: two fits to one OUT would overwrite each other's
+    # checkpoint and report.
+    with run_lock(lock_path(out), out, "is fitting this teacher"):
+        return _fit(train, val, out, config, steps, batch_size, lr, seed, model, threads, overwrite,
+                    checkpoint_every)
+
+
+def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: int, batch_size: int, lr: float,
+         seed: int, model: SmallClipConfig, threads: int, overwrite: bool, checkpoint_every: int) -> dict:
     report_file = report_path(out)
     checkpoint = checkpoint_path(out)
     if out.exists() and not overwrite:
@@ -65,8 +87,6 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
     if threads:
         torch.set_num_threads(threads)
     started = time.time()
-    train = CocoDataset.load(world / "train.json")
-    val = CocoDataset.load(world / "val.json")
     # The checkpoint's config names the training captions too: a fit resumed on another world fits neither.
     fitting_config = {**config, "data": {"train_sha256": sha256_file(train.path)}}
     _refuse_or_remove_another_fit(checkpoint, fitting_config, overwrite)
