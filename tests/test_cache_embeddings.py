@@ -489,7 +489,7 @@ def test_killed_run_resumes_to_the_same_cache_and_never_shows_a_partial_shard(ph
 
 
 def test_torchrun_two_ranks_and_two_shard_jobs_fill_the_same_cache(photos, proposals, teacher_file, reference,
-                                                                  tmp_path):
+                                                                  tmp_path, caplog):
     out = tmp_path / "torchrun"
     output = run_to_end(driver_command(tmp_path, DRIVER, stage_kwargs(photos, proposals, teacher_file, out),
                                        torchrun=True), timeout=180)
@@ -499,11 +499,30 @@ def test_torchrun_two_ranks_and_two_shard_jobs_fill_the_same_cache(photos, propo
     out = tmp_path / "sharded"
     first = cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="1/2"))
     assert first["shards_written"] == [1] and not first["complete"]
-    second = cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="0/2"))
-    assert second["shards_written"] == [0, 2] and second["complete"]
+    with caplog.at_level(logging.WARNING):
+        second = cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="0/2"))
+    assert second["shards_written"] == [0, 2] and second["complete"] and not caplog.records
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["shard"] for s in manifest["shards"]] == [0, 1, 2]
+    assert manifest["made_with"] == {"batch_size": CROP_BATCH, "device": "cpu"}
     assert_same_cache(out, reference[0])
+
+
+def test_a_cache_resumed_with_another_batch_size_says_its_shards_may_differ_in_the_last_bits(
+        photos, proposals, teacher_file, reference, tmp_path, caplog):
+    out = tmp_path / "cache"
+    cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="1/2"))
+    with caplog.at_level(logging.WARNING):
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, batch_size=5))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{out}: begun with other settings than this run's (batch_size: {CROP_BATCH} -> 5): the shards this run"
+        " writes may differ from the others in their last bits; resume with the first run's settings for a cache"
+        " equal bit for bit to one run's"]
+    assert json.loads((out / "manifest.json").read_text())["made_with"]["batch_size"] == CROP_BATCH
+    (got, _), (expected, _) = read_cache(out), read_cache(reference[0])
+    for image_id, rows in expected.items():
+        np.testing.assert_allclose(got[image_id]["emb"].astype(np.float32), rows["emb"].astype(np.float32),
+                                   atol=2e-3)
 
 
 def test_a_cache_of_another_model_or_proposal_cache_is_refused(photos, proposals, teacher_file, reference, tmp_path):

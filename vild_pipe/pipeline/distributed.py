@@ -57,6 +57,13 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
+def device_name(device: torch.device) -> str:
+    """The device as its arithmetic goes: "cpu", or "cuda: <the card's name>" (another card may round otherwise)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def loader_workers(workers: int) -> dict[str, Any]:
     """DataLoader options for `workers` worker processes: forked on Linux whatever Python's default, and
     leaving stop signals to the main process (`ignore_stop_signals`).

@@ -614,6 +614,7 @@ class CacheFolder:
         images_per_shard: int,
         overwrite: bool = False,
         sources: Mapping[str, str] | None = None,
+        made_with: Mapping[str, Any] | None = None,
     ) -> CacheFolder:
         """The cache in `path` for these settings: created if new, resumed if its fingerprint matches.
 
@@ -622,7 +623,9 @@ class CacheFolder:
         array job may pass it; it refuses while another run is writing a shard of the old cache, and it
         never replaces a cache of another stage (that is almost always a wrong path, not a stale cache).
         `sources` (input name -> where it was read) is kept in the manifest for messages, outside the
-        fingerprint: a copied or moved input is the same input.
+        fingerprint: a copied or moved input is the same input. `made_with` (settings that can move values in
+        their last bits but leave them the same quantity, such as a batch size) is kept there too, as the
+        creating run had it: a run that resumes with others logs a warning naming them.
         """
         path = Path(path)
         row_fields = {name: _as_row_field(spec) for name, spec in fields.items()}
@@ -648,6 +651,7 @@ class CacheFolder:
             # Documentation only, outside the fingerprint: rewording a description must not void a cache.
             "field_descriptions": {name: f.description for name, f in row_fields.items()},
             "sources": dict(sources or {}),
+            "made_with": _plain(dict(made_with or {})),
             "created": _now_iso(),
             "complete": False,
             "shards": [],
@@ -711,6 +715,12 @@ class CacheFolder:
         done = len(folder.complete_shards())
         if done:
             log.info("resuming cache %s: %d of %d shards complete", path, done, num_shards)
+        begun_with = manifest.get("made_with") or {}
+        changed = value_changes(begun_with, _plain(dict(made_with or {}))) if begun_with else []
+        if changed and done < num_shards:
+            log.warning("%s: begun with other settings than this run's (%s): the shards this run writes may differ from"
+                        " the others in their last bits; resume with the first run's settings for a cache equal bit"
+                        " for bit to one run's", path, "; ".join(changed))
         return folder
 
     @classmethod

@@ -42,7 +42,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, describe_error
 from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
-from vild_pipe.pipeline.distributed import loader_workers
+from vild_pipe.pipeline.distributed import device_name, loader_workers
 from vild_pipe.pipeline.embedding_cache import (
     PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
 )
@@ -96,7 +96,8 @@ def run(
     on CUDA, 256 on the CPU); `images_per_batch` images are decoded and cropped together. `ensemble_only`
     stores just `emb`, a third of the size. `shard` "i/n" takes this job's part of the shards (with
     torchrun, split again between the ranks). The crop method and the precision make the cache's config:
-    a rerun with another one is refused unless `overwrite`.
+    a rerun with another one is refused unless `overwrite`. The batch size and the device, which move values
+    only in their last bits, are recorded as the run that began the cache had them; a resume with others warns.
     """
     if crop_method not in CROP_METHODS:
         raise VildError(f"--crop-method must be one of {', '.join(CROP_METHODS)}, got {crop_method!r}")
@@ -134,6 +135,7 @@ def run(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=proposal_folder.num_shards,
             images_per_shard=proposal_folder.images_per_shard, overwrite=overwrite,
             sources={"proposals": os.path.abspath(proposal_folder.path)},
+            made_with={"batch_size": batch_size, "device": device_name(info.device)},
         )
         worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
         pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]

@@ -41,7 +41,7 @@ from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
-from vild_pipe.pipeline.distributed import loader_workers
+from vild_pipe.pipeline.distributed import device_name, loader_workers
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -220,7 +220,7 @@ def run(
         ranges = shard_image_ranges(len(dataset), images_per_shard)
         folder = CacheFolder.open_or_create(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=len(ranges),
-            images_per_shard=images_per_shard, overwrite=overwrite,
+            images_per_shard=images_per_shard, overwrite=overwrite, made_with={"device": device_name(info.device)},
         )
         worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
         pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
