@@ -110,7 +110,7 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_eve
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
     the detector from here. The file loads with `clip.load(path)`; val crop accuracy goes to
-    <out>.json next to it. Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
+    <out stem>.json next to it (WORLD/teacher.json by default). Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
     <out stem>.fitting.pt to the teacher an uninterrupted fit writes.
     """
     from vild_pipe.stages import fit_teacher as stage
