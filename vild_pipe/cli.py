@@ -194,7 +194,8 @@ def dump_proposals(detector, annotations, out, **options):
                    "torchvision on CUDA.")
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for reference, cropping).")
+@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for --crop-method reference or on a CPU,"
+                   " cropping, while the crops in flight fit in 1 GiB and half of /dev/shm).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another config, model or proposal cache.")
 def cache_embeddings(proposals, annotations, out, clip_model, **options):
