@@ -423,7 +423,8 @@ def detect(images, **options):
 def train_rpn(annotations, run_dir, **options):
     """Train the class-agnostic Faster R-CNN on the BASE boxes of ANNOTATIONS into RUN_DIR.
 
-    Every base box is "object"; novel annotations are removed before training and never used.
+    Every base box is "object" (with --box-classes base, the box head also learns its category); novel
+    annotations are removed before training and never used.
     Checkpoints every N steps and on SIGTERM; rerunning the same command resumes and ends at the same
     weights. Under torchrun it trains with DDP (gloo on CPU, nccl on GPU) on the same global batch.
     """
