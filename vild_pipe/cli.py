@@ -110,7 +110,7 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_eve
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
     the detector from here. The file loads with `clip.load(path)`; val crop accuracy goes to
-    <out>.json next to it. Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
+    <out stem>.json next to it (WORLD/teacher.json by default). Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
     <out stem>.fitting.pt to the teacher an uninterrupted fit writes.
     """
     from vild_pipe.stages import fit_teacher as stage
@@ -194,7 +194,8 @@ def dump_proposals(detector, annotations, out, **options):
                    "torchvision on CUDA.")
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for reference, cropping).")
+@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for --crop-method reference or on a CPU,"
+                   " cropping, while the crops in flight fit in 1 GiB and half of /dev/shm).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another config, model or proposal cache.")
 def cache_embeddings(proposals, annotations, out, clip_model, **options):
@@ -422,7 +423,8 @@ def detect(images, **options):
 def train_rpn(annotations, run_dir, **options):
     """Train the class-agnostic Faster R-CNN on the BASE boxes of ANNOTATIONS into RUN_DIR.
 
-    Every base box is "object"; novel annotations are removed before training and never used.
+    Every base box is "object" (with --box-classes base, the box head also learns its category); novel
+    annotations are removed before training and never used.
     Checkpoints every N steps and on SIGTERM; rerunning the same command resumes and ends at the same
     weights. Under torchrun it trains with DDP (gloo on CPU, nccl on GPU) on the same global batch.
     """
