@@ -222,6 +222,7 @@ def test_imagenet_init_offline_is_one_line_and_leaves_no_run_folder(world, tmp_p
                                        "imagenet", "--iterations", "1", "--workers", "0", "--device", "cpu"])
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Downloading" not in result.output  # torch.hub's own line, printed before it fails
     assert errors == ["error: --backbone-init imagenet: could not download torchvision's ResNet-50 ImageNet weights"
                       " (network error: name or service not known); give a local state-dict file with"
                       " --backbone-init PATH"]

@@ -21,12 +21,14 @@ train-rpn's data pipeline has resized (and scale-jittered) them already, for the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ from vild_pipe.pipeline.shards import sha256_file
 NUM_CLASSES = 2  # background, object
 MODEL_NAME = "model.pt"
 MODEL_FORMAT = 1
+
+log = logging.getLogger(__name__)
+
 PRESETS = ("resnet50-fpn", "small")
 SMALL_RETURNED_STAGES = ("stage2", "stage3", "stage4")  # strides 8, 16, 32; the FPN adds a max-pooled stride 64
 
@@ -268,9 +273,16 @@ def _load_backbone_weights(module: nn.Module, path: str, ignore_prefixes: Sequen
 
 def _imagenet_resnet50_weights() -> dict[str, torch.Tensor]:
     """torchvision's ResNet-50 ImageNet weights (downloaded once into torch's hub cache); offline, one line
-    saying so and how to give them as a file instead."""
+    saying so and how to give them as a file instead. The download is made here, not by torch.hub, which
+    prints its own "Downloading:" line on stdout before it fails."""
+    weights = ResNet50_Weights.IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     try:
-        return ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        if not cached.is_file():
+            log.info("downloading torchvision's ResNet-50 ImageNet weights from %s into %s", weights.url, cached.parent)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, os.fspath(cached), progress=True)
+        return weights.get_state_dict(progress=True)
     except Exception as err:  # URLError offline, OSError on a read-only cache, RuntimeError on a bad hash
         raise VildError(f"--backbone-init imagenet: could not download torchvision's ResNet-50 ImageNet weights"
                         f" ({describe_error(err)}); give a local state-dict file with --backbone-init PATH") from err
