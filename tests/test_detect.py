@@ -129,6 +129,14 @@ def test_a_folder_stands_for_its_image_files(models, tmp_path):
                                                                    for name in ("a.PNG", "b.jpg", "c.jfif")]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["a.png", "b.png", "c.png"]
 
+    # A file given with its folder, or twice, is one image, not another drawn as b-2.png.
+    again = detect.run(**detect_kwargs(models, tmp_path / "again", images=[folder / "b.jpg", folder,
+                                                                          folder / ".." / "photos" / "b.jpg"], top_k=2))
+    written = json.loads((tmp_path / "again" / "detections.json").read_text())
+    assert again["images"] == 3 and [image["file_name"] for image in written["images"]] == [
+        str(folder / name) for name in ("b.jpg", "a.PNG", "c.jfif")]
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.png")) == ["a.png", "b.png", "c.png"]
+
 
 def test_a_photo_stored_sideways_is_turned_upright_as_its_exif_tag_says(models, tmp_path):
     """A phone stores a portrait photograph as a landscape bitmap tagged "turn 90° clockwise" (orientation 6):

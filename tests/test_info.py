@@ -61,6 +61,15 @@ def test_a_half_made_cache_says_what_is_done_written_left_and_missing(half_made_
     assert lines[3] == "  missing: shard-00001, shard-00002, shard-00004; rerun dump-proposals to fill them"
 
 
+def test_a_complete_cache_of_one_shard_says_shard(tmp_path):
+    folder = CacheFolder.open_or_create(tmp_path / "cache", stage="dump-proposals", config={"top_n": 2}, inputs={},
+                                        fields=FIELDS, num_shards=1, images_per_shard=2)
+    with ShardWriter(folder, 0) as writer:
+        writer.add_image(7, boxes=np.zeros((2, 4), np.float32), scores=np.ones(2, np.float32))
+    assert info.format_state(info.describe(folder.path)).startswith(
+        f"{folder.path}: dump-proposals cache, complete, 1 shard (1 image, 2 rows, ")
+
+
 def test_a_run_folder_says_its_step_checkpoint_and_whether_it_runs(tmp_path):
     run_dir = tmp_path / "head"
     run_dir.mkdir()

@@ -72,6 +72,11 @@ def first_few(items: Iterable[Any], limit: int, separator: str = ", ") -> str:
     return separator.join(items[:limit]) + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 shard", "1,200 shards": a count and its noun, plural by adding s."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
 def value_changes(old: Mapping[str, Any], new: Mapping[str, Any], skip: Iterable[str] = ()) -> list[str]:
     """"key: old -> new" for every dotted key of two nested mappings whose values differ, "(absent)" where one
     lacks it, values as `short_value` writes them; keys in `skip` (dotted) and those below them left out."""

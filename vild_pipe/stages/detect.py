@@ -35,7 +35,7 @@ from tqdm import tqdm
 from vild_pipe import __version__
 from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.data.prompts import clean_name
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, counted
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
 from vild_pipe.pipeline.distributed import pick_device
@@ -66,7 +66,7 @@ def found_lines(summary: dict, shown: int = 5) -> list[str]:
         detections = sorted(image["detections"], key=lambda found: -found[1])
         listed = ", ".join(f"{name} {score:.2f}" for name, score in detections[:shown])
         more = ", ..." if len(detections) > shown else ""
-        count = f"{len(detections)} detection{'s' if len(detections) != 1 else ''}"
+        count = counted(len(detections), "detection")
         lines.append(f"{image['image']}: {count}: {listed}{more}" if detections else f"{image['image']}: nothing found")
     return lines
 
@@ -220,7 +220,8 @@ def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_th
 
 def _image_paths(images: Sequence[str | os.PathLike]) -> list[Path]:
     """The image files, checked before any model is loaded: a folder stands for its image files (by suffix,
-    sorted, not recursive); VildError naming the first argument that is neither an image file nor such a folder."""
+    sorted, not recursive), a file given twice is taken once; VildError naming the first argument that is
+    neither an image file nor such a folder."""
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     if not images:
@@ -236,7 +237,13 @@ def _image_paths(images: Sequence[str | os.PathLike]) -> list[Path]:
             paths.append(image)
         else:
             raise VildError(f"{os.fspath(image)}: no such image file or folder")
-    return paths
+    first_given: dict[Path, Path] = {}
+    for path in paths:
+        first_given.setdefault(path.resolve(), path)
+    if len(first_given) < len(paths):
+        log.info("detect: %d image(s) given more than once (a file and its folder?); each is detected once",
+                 len(paths) - len(first_given))
+    return list(first_given.values())
 
 
 def _drawing_names(paths: list[Path]) -> list[str]:

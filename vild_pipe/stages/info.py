@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from vild_pipe.errors import DataError, first_few
+from vild_pipe.errors import DataError, counted, first_few
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME
 from vild_pipe.pipeline.head import HEAD_NAME
@@ -102,10 +102,10 @@ def format_state(state: dict[str, Any]) -> str:
     """A few lines for a person: the headline, then only what needs a look."""
     if state["kind"] == "run":
         return _format_run(state)
-    done = (f"complete, {state['shards']} shards" if state["complete"]
-            else f"{state['complete_shards']} of {state['shards']} shards complete")
-    lines = [f"{state['path']}: {state['stage']} cache, {done} ({state['images']:,} images, {state['rows']:,} rows,"
-             f" {format_bytes(state['bytes'])})"]
+    done = (f"complete, {counted(state['shards'], 'shard')}" if state["complete"]
+            else f"{state['complete_shards']} of {counted(state['shards'], 'shard')} complete")
+    lines = [f"{state['path']}: {state['stage']} cache, {done} ({counted(state['images'], 'image')},"
+             f" {counted(state['rows'], 'row')}, {format_bytes(state['bytes'])})"]
     if state["writing"]:
         lines.append("  being written: " + ", ".join(f"{lock['shard']} ({lock['by']})" for lock in state["writing"]))
     if state["stale_locks"]:

@@ -197,11 +197,12 @@ def _check_settings(losses: str, hyper: dict[str, Any], image_rois: int, sample_
     if losses not in LOSSES:
         raise VildError(f"--losses {losses}: use one of {', '.join(LOSSES)}")
     check_schedule(hyper)
-    if image_rois < 1 or (sample_rois is not None and sample_rois < 1) or not 0 < foreground_fraction <= 1:
-        raise VildError(f"image RoIs and sampled RoIs must be positive and the foreground fraction in (0, 1]"
-                        f" (got {image_rois}, {sample_rois}, {foreground_fraction})")
-    if checkpoint_every < 1 or workers < 0:
-        raise VildError(f"checkpoint_every must be positive and workers >= 0 (got {checkpoint_every}, {workers})")
+    for option, value, floor in (("--image-rois", image_rois, 1), ("--sample-rois", sample_rois, 1),
+                                 ("--checkpoint-every", checkpoint_every, 1), ("--workers", workers, 0)):
+        if value is not None and value < floor:
+            raise VildError(f"{option} must be at least {floor}, got {value}")
+    if not 0 < foreground_fraction <= 1:
+        raise VildError(f"--foreground-fraction must be in (0, 1], got {foreground_fraction}")
 
 
 def _open_caches(proposals, embeddings, use_image: bool) -> tuple[CacheFolder, CacheFolder | None]:
