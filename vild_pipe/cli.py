@@ -110,8 +110,8 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_eve
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
     the detector from here. The file loads with `clip.load(path)`; val crop accuracy goes to
-    <out stem>.json next to it (WORLD/teacher.json by default). Resumable: killed or stopped (SIGTERM, Ctrl-C), the same command continues from
-    <out stem>.fitting.pt to the teacher an uninterrupted fit writes.
+    <out stem>.json next to it (WORLD/teacher.json by default). Resumable: killed or stopped (SIGTERM,
+    Ctrl-C), the same command continues from <out stem>.fitting.pt to the teacher an uninterrupted fit writes.
     """
     from vild_pipe.stages import fit_teacher as stage
     stage.run(world, out or f"{world}/teacher.pt", steps=steps, batch_size=batch_size, lr=lr,
@@ -194,8 +194,9 @@ def dump_proposals(detector, annotations, out, **options):
                    "torchvision on CUDA.")
 @click.option("--shard", help="i/n: fill only this job's part of the shards (0 <= i < n), e.g. a Slurm array.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=2, show_default=True, help="Processes decoding (and, for --crop-method reference or on a CPU,"
-                   " cropping, while the crops in flight fit in 1 GiB and half of /dev/shm).")
+@click.option("--workers", default=2, show_default=True,
+              help="Processes decoding (and, for --crop-method reference or on a CPU, cropping, while the crops in"
+                   " flight fit in 1 GiB and half of /dev/shm).")
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made with another config, model or proposal cache.")
 def cache_embeddings(proposals, annotations, out, clip_model, **options):
