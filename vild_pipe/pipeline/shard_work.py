@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager, Hashable, Iterable
 
 import torch
 
-from vild_pipe.errors import VildError, first_few
+from vild_pipe.errors import VildError, counted, first_few
 from vild_pipe.pipeline.checkpoint import GracefulStop
 from vild_pipe.pipeline.distributed import cleanup_distributed, init_distributed
 from vild_pipe.pipeline.shards import (
@@ -69,8 +69,8 @@ class CacheStopped(VildError):
     def __init__(self, folder: CacheFolder, signal_name: str, published: int):
         complete = len(folder.complete_shards())
         super().__init__(
-            f"{folder.path}: stopped by {signal_name}; {_shards(published)} published by this run ({complete} of"
-            f" {folder.num_shards} complete), rerun the same command to resume"
+            f"{folder.path}: stopped by {signal_name}; {counted(published, 'shard')} published by this run"
+            f" ({complete} of {folder.num_shards} complete), rerun the same command to resume"
         )
 
 
@@ -84,14 +84,10 @@ class ShardsHeldElsewhere(VildError):
             names_by_holder.setdefault(describe_lock_holder(holder), []).append(shard_name(index))
         writing = "; ".join(f"{first_few(names, 8)} ({holder})" for holder, names in names_by_holder.items())
         super().__init__(
-            f"{folder.path}: the cache is not complete: another run is writing {writing}; {_shards(published)}"
+            f"{folder.path}: the cache is not complete: another run is writing {writing}; {counted(published, 'shard')}"
             f" published by this run. Rerun the same command when that run has finished (the lock of a run killed"
             f" on another host counts as stale {FOREIGN_STALE_S / 60:.0f} min after its last heartbeat)"
         )
-
-
-def _shards(count: int) -> str:
-    return f"{count} shard" if count == 1 else f"{count} shards"
 
 
 class StopSignals(GracefulStop):
@@ -355,9 +351,9 @@ def log_nothing_to_write(num_shards: int, worker: int, num_workers: int) -> None
 
 def log_measured_cost(folder: CacheFolder, summary: dict) -> None:
     if summary["images"]:
-        log.info("%s: %d of %d shards complete, %d images, %d rows, %s measured (%s per image)%s", folder.path,
-                 summary["complete_shards"], summary["num_shards"], summary["images"], summary["rows"],
-                 format_bytes(summary["bytes"]), format_bytes(summary["bytes_per_image"]),
+        log.info("%s: %d of %s complete, %d images, %d rows, %s measured (%s per image)%s", folder.path,
+                 summary["complete_shards"], counted(summary["num_shards"], "shard"), summary["images"],
+                 summary["rows"], format_bytes(summary["bytes"]), format_bytes(summary["bytes_per_image"]),
                  "" if summary["complete"] else "; the cache is finished when the other workers' shards are written")
     if summary["skipped_images"]:
         log.warning("%d images were skipped as unreadable; they are listed in the shard markers and, once the"

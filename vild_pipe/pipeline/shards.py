@@ -58,7 +58,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError, describe_error, first_few, value_changes
+from vild_pipe.errors import DataError, VildError, counted, describe_error, first_few, value_changes
 
 log = logging.getLogger(__name__)
 
@@ -700,7 +700,8 @@ class CacheFolder:
                 except OSError as err:
                     raise VildError(f"{path / MANIFEST_NAME}: cannot write ({describe_error(err)})") from err
                 if created:
-                    log.info("created cache %s (%s, %d shards, fingerprint %s)", path, stage, num_shards, fingerprint)
+                    log.info("created cache %s (%s, %s, fingerprint %s)", path, stage, counted(num_shards, "shard"),
+                             fingerprint)
                     break
                 continue
             if time.monotonic() > deadline:
@@ -714,7 +715,7 @@ class CacheFolder:
         folder.remove_stale_files()
         done = len(folder.complete_shards())
         if done:
-            log.info("resuming cache %s: %d of %d shards complete", path, done, num_shards)
+            log.info("resuming cache %s: %d of %s complete", path, done, counted(num_shards, "shard"))
         begun_with = manifest.get("made_with") or {}
         changed = value_changes(begun_with, _plain(dict(made_with or {}))) if begun_with else []
         if changed and done < num_shards:
@@ -939,7 +940,7 @@ class CacheFolder:
         except OSError as err:
             raise VildError(f"{self.path / MANIFEST_NAME}: cannot write ({describe_error(err)})") from err
         self.manifest = finalized
-        log.info("cache %s is complete: %d shards", self.path, self.num_shards)
+        log.info("cache %s is complete: %s", self.path, counted(self.num_shards, "shard"))
         return True
 
 

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.errors import DataError, VildError, counted, describe_error
 from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.distributed import device_name, loader_workers
@@ -146,8 +146,8 @@ def run(
             _log_expected_cost(folder, proposal_folder, rows, teacher.embed_dim)
 
         if pending:
-            log.info("worker %d of %d: %d shards to write on %s (%s crops, %s, batch %d crops, %s decode)",
-                     worker, num_workers, len(pending), info.device, crop_method, config["precision"],
+            log.info("worker %d of %d: %s to write on %s (%s crops, %s, batch %d crops, %s decode)",
+                     worker, num_workers, counted(len(pending), "shard"), info.device, crop_method, config["precision"],
                      batch_size, decode)
             written = _write_shards(
                 teacher, dataset, proposal_folder, folder, rows, rows_per_image, crop_method, decode, batch_size,

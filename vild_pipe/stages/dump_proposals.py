@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, counted
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
 from vild_pipe.pipeline.distributed import device_name, loader_workers
@@ -228,7 +228,7 @@ def run(
             _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ranges)
 
         if pending:
-            log.info("worker %d of %d: %d shards to write on %s (%s)", worker, num_workers, len(pending),
+            log.info("worker %d of %d: %s to write on %s (%s)", worker, num_workers, counted(len(pending), "shard"),
                      info.device, config["precision"])
             written = _write_shards(
                 model, dataset, ground_truth, folder, pending, ranges, config, batch_size, workers, info.device,
