@@ -69,7 +69,7 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
     assert first.exit_code == 0, first.output
     if sys.platform.startswith("linux"):   # forked workers whatever Python's default (forkserver from 3.14)
         assert len(worker_starts) >= 7 and set(worker_starts) == {"fork"}, worker_starts
-    assert "| fit-teacher |" in first.output and "recall@0.5" in first.output
+    assert "| fit-teacher (beside train-rpn) |" in first.output and "recall@0.5" in first.output
     for mode in ("CLIP-on-crops", "ViLD-text", "ViLD-image", "ViLD", "ViLD-ensemble"):
         assert f"| {mode} |" in first.output
     for path in ("world/train.json", "teacher.pt", "teacher.json", "rpn/model.pt", "rpn/recall.json",
@@ -90,10 +90,10 @@ def test_quick_demo_runs_every_stage_and_resumes(tmp_path, monkeypatch):
 
 def test_the_log_shows_vild_pipes_lines_and_only_other_libraries_warnings():
     """torch logs its FakeTensor cache stats at info when a run is stopped: not the user's business."""
-    from vild_pipe.cli import _ours_or_a_warning
+    from vild_pipe.errors import ours_or_a_warning
 
     def shown(name, level):
-        return _ours_or_a_warning(logging.LogRecord(name, level, __file__, 0, "line", None, None))
+        return ours_or_a_warning(logging.LogRecord(name, level, __file__, 0, "line", None, None))
 
     assert shown("vild_pipe.stages.detect", logging.INFO) and shown("vild_pipe", logging.DEBUG)
     assert not shown("torch._subclasses.fake_tensor", logging.INFO) and not shown("vild_pipe_other", logging.INFO)

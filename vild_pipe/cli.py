@@ -7,7 +7,7 @@ import sys
 import click
 
 from vild_pipe import __version__
-from vild_pipe.errors import VildError
+from vild_pipe.errors import VildError, log_to_stderr
 
 
 class _Group(click.Group):
@@ -62,16 +62,7 @@ def main(verbose):
     Each stage is a separate command that caches its work on disk and resumes when rerun.
     Run `vild-pipe demo` to see every built stage on a generated world, offline, on a CPU.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(_ours_or_a_warning)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-
-
-def _ours_or_a_warning(record: logging.LogRecord) -> bool:
-    """vild-pipe's log lines, and other libraries' warnings: their info lines (torch's FakeTensor cache stats at
-    exit) are not the user's business."""
-    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "vild_pipe"
+    log_to_stderr(logging.DEBUG if verbose else logging.INFO)
 
 
 @main.command("make-synthetic")
@@ -126,9 +117,9 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_eve
 def demo(out, quick, seed):
     """Run the whole pipeline on the synthetic world, offline, on this machine, and print the results.
 
-    make-synthetic → fit-teacher → train-rpn → dump-proposals (train, val) → cache-embeddings (train, val) →
-    train-head (ViLD-text, ViLD-image, ViLD) → evaluate every mode → detect on a few val images, each through
-    the same code as its own command, all in OUT. About 13 minutes on a 2-core CPU (each stage takes a GPU
+    make-synthetic → fit-teacher beside train-rpn (a process each) → dump-proposals (train, val) →
+    cache-embeddings (train, val) → train-head (ViLD-text, ViLD-image, ViLD) → evaluate every mode → detect on
+    a few val images, each through the same code as its own command, all in OUT. About 10 minutes on a 2-core CPU (each stage takes a GPU
     when there is one); rerunning resumes instead of redoing. The table it prints: box AP on the val split,
     base and novel categories apart.
     """

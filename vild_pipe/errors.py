@@ -1,11 +1,14 @@
-"""The one exception type a user should see: the CLI prints it as a single line and exits non-zero."""
+"""The one exception type a user should see: the CLI prints it as a single line and exits non-zero; the
+wording helpers of those lines; and the log lines on stderr."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -103,3 +106,18 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Log lines on stderr as every command writes them: time, level, logger, message; vild-pipe's own lines
+    and other libraries' warnings only (`ours_or_a_warning`)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ours_or_a_warning)
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def ours_or_a_warning(record: logging.LogRecord) -> bool:
+    """vild-pipe's log lines, and other libraries' warnings: their info lines (torch's FakeTensor cache stats at
+    exit) are not the user's business."""
+    return record.levelno >= logging.WARNING or record.name.split(".")[0] == "vild_pipe"

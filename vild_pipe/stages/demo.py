@@ -1,15 +1,21 @@
 """vild-pipe demo: the whole pipeline, run for real on the synthetic world, in one output folder.
 
-make-synthetic → fit-teacher → train-rpn → dump-proposals (train, val) → cache-embeddings (train, val) →
-train-head three times (ViLD-text, ViLD-image, ViLD) → evaluate every mode → detect on a few val images.
+make-synthetic → fit-teacher beside train-rpn (two processes, half the cores each) → dump-proposals (train, val)
+→ cache-embeddings (train, val) → train-head three times (ViLD-text, ViLD-image, ViLD) → evaluate every mode →
+detect on a few val images.
 Each step calls the same stage function its CLI command calls, so the demo is the pipeline a user runs;
 each stage skips the work it finds done, so rerunning the demo resumes instead of redoing.
 """
 import logging
+import multiprocessing
+import sys
 import time
 from pathlib import Path
 
+import torch
+
 from vild_pipe.data.coco import CocoDataset
+from vild_pipe.errors import VildError, log_to_stderr
 from vild_pipe.pipeline.evaluation import metrics_table
 from vild_pipe.pipeline.recall import format_recall
 from vild_pipe.stages import (
@@ -39,6 +45,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     sizes = QUICK if quick else FULL
     out = Path(out)
     timings = {}
+    started = time.time()
 
     def timed(name, stage, *args, **kwargs):
         started = time.time()
@@ -50,11 +57,22 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     timed("make-synthetic", make_synthetic.run, world, seed=seed, train_images=sizes["train_images"],
           val_images=sizes["val_images"], image_size=sizes["image_size"])
     teacher_file = out / "teacher.pt"
-    teacher = timed("fit-teacher", fit_teacher.run, world, teacher_file, steps=sizes["teacher_steps"], seed=seed)
+    # The teacher and the detector need nothing of each other: they are fitted side by side, each on half the
+    # cores (two torch threads made train-rpn only 1.26 times faster than one; side by side the two took 6.6
+    # minutes against 10.1 one after the other: bench/RESULTS.md).
+    all_threads = torch.get_num_threads()
+    threads = max(1, all_threads // 2)
     size = sizes["image_size"]
-    rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
-                box_classes="base", iterations=sizes["rpn_iterations"], warmup=sizes["rpn_warmup"], min_size=size,
-                max_size=size, seed=seed, val=world / "val.json", workers=1)
+    log.info("demo: fit-teacher beside train-rpn, %d torch thread(s) each; the teacher's progress is in its log"
+             " lines", threads)
+    with StageBeside("fit-teacher", fit_teacher.run, world, teacher_file, steps=sizes["teacher_steps"], seed=seed,
+                     threads=threads) as teacher_job:
+        rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
+                    box_classes="base", iterations=sizes["rpn_iterations"], warmup=sizes["rpn_warmup"],
+                    min_size=size, max_size=size, seed=seed, val=world / "val.json", workers=1, threads=threads)
+        teacher = teacher_job.result()
+    timings["fit-teacher (beside train-rpn)"] = teacher_job.seconds
+    torch.set_num_threads(all_threads)
     for split in ("train", "val"):
         timed(f"dump-proposals {split}", dump_proposals.run, out / "rpn", world / f"{split}.json",
               out / "proposals" / split, top_n=sizes["top_n"], nms_threshold=PROPOSAL_NMS)
@@ -76,6 +94,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
           heads["ViLD"], out / "detections", vocab=vocabulary, clip=str(teacher_file), score_threshold=0.5, top_k=10,
           proposal_nms=PROPOSAL_NMS)
 
+    timings["total (wall)"] = time.time() - started
     print(_report(teacher, rpn, metrics, timings, out))
     return {"teacher": teacher, "rpn": rpn, "metrics": metrics, "timings": timings}
 
@@ -90,6 +109,69 @@ def _report(teacher: dict, rpn: dict, metrics: dict, timings: dict, out: Path) -
     lines += ["", f"detector (small preset, base boxes only), val: {format_recall(rpn['recall']['recall'])}",
               "", "| stage | seconds |", "| --- | --- |"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in timings.items()]
-    lines += [f"| total | {sum(timings.values()):.1f} |", "",
-              f"pictures: {out / 'detections'}/*.png; every number: {out / 'evaluation' / 'metrics.json'}"]
+    lines += ["", f"pictures: {out / 'detections'}/*.png; every number: {out / 'evaluation' / 'metrics.json'}"]
     return "\n".join(lines)
+
+
+class StageBeside:
+    """A stage run in a process of its own beside the stages of this one, for two stages that need nothing of
+    each other. `result()` waits for it: its return value, or its VildError raised here; leaving the `with`
+    block stops it (SIGTERM: a training stage saves its checkpoint first) if it still runs. The process is
+    spawned, not forked: a fork of a process that has run torch's OpenMP threads may hang in them."""
+
+    def __init__(self, name: str, stage, *args, **kwargs):
+        context = multiprocessing.get_context("spawn")
+        self.name, self.seconds = name, None
+        self._results, sending = context.Pipe(duplex=False)
+        self._process = context.Process(target=_run_beside, name=name, daemon=True,
+                                        args=(sending, stage, args, kwargs, logging.getLogger().level))
+        self._process.start()
+        sending.close()
+
+    def result(self):
+        while not self._results.poll(0.2):
+            if not self._process.is_alive() and not self._results.poll():
+                raise VildError(f"{self.name}: its process ended (exit code {self._process.exitcode}) with no result;"
+                                " its error is above")
+        finished, value, self.seconds = self._results.recv()
+        self._process.join()
+        if not finished:
+            raise VildError(value)
+        return value
+
+    def __enter__(self) -> "StageBeside":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._process.is_alive():
+            self._process.terminate()
+        self._process.join()
+        self._results.close()
+
+
+def _run_beside(results, stage, args, kwargs, log_level: int) -> None:
+    """The body of a `StageBeside` process: the stage, its logs on stderr as the CLI writes them, and
+    (finished, value or error message, seconds) sent back. Its progress bars are left out: they would be
+    drawn over the main process's."""
+    sys.stderr = _NotATerminal(sys.stderr)
+    log_to_stderr(log_level)
+    started = time.time()
+    try:
+        value = stage(*args, **kwargs)
+    except VildError as err:
+        results.send((False, str(err), time.time() - started))
+        return
+    results.send((True, value, time.time() - started))
+
+
+class _NotATerminal:
+    """A stream that says it is no terminal, so tqdm (`disable=None`) draws no bar on it."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
