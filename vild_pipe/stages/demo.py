@@ -45,7 +45,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     sizes = QUICK if quick else FULL
     out = Path(out)
     timings = {}
-    started = time.time()
+    demo_started = time.time()
 
     def timed(name, stage, *args, **kwargs):
         started = time.time()
@@ -94,7 +94,7 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
           heads["ViLD"], out / "detections", vocab=vocabulary, clip=str(teacher_file), score_threshold=0.5, top_k=10,
           proposal_nms=PROPOSAL_NMS)
 
-    timings["total (wall)"] = time.time() - started
+    timings["total (wall)"] = time.time() - demo_started
     print(_report(teacher, rpn, metrics, timings, out))
     return {"teacher": teacher, "rpn": rpn, "metrics": metrics, "timings": timings}
 
