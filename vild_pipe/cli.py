@@ -119,9 +119,9 @@ def demo(out, quick, seed):
 
     make-synthetic → fit-teacher beside train-rpn (a process each) → dump-proposals (train, val) →
     cache-embeddings (train, val) → train-head (ViLD-text, ViLD-image, ViLD) → evaluate every mode → detect on
-    a few val images, each through the same code as its own command, all in OUT. About 10 minutes on a 2-core CPU (each stage takes a GPU
-    when there is one); rerunning resumes instead of redoing. The table it prints: box AP on the val split,
-    base and novel categories apart.
+    a few val images, each through the same code as its own command, all in OUT. About 10 minutes on a 2-core
+    CPU (each stage takes a GPU when there is one); rerunning resumes instead of redoing. The table it prints:
+    box AP on the val split, base and novel categories apart.
     """
     from vild_pipe.stages import demo as stage
     stage.run(out, quick=quick, seed=seed)
