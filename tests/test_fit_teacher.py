@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -145,14 +146,21 @@ def test_a_fit_killed_part_way_resumes_to_the_teacher_and_report_of_an_uninterru
                                                                                         tmp_path, monkeypatch, caplog):
     out, checkpoint = tmp_path / "teacher.pt", tmp_path / "teacher.fitting.pt"
     interrupt_at_step(monkeypatch, 6)
+    # The stopped fit's clock runs 1000 s ahead: its checkpoint says it took over 1000 s.
+    monkeypatch.setattr(teacher_fitting, "time", SimpleNamespace(time=lambda: time.time() + 1000))
     with pytest.raises(KeyboardInterrupt):
         fit_teacher.run(world, out, checkpoint_every=2, **RESUMED)
     monkeypatch.undo()
-    assert load_checkpoint(checkpoint)["step"] == 4 and not out.exists()
+    stopped = load_checkpoint(checkpoint)
+    assert stopped["step"] == 4 and not out.exists() and stopped["extra"]["seconds"] > 1000
     with caplog.at_level(logging.INFO, logger="vild_pipe"):
+        resumed_at = time.time()
         report = fit_teacher.run(world, out, checkpoint_every=2, **RESUMED)
+        resumed_for = time.time() - resumed_at
     assert f"resuming from {checkpoint} at step 4" in caplog.text
     assert teacher_and_report(out, report) == uninterrupted
+    # The report counts the stopped fit's seconds and the resumed part's.
+    assert stopped["extra"]["seconds"] < report["seconds"] <= stopped["extra"]["seconds"] + resumed_for + 0.1
     assert sorted(path.name for path in tmp_path.iterdir()) == ["teacher.json", "teacher.pt"]
 
 

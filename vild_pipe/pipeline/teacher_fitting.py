@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,8 @@ def warm_up_text_tower(model, names, steps: int, lr: float, rng: np.random.Gener
 
 def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_size: int, lr: float, seed: int,
                    captions_per_category: int = 2, warmup: int = 50, text_warmup_steps: int | None = None,
-                   checkpoint: Path | None = None, checkpoint_every: int = 200, config: dict | None = None):
+                   checkpoint: Path | None = None, checkpoint_every: int = 200, config: dict | None = None,
+                   started: float | None = None):
     """AdamW with warm-up and cosine decay; fresh crops, random flips and colour-channel orders every step
     (the category is the shape, never the colour); returns the per-step losses. The text tower's warm-up
     (`warm_up_text_tower`) takes 100 steps, or `steps` when the fit is shorter: a 3-step fit (a smoke test)
@@ -133,7 +135,9 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
     With `checkpoint` (a file) the fit is resumable like train-rpn's: the state after a step (model, AdamW,
     schedule, the caption/crop generator, the global RNGs, the losses so far, `config`) is saved there every
     `checkpoint_every` steps, after the last one, and on SIGTERM/SIGINT (then TrainingStopped is raised); a fit
-    that finds it continues from it, without the warm-up, to the weights and losses of a fit never stopped."""
+    that finds it continues from it, without the warm-up, to the weights and losses of a fit never stopped. The
+    checkpoint also keeps the seconds since `started` (the `time.time()` the fit counts from; default: now)."""
+    started = time.time() if started is None else started
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model.train()
@@ -165,7 +169,8 @@ def fit_small_clip(model, sampler: CaptionCropSampler, names, steps: int, batch_
             if checkpoint is not None:
                 save_on_schedule_or_stop(stop, "cpu", checkpoint.parent, step, steps, checkpoint_every, config,
                                          model, optimizer, schedule, name=checkpoint.name,
-                                         extra={"caption_rng": json.dumps(rng.bit_generator.state), "losses": losses})
+                                         extra={"caption_rng": json.dumps(rng.bit_generator.state), "losses": losses,
+                                                "seconds": time.time() - started})
         bar.close()
     model.eval()
     return losses

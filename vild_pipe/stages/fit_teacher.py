@@ -86,10 +86,9 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
         log.info("%s: the fit with this config was stopped before its report; fitting again", out)
     if threads:
         torch.set_num_threads(threads)
-    started = time.time()
     # The checkpoint's config names the training captions too: a fit resumed on another world fits neither.
     fitting_config = {**config, "data": {"train_sha256": sha256_file(train.path)}}
-    _refuse_or_remove_another_fit(checkpoint, fitting_config, overwrite)
+    started = time.time() - _stopped_fit_seconds(checkpoint, fitting_config, overwrite)  # the report's seconds
     write_json_atomically(report_file, {"config": config}, indent=2)   # until the teacher is fitted: ours to redo
     split = resolve_split(val.categories, "auto")
 
@@ -98,7 +97,8 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
     torch.manual_seed(seed)  # the initial weights too: the same config gives the same teacher
     clip_model = model.build()
     losses = fit_small_clip(clip_model, sampler, train.category_names, steps, batch_size, lr, seed,
-                            checkpoint=checkpoint, checkpoint_every=checkpoint_every, config=fitting_config)
+                            checkpoint=checkpoint, checkpoint_every=checkpoint_every, config=fitting_config,
+                            started=started)
     save_clip(clip_model, out)
 
     teacher = load_teacher(str(out), device="cpu")
@@ -114,17 +114,19 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
     return report
 
 
-def _refuse_or_remove_another_fit(checkpoint: Path, config: dict, overwrite: bool) -> None:
-    """A checkpoint of another config (a stopped fit of another command to this --out) is never resumed: as the
-    train stages do, the command is refused naming what differs; --overwrite starts this fit over instead."""
+def _stopped_fit_seconds(checkpoint: Path, config: dict, overwrite: bool) -> float:
+    """The seconds a stopped fit of this config had run (0 if there is none), which its resumption goes on
+    counting. A checkpoint of another config (a stopped fit of another command to this --out) is never resumed:
+    as the train stages do, the command is refused naming what differs; --overwrite starts this fit over."""
     saved = load_checkpoint(checkpoint, mmap=True)
     if saved is None:
-        return
+        return 0.0
     differences = config_differences(saved.get("config", {}), config)
     if not differences:
-        return
+        return float(saved.get("extra", {}).get("seconds", 0.0))
     if not overwrite:
         raise VildError(f"{checkpoint}: a stopped fit with another config ({'; '.join(differences)}); rerun its "
                         "command to finish it, or give --overwrite to start this one over")
     checkpoint.unlink()
     log.info("removed %s, a stopped fit with another config (%s)", checkpoint, "; ".join(differences))
+    return 0.0
