@@ -75,6 +75,12 @@ def first_few(items: Iterable[Any], limit: int, separator: str = ", ") -> str:
     return separator.join(items[:limit]) + (f"{separator}and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def require_at_least(option: str, value: float | None, floor: int = 1) -> None:
+    """VildError "OPTION must be at least FLOOR, got VALUE" when `value` is below `floor` (None: not given)."""
+    if value is not None and value < floor:
+        raise VildError(f"{option} must be at least {floor}, got {value}")
+
+
 def counted(number: int, noun: str) -> str:
     """"1 shard", "1,200 shards": a count and its noun, plural by adding s."""
     return f"{number:,} {noun}{'' if number == 1 else 's'}"

@@ -58,7 +58,7 @@ import h5py
 import joblib
 import numpy as np
 
-from vild_pipe.errors import DataError, VildError, counted, describe_error, first_few, value_changes
+from vild_pipe.errors import DataError, VildError, counted, describe_error, first_few, require_at_least, value_changes
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def shards_for_worker(num_shards: int, worker: int, num_workers: int) -> list[in
 
 def shard_image_ranges(num_images: int, images_per_shard: int) -> list[range]:
     """Image index ranges of the shards: fixed runs of `images_per_shard`, the last one possibly shorter."""
-    if images_per_shard < 1:
-        raise VildError(f"--images-per-shard must be at least 1, got {images_per_shard}")
+    require_at_least("--images-per-shard", images_per_shard)
     starts = range(0, num_images, images_per_shard)
     return [range(start, min(start + images_per_shard, num_images)) for start in starts]
 

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from vild_pipe.errors import VildError, describe_error
+from vild_pipe.errors import VildError, describe_error, require_at_least
 from vild_pipe.pipeline.distributed import any_rank
 from vild_pipe.pipeline.shards import FOREIGN_STALE_S, ShardLock, describe_lock_holder, write_text_atomically
 
@@ -25,9 +25,8 @@ SCHEDULES = ("cosine", "step")
 
 def check_schedule(hyper: dict[str, Any]) -> None:
     """VildError unless the step count, batch, lr, warm-up and schedule make a schedule."""
-    for option, key in (("--iterations", "iterations"), ("--batch-size", "batch_size")):
-        if hyper[key] < 1:
-            raise VildError(f"{option} must be at least 1, got {hyper[key]}")
+    require_at_least("--iterations", hyper["iterations"])
+    require_at_least("--batch-size", hyper["batch_size"])
     if not hyper["lr"] > 0:
         raise VildError(f"--lr must be positive, got {hyper['lr']}")
     if hyper["warmup"] < 0:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.errors import DataError, VildError, counted, describe_error
+from vild_pipe.errors import DataError, VildError, counted, describe_error, require_at_least
 from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
 from vild_pipe.pipeline.distributed import device_name, loader_workers
@@ -105,8 +105,7 @@ def run(
         raise VildError(f"--decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     if batch_size is not None and batch_size < 1:
         raise VildError(f"--batch-size must be at least 1 crop, got {batch_size}")
-    if images_per_batch < 1:
-        raise VildError(f"--images-per-batch must be at least 1, got {images_per_batch}")
+    require_at_least("--images-per-batch", images_per_batch)
     if workers < 0:
         raise VildError(f"--workers must be >= 0, got {workers}")
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError, counted
+from vild_pipe.errors import DataError, VildError, counted, require_at_least
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
 from vild_pipe.pipeline.distributed import device_name, loader_workers
@@ -173,14 +173,12 @@ def run(
     sets torch's CPU threads (0: torch's default); `fp16` runs the backbone under fp16 autocast on CUDA.
     `shard` "i/n" takes this job's part of the shards (with torchrun, split again between the ranks).
     """
-    if top_n < 1:
-        raise VildError(f"--top-n must be at least 1, got {top_n}")
+    require_at_least("--top-n", top_n)
     if min_box_side < 0:
         raise VildError(f"--min-box-side must be >= 0 pixels, got {min_box_side}")
     if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"--nms-threshold must be in (0, 1], got {nms_threshold}")
-    if batch_size < 1:
-        raise VildError(f"--batch-size must be at least 1, got {batch_size}")
+    require_at_least("--batch-size", batch_size)
     if workers < 0:
         raise VildError(f"--workers must be >= 0, got {workers}")
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard

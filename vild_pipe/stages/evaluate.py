@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit, normalised_name
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, require_at_least
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device
 from vild_pipe.pipeline.embedding_cache import (
@@ -216,8 +216,7 @@ def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_wei
     if max_detections < 1 or (max_dets is not None and max_dets < 1) or not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
                         f" {max_dets}, {nms_threshold})")
-    if workers < 0:
-        raise VildError(f"--workers must be at least 0, got {workers}")
+    require_at_least("--workers", workers, 0)
     return [mode for mode in MODES if mode in wanted]
 
 

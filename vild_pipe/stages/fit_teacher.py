@@ -19,7 +19,7 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import resolve_split
-from vild_pipe.errors import VildError, describe_error
+from vild_pipe.errors import VildError, describe_error, require_at_least
 from vild_pipe.pipeline.checkpoint import config_differences, load_checkpoint
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
@@ -48,8 +48,7 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False,
         checkpoint_every: int = 200) -> dict:
     world, out = Path(world), Path(out)
-    if checkpoint_every < 1:
-        raise VildError(f"--checkpoint-every must be at least 1, got {checkpoint_every}")
+    require_at_least("--checkpoint-every", checkpoint_every)
     config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                                      "model": dataclasses.asdict(model)}))
     train = CocoDataset.load(world / "train.json")

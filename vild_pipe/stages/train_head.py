@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, require_at_least
 from vild_pipe.pipeline.cache_loader import NO_LABEL, CacheIndex, RowSelection, StepBatch, StepLoader, StepOrder
 from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.distributed import (
@@ -197,10 +197,10 @@ def _check_settings(losses: str, hyper: dict[str, Any], image_rois: int, sample_
     if losses not in LOSSES:
         raise VildError(f"--losses {losses}: use one of {', '.join(LOSSES)}")
     check_schedule(hyper)
-    for option, value, floor in (("--image-rois", image_rois, 1), ("--sample-rois", sample_rois, 1),
-                                 ("--checkpoint-every", checkpoint_every, 1), ("--workers", workers, 0)):
-        if value is not None and value < floor:
-            raise VildError(f"{option} must be at least {floor}, got {value}")
+    require_at_least("--image-rois", image_rois)
+    require_at_least("--sample-rois", sample_rois)
+    require_at_least("--checkpoint-every", checkpoint_every)
+    require_at_least("--workers", workers, 0)
     if not 0 < foreground_fraction <= 1:
         raise VildError(f"--foreground-fraction must be in (0, 1], got {foreground_fraction}")
 

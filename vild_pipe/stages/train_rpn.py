@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError
+from vild_pipe.errors import DataError, VildError, require_at_least
 from vild_pipe.pipeline.checkpoint import (
     GracefulStop, StepSampler, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
 )
@@ -198,8 +198,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     settings is returned as is). Logs one line with recall@0.5 and AR per group. `images_option` names the option
     that gives `images`, for the hint of a missing image.
     """
-    if top_k < 1:
-        raise VildError(f"--top-k must be at least 1, got {top_k}")
+    require_at_least("--top-k", top_k)
     dataset = CocoDataset.load(annotations, images, images_option=images_option)
     category_split = dataset.resolve_split(split)
     settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
@@ -247,9 +246,8 @@ def _check_settings(hyper: dict[str, Any], scale_jitter: Sequence[float], checkp
     check_schedule(hyper)
     if len(scale_jitter) != 2 or not 0 < scale_jitter[0] <= scale_jitter[1]:
         raise VildError(f"scale jitter must be two factors 0 < low <= high, got {list(scale_jitter)}")
-    for option, value in (("--checkpoint-every", checkpoint_every), ("--top-k", top_k)):
-        if value < 1:
-            raise VildError(f"{option} must be at least 1, got {value}")
+    require_at_least("--checkpoint-every", checkpoint_every)
+    require_at_least("--top-k", top_k)
 
 
 def _data_identity(train_set: CocoDataset) -> dict[str, Any]:
