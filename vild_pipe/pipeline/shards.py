@@ -627,6 +627,7 @@ class CacheFolder:
         creating run had it: a run that resumes with others logs a warning naming them.
         """
         path = Path(path)
+        made_with = _plain(dict(made_with or {}))
         row_fields = {name: _as_row_field(spec) for name, spec in fields.items()}
         identity = _plain(
             {
@@ -650,7 +651,7 @@ class CacheFolder:
             # Documentation only, outside the fingerprint: rewording a description must not void a cache.
             "field_descriptions": {name: f.description for name, f in row_fields.items()},
             "sources": dict(sources or {}),
-            "made_with": _plain(dict(made_with or {})),
+            "made_with": made_with,
             "created": _now_iso(),
             "complete": False,
             "shards": [],
@@ -716,7 +717,7 @@ class CacheFolder:
         if done:
             log.info("resuming cache %s: %d of %s complete", path, done, counted(num_shards, "shard"))
         begun_with = manifest.get("made_with") or {}
-        changed = value_changes(begun_with, _plain(dict(made_with or {}))) if begun_with else []
+        changed = value_changes(begun_with, made_with) if begun_with else []
         if changed and done < num_shards:
             log.warning("%s: begun with other settings than this run's (%s): the shards this run writes may differ from"
                         " the others in their last bits; resume with the first run's settings for a cache equal bit"
