@@ -4,6 +4,7 @@ import operator
 import time
 
 import pytest
+import torch
 
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.stages import demo, fit_teacher
@@ -27,3 +28,19 @@ def test_leaving_the_block_ends_a_stage_still_running():
         with demo.StageBeside("sleeping", time.sleep, 120) as job:
             raise RuntimeError("the main stage failed")
     assert not job._process.is_alive() and time.monotonic() - started < 60
+
+
+def test_the_demo_gives_torch_its_threads_back_when_train_rpn_fails(tmp_path, monkeypatch):
+    def failing_train_rpn(*args, threads=0, **kwargs):
+        torch.set_num_threads(threads)
+        raise VildError("train-rpn failed")
+
+    monkeypatch.setattr(demo.train_rpn, "run", failing_train_rpn)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        with pytest.raises(VildError, match="train-rpn failed"):
+            demo.run(tmp_path / "demo", quick=True)
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)

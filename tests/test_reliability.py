@@ -730,8 +730,14 @@ def test_read_only_output_folder_is_one_line_and_loses_nothing(stage, pipeline, 
      "--checkpoint-every must be at least 1, got 0"),
     (["train-head", "{proposals}", "{embeddings}", "{train}", "{out}", "--text", "{text}", "--foreground-fraction",
       "1.5"], "--foreground-fraction must be in (0, 1], got 1.5"),
+    (["train-rpn", "{train}", "{out}", "--backbone", "small", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["recall", "{detector}", "{train}", "--out", "{out}", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["dump-proposals", "{detector}", "{train}", "{out}", "--workers", "-1"], "--workers must be at least 0, got -1"),
+    (["cache-embeddings", "{proposals}", "{train}", "{out}", "--clip", "{clip}", "--workers", "-1"],
+     "--workers must be at least 0, got -1"),
 ], ids=["shard-3/2", "shard-1/0", "shard-not-a-number", "images-per-shard-0", "top-n-0", "checkpoint-every-0",
-        "batch-size-0", "head-checkpoint-every-0", "foreground-fraction-1.5"])
+        "batch-size-0", "head-checkpoint-every-0", "foreground-fraction-1.5", "rpn-workers--1", "recall-workers--1",
+        "proposals-workers--1", "embeddings-workers--1"])
 def test_impossible_options_are_one_line_and_write_nothing(args, expected, pipeline, tmp_path):
     paths = {"detector": pipeline["detector"], "train": pipeline["world"] / "train.json", "out": tmp_path / "out",
              "proposals": pipeline["proposals"], "embeddings": pipeline["embeddings"], "clip": pipeline["clip"],

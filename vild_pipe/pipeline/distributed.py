@@ -73,7 +73,6 @@ def loader_workers(workers: int) -> dict[str, Any]:
     here: workers use no CUDA, open their own HDF5 files, and are started before the shard writer has work.
     Elsewhere (macOS, Windows) the platform's default stays.
     """
-    workers = max(0, workers)
     fork = workers > 0 and sys.platform.startswith("linux")
     return {"num_workers": workers, "multiprocessing_context": "fork" if fork else None,
             "worker_init_fn": ignore_stop_signals if workers > 0 else None}

@@ -106,8 +106,7 @@ def run(
     if batch_size is not None and batch_size < 1:
         raise VildError(f"--batch-size must be at least 1 crop, got {batch_size}")
     require_at_least("--images-per-batch", images_per_batch)
-    if workers < 0:
-        raise VildError(f"--workers must be >= 0, got {workers}")
+    require_at_least("--workers", workers, 0)
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
     if threads:
         torch.set_num_threads(threads)

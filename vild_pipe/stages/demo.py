@@ -65,14 +65,16 @@ def run(out="vild-demo", quick: bool = False, seed: int = 0) -> dict:
     size = sizes["image_size"]
     log.info("demo: fit-teacher beside train-rpn, %d torch thread(s) each; the teacher's progress is in its log"
              " lines", threads)
-    with StageBeside("fit-teacher", fit_teacher.run, world, teacher_file, steps=sizes["teacher_steps"], seed=seed,
-                     threads=threads) as teacher_job:
-        rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
-                    box_classes="base", iterations=sizes["rpn_iterations"], warmup=sizes["rpn_warmup"],
-                    min_size=size, max_size=size, seed=seed, val=world / "val.json", workers=1, threads=threads)
-        teacher = teacher_job.result()
+    try:
+        with StageBeside("fit-teacher", fit_teacher.run, world, teacher_file, steps=sizes["teacher_steps"],
+                         seed=seed, threads=threads) as teacher_job:
+            rpn = timed("train-rpn", train_rpn.run, world / "train.json", out / "rpn", backbone="small",
+                        box_classes="base", iterations=sizes["rpn_iterations"], warmup=sizes["rpn_warmup"],
+                        min_size=size, max_size=size, seed=seed, val=world / "val.json", workers=1, threads=threads)
+            teacher = teacher_job.result()
+    finally:
+        torch.set_num_threads(all_threads)
     timings["fit-teacher (beside train-rpn)"] = teacher_job.seconds
-    torch.set_num_threads(all_threads)
     for split in ("train", "val"):
         timed(f"dump-proposals {split}", dump_proposals.run, out / "rpn", world / f"{split}.json",
               out / "proposals" / split, top_n=sizes["top_n"], nms_threshold=PROPOSAL_NMS)

@@ -179,8 +179,7 @@ def run(
     if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
         raise VildError(f"--nms-threshold must be in (0, 1], got {nms_threshold}")
     require_at_least("--batch-size", batch_size)
-    if workers < 0:
-        raise VildError(f"--workers must be >= 0, got {workers}")
+    require_at_least("--workers", workers, 0)
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
     resolve_detector_file(detector)  # an unfinished or mistaken run folder is refused before any work or log line
     if threads:

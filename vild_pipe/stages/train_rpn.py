@@ -87,6 +87,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     boxes are seen and the detector's outputs are class-agnostic.
     """
     started = time.perf_counter()
+    require_at_least("--workers", workers, 0)
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(run_dir)
@@ -199,6 +200,8 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
     that gives `images`, for the hint of a missing image.
     """
     require_at_least("--top-k", top_k)
+    require_at_least("--batch-size", batch_size)
+    require_at_least("--workers", workers, 0)
     dataset = CocoDataset.load(annotations, images, images_option=images_option)
     category_split = dataset.resolve_split(split)
     settings = {"annotations": os.fspath(annotations), "split": category_split.to_json(), "top_k": top_k,
