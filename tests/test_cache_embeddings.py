@@ -513,6 +513,9 @@ def test_a_cache_resumed_with_another_batch_size_says_its_shards_may_differ_in_t
     out = tmp_path / "cache"
     cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="1/2"))
     with caplog.at_level(logging.WARNING):
+        cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, shard="1/2", batch_size=5))
+    assert not caplog.records    # this worker's part is done: it writes nothing that could differ
+    with caplog.at_level(logging.WARNING):
         cache_embeddings.run(**stage_kwargs(photos, proposals, teacher_file, out, batch_size=5))
     assert [r.getMessage() for r in caplog.records] == [
         f"{out}: begun with other settings than this run's (batch_size: {CROP_BATCH} -> 5): the shards this run"

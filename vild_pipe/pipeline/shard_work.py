@@ -173,6 +173,7 @@ class ClaimingSampler:
         self.hold: Callable[[], ContextManager] = contextlib.nullcontext
 
     def __iter__(self):
+        warned = False
         for index in self.shard_indices:
             with self.hold():
                 lock, holder = claim_shard(self.folder, index)
@@ -182,6 +183,12 @@ class ClaimingSampler:
                 if holder is not None:
                     self.held_elsewhere[index] = holder
                 continue
+            if self.folder.made_otherwise and not warned:
+                warned = True
+                log.warning("%s: begun with other settings than this run's (%s): the shards this run writes may"
+                            " differ from the others in their last bits; resume with the first run's settings for a"
+                            " cache equal bit for bit to one run's", self.folder.path,
+                            "; ".join(self.folder.made_otherwise))
             for item in self.items_of(index):
                 yield index, item
 

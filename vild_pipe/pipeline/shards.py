@@ -597,6 +597,8 @@ class CacheFolder:
             for name, spec in manifest["fields"].items()
         }
         self._temp_files_by_shard: dict[str, list[str]] | None = None
+        self.made_otherwise: list[str] = []
+        """"key: first run's -> this run's" for each `made_with` setting a resuming run changed (open_or_create)."""
 
     # -- creation
 
@@ -624,7 +626,8 @@ class CacheFolder:
         `sources` (input name -> where it was read) is kept in the manifest for messages, outside the
         fingerprint: a copied or moved input is the same input. `made_with` (settings that can move values in
         their last bits but leave them the same quantity, such as a batch size) is kept there too, as the
-        creating run had it: a run that resumes with others logs a warning naming them.
+        creating run had it; a run that resumes with others finds them in `made_otherwise` (the writer that
+        claims a shard warns of them: `shard_work.ClaimingSampler`).
         """
         path = Path(path)
         made_with = _plain(dict(made_with or {}))
@@ -717,11 +720,7 @@ class CacheFolder:
         if done:
             log.info("resuming cache %s: %d of %s complete", path, done, counted(num_shards, "shard"))
         begun_with = manifest.get("made_with") or {}
-        changed = value_changes(begun_with, made_with) if begun_with else []
-        if changed and done < num_shards:
-            log.warning("%s: begun with other settings than this run's (%s): the shards this run writes may differ from"
-                        " the others in their last bits; resume with the first run's settings for a cache equal bit"
-                        " for bit to one run's", path, "; ".join(changed))
+        folder.made_otherwise = value_changes(begun_with, made_with) if begun_with else []
         return folder
 
     @classmethod
