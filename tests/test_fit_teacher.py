@@ -214,3 +214,40 @@ def test_a_stopped_fit_of_another_config_is_refused_not_resumed_and_overwrite_st
 
     report = fit_teacher.run(world, out, overwrite=True, **RESUMED)
     assert teacher_and_report(out, report) == uninterrupted and not checkpoint.exists()
+
+
+def test_a_teacher_fitted_on_another_world_is_refused_not_taken(world, tmp_path):
+    """The world regenerated under a fitted teacher: its report's accuracy and its weights belong to the old one."""
+    regenerated = tmp_path / "world"
+    make_synthetic.run(regenerated, seed=1, train_images=8, val_images=4, image_size=96, workers=1)
+    out = regenerated / "teacher.pt"
+    fit_teacher.run(regenerated, out, steps=3, batch_size=16, model=TINY)
+    make_synthetic.run(regenerated, seed=2, train_images=8, val_images=4, image_size=96, workers=1, overwrite=True)
+    report_before = (regenerated / "teacher.json").read_text()
+    with pytest.raises(VildError, match=r"teacher.pt: a teacher fitted with another config is already there \("
+                                        r"data.train_sha256: \w+ -> \w+; data.val_sha256"):
+        fit_teacher.run(regenerated, out, steps=3, batch_size=16, model=TINY)
+    assert (regenerated / "teacher.json").read_text() == report_before
+
+    # A report written before reports named the world is taken as it is (its demo folder resumes).
+    report = json.loads(report_before)
+    del report["config"]["data"], report["config"]["split"]
+    (regenerated / "teacher.json").write_text(json.dumps(report))
+    assert fit_teacher.run(regenerated, out, steps=3, batch_size=16, model=TINY)["teacher"] == report["teacher"]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0}, "--steps must be at least 1, got 0"),
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"lr": -1.0}, "--lr must be positive, got -1.0"),
+    ({"threads": -1}, "--threads must be at least 0, got -1"),
+    ({"split": "coco48-17"}, "val.json: category split 'coco48-17' needs"),
+], ids=["steps-0", "batch-size-0", "lr-negative", "threads-negative", "split-not-of-the-world"])
+def test_impossible_options_are_one_line_and_leave_a_fitted_teacher_as_it_was(world, tmp_path, options, message):
+    out = tmp_path / "teacher.pt"
+    fit_teacher.run(world, out, steps=3, batch_size=16, model=TINY)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    with pytest.raises(VildError) as raised:
+        fit_teacher.run(world, out, **{"steps": 3, "batch_size": 16, "model": TINY, **options}, overwrite=True)
+    assert message in str(raised.value) and "\n" not in str(raised.value)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

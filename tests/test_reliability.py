@@ -735,9 +735,16 @@ def test_read_only_output_folder_is_one_line_and_loses_nothing(stage, pipeline, 
     (["dump-proposals", "{detector}", "{train}", "{out}", "--workers", "-1"], "--workers must be at least 0, got -1"),
     (["cache-embeddings", "{proposals}", "{train}", "{out}", "--clip", "{clip}", "--workers", "-1"],
      "--workers must be at least 0, got -1"),
+    (["train-head", "{proposals}", "{embeddings}", "{train}", "{out}", "--text", "{text}", "--clip-grad-norm=-1"],
+     "--clip-grad-norm must be 0 or more (0: off), got -1.0"),
+    (["train-head", "{proposals}", "{embeddings}", "{train}", "{out}", "--text", "{text}", "--weight-decay", "-1"],
+     "--weight-decay must be 0 or more, got -1.0"),
+    (["train-rpn", "{train}", "{out}", "--backbone", "small", "--momentum", "-1"], "--momentum must be in [0, 1), got -1.0"),
+    (["dump-proposals", "{detector}", "{train}", "{out}", "--threads", "-1"], "--threads must be at least 0, got -1"),
 ], ids=["shard-3/2", "shard-1/0", "shard-not-a-number", "images-per-shard-0", "top-n-0", "checkpoint-every-0",
         "batch-size-0", "head-checkpoint-every-0", "foreground-fraction-1.5", "rpn-workers--1", "recall-workers--1",
-        "proposals-workers--1", "embeddings-workers--1"])
+        "proposals-workers--1", "embeddings-workers--1", "head-clip-grad-norm--1", "head-weight-decay--1",
+        "rpn-momentum--1", "proposals-threads--1"])
 def test_impossible_options_are_one_line_and_write_nothing(args, expected, pipeline, tmp_path):
     paths = {"detector": pipeline["detector"], "train": pipeline["world"] / "train.json", "out": tmp_path / "out",
              "proposals": pipeline["proposals"], "embeddings": pipeline["embeddings"], "clip": pipeline["clip"],

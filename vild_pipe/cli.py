@@ -84,6 +84,10 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
               workers=workers, overwrite=overwrite)
 
 
+SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME or novel-file:PATH "
+              "(auto: field, else lvis, else coco48-17).")
+
+
 @main.command("fit-teacher")
 @click.argument("world", type=_Path(exists=True, file_okay=False))
 @click.option("--out", type=_Path(dir_okay=False), help="Teacher file [default: WORLD/teacher.pt].")
@@ -94,9 +98,11 @@ def make_synthetic(out, seed, train_images, val_images, image_size, workers, ove
 @click.option("--threads", default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--checkpoint-every", default=200, show_default=True,
               help="Save the fit's state to <out stem>.fitting.pt every N steps.")
+@click.option("--split", default="auto", show_default=True,
+              help="Base/novel split of the report's val accuracy: " + SPLIT_HELP[len("Base/novel split: "):])
 @click.option("--overwrite", is_flag=True, help="Refit even if a teacher (or a stopped fit) with another config is"
               " there.")
-def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_every, overwrite):
+def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_every, split, overwrite):
     """Fit a small CLIP (OpenAI's architecture) on image–caption pairs of the synthetic WORLD.
 
     Captions name every category, novel ones included, as web captions did for real CLIP; no box reaches
@@ -106,7 +112,7 @@ def fit_teacher(world, out, steps, batch_size, lr, seed, threads, checkpoint_eve
     """
     from vild_pipe.stages import fit_teacher as stage
     stage.run(world, out or f"{world}/teacher.pt", steps=steps, batch_size=batch_size, lr=lr,
-              seed=seed, threads=threads, overwrite=overwrite, checkpoint_every=checkpoint_every)
+              seed=seed, threads=threads, overwrite=overwrite, checkpoint_every=checkpoint_every, split=split)
 
 
 @main.command()
@@ -125,10 +131,6 @@ def demo(out, quick, seed):
     """
     from vild_pipe.stages import demo as stage
     stage.run(out, quick=quick, seed=seed)
-
-
-SPLIT_HELP = ("Base/novel split: auto, field, lvis, coco48-17, novel:NAME,NAME or novel-file:PATH "
-              "(auto: field, else lvis, else coco48-17).")
 
 
 @main.command("dump-proposals")

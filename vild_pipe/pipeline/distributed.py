@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vild_pipe.errors import VildError
+from vild_pipe.errors import VildError, require_at_least
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,13 @@ def pick_device(requested: str | None = None) -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise VildError(f"--device {requested}: MPS is not available on this machine")
     return device
+
+
+def use_threads(threads: int) -> None:
+    """A --threads value: torch's CPU threads for this process (0: torch's default, left as it is)."""
+    require_at_least("--threads", threads, 0)
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def device_name(device: torch.device) -> str:

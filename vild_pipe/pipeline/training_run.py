@@ -40,6 +40,17 @@ def check_schedule(hyper: dict[str, Any]) -> None:
                     hyper["iterations"], hyper["lr"], last)
 
 
+def check_optimiser(momentum: float, weight_decay: float, clip_grad_norm: float | None) -> None:
+    """VildError for optimiser settings torch would take and train wrongly with (a negative gradient-norm limit
+    flips every gradient) or refuse with a traceback."""
+    if not 0 <= momentum < 1:
+        raise VildError(f"--momentum must be in [0, 1), got {momentum}")
+    if weight_decay < 0:
+        raise VildError(f"--weight-decay must be 0 or more, got {weight_decay}")
+    if clip_grad_norm is not None and clip_grad_norm < 0:
+        raise VildError(f"--clip-grad-norm must be 0 or more (0: off), got {clip_grad_norm}")
+
+
 def lr_factor_schedule(hyper: dict[str, Any]):
     """lr multiplier after `step` steps: linear warm-up from WARMUP_START, then cosine to 0 or step decay."""
     total, warmup, schedule = hyper["iterations"], hyper["warmup"], hyper["schedule"]

@@ -42,7 +42,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, counted, describe_error, require_at_least
 from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
-from vild_pipe.pipeline.distributed import device_name, loader_workers
+from vild_pipe.pipeline.distributed import device_name, loader_workers, use_threads
 from vild_pipe.pipeline.embedding_cache import (
     PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
 )
@@ -108,8 +108,7 @@ def run(
     require_at_least("--images-per-batch", images_per_batch)
     require_at_least("--workers", workers, 0)
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     with joined_process_group(device) as info:
         started = time.monotonic()
         proposal_folder = CacheFolder.open(proposals, stage=PROPOSAL_STAGE)

@@ -38,7 +38,7 @@ from vild_pipe.data.prompts import clean_name
 from vild_pipe.errors import DataError, VildError, counted
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_head_detector, load_detector
-from vild_pipe.pipeline.distributed import pick_device
+from vild_pipe.pipeline.distributed import pick_device, use_threads
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, embedding_fields, image_embedding_rows, training_detector, training_proposal_nms,
@@ -90,8 +90,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     instead of stopping the run.
     """
     started = time.monotonic()
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     names = vocabulary_names(vocab=vocab, vocab_file=vocab_file, offered=("vocab", "vocab_file"))
     _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_threshold, crop_batch_size,
                    base_text_weight, novel_text_weight)

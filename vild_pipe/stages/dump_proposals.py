@@ -41,7 +41,7 @@ from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError, counted, require_at_least
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
-from vild_pipe.pipeline.distributed import device_name, loader_workers
+from vild_pipe.pipeline.distributed import device_name, loader_workers, use_threads
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -182,8 +182,7 @@ def run(
     require_at_least("--workers", workers, 0)
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard
     resolve_detector_file(detector)  # an unfinished or mistaken run folder is refused before any work or log line
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     with joined_process_group(device) as info:
         started = time.monotonic()
         main_process = info.rank == 0

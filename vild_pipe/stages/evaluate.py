@@ -38,7 +38,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit, normalised_name
 from vild_pipe.errors import DataError, VildError, require_at_least
 from vild_pipe.pipeline.detector import check_head_detector
-from vild_pipe.pipeline.distributed import pick_device
+from vild_pipe.pipeline.distributed import pick_device, use_threads
 from vild_pipe.pipeline.embedding_cache import (
     ENSEMBLE_FIELD, annotation_json_of, check_same_rows, check_text_clip, open_caches, training_detector,
     training_proposal_nms,
@@ -110,8 +110,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     `workers`: processes for COCOeval (0: by the evaluation's size, `evaluation.workers_for`).
     """
     started = time.monotonic()
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     heads = {mode: path for mode, path in (heads or {}).items() if path is not None}
     wanted = _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_weight, max_detections,
                             nms_threshold, protocol, max_dets, workers)

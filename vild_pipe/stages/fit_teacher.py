@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from vild_pipe.data.coco import CocoDataset
-from vild_pipe.data.splits import resolve_split
-from vild_pipe.errors import VildError, describe_error, require_at_least
+from vild_pipe.data.splits import CategorySplit
+from vild_pipe.errors import VildError, describe_error, first_few, require_at_least, value_changes
 from vild_pipe.pipeline.checkpoint import config_differences, load_checkpoint
+from vild_pipe.pipeline.distributed import use_threads
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.teacher import SmallClipConfig, load_teacher, save_clip
 from vild_pipe.pipeline.teacher_fitting import CaptionCropSampler, crop_accuracy, fit_small_clip
@@ -46,13 +47,26 @@ def lock_path(out) -> Path:
 
 def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
         seed: int = 0, model: SmallClipConfig = SmallClipConfig(), threads: int = 0, overwrite: bool = False,
-        checkpoint_every: int = 200) -> dict:
+        checkpoint_every: int = 200, split: str = "auto") -> dict:
+    """Fit the teacher to `out` (or find it fitted) and return its report; `split` (a data.splits spec) groups
+    the report's val accuracy into base and novel categories."""
     world, out = Path(world), Path(out)
+    require_at_least("--steps", steps)
+    require_at_least("--batch-size", batch_size)
+    if not lr > 0:
+        raise VildError(f"--lr must be positive, got {lr}")
     require_at_least("--checkpoint-every", checkpoint_every)
-    config = json.loads(json.dumps({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                                     "model": dataclasses.asdict(model)}))
+    use_threads(threads)
     train = CocoDataset.load(world / "train.json")
     val = CocoDataset.load(world / "val.json")
+    category_split = val.resolve_split(split)
+    weights_config = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+                      "model": dataclasses.asdict(model)}
+    # The checkpoint's config names the training captions: a fit resumed on another world fits neither. The
+    # report's names the val file and split too: its accuracy is measured on them.
+    fitting_config = _plain({**weights_config, "data": {"train_sha256": sha256_file(train.path)}})
+    config = _plain({**fitting_config, "data": {**fitting_config["data"], "val_sha256": sha256_file(val.path)},
+                     "split": category_split.spec})
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -60,12 +74,18 @@ def run(world, out, steps: int = 1800, batch_size: int = 128, lr: float = 3e-3,
     # Held from the first look at OUT to the last write: two fits to one OUT would overwrite each other's
     # checkpoint and report.
     with run_lock(lock_path(out), out, "is fitting this teacher"):
-        return _fit(train, val, out, config, steps, batch_size, lr, seed, model, threads, overwrite,
-                    checkpoint_every)
+        return _fit(train, val, category_split, out, config, fitting_config, steps, batch_size, lr, seed, model,
+                    overwrite, checkpoint_every)
 
 
-def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: int, batch_size: int, lr: float,
-         seed: int, model: SmallClipConfig, threads: int, overwrite: bool, checkpoint_every: int) -> dict:
+def _plain(config: dict) -> dict:
+    """The config as JSON gives it back (tuples as lists), so a recorded one compares equal."""
+    return json.loads(json.dumps(config))
+
+
+def _fit(train: CocoDataset, val: CocoDataset, split: CategorySplit, out: Path, config: dict, fitting_config: dict,
+         steps: int, batch_size: int, lr: float, seed: int, model: SmallClipConfig, overwrite: bool,
+         checkpoint_every: int) -> dict:
     report_file = report_path(out)
     checkpoint = checkpoint_path(out)
     if out.exists() and not overwrite:
@@ -73,9 +93,10 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
             raise VildError(f"{out}: a file is already there, with no fit-teacher report ({report_file.name}) beside"
                             " it; use another --out, or --overwrite to replace it")
         report = read_json_report(report_file, "a fit-teacher report", "use another --out or --overwrite")
-        if report.get("config") != config:
-            raise VildError(f"{out}: a teacher fitted with another config is already there; "
-                            "use another --out or --overwrite")
+        changes = _config_changes(report.get("config"), config)
+        if changes:
+            raise VildError(f"{out}: a teacher fitted with another config is already there"
+                            f" ({first_few(changes, 3, '; ')}); use another --out or --overwrite")
         if "teacher" in report:
             if checkpoint.exists():
                 checkpoint.unlink()
@@ -83,13 +104,8 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
             log.info("%s already fitted with this config; nothing to do", out)
             return report
         log.info("%s: the fit with this config was stopped before its report; fitting again", out)
-    if threads:
-        torch.set_num_threads(threads)
-    # The checkpoint's config names the training captions too: a fit resumed on another world fits neither.
-    fitting_config = {**config, "data": {"train_sha256": sha256_file(train.path)}}
     started = time.time() - _stopped_fit_seconds(checkpoint, fitting_config, overwrite)  # the report's seconds
     write_json_atomically(report_file, {"config": config}, indent=2)   # until the teacher is fitted: ours to redo
-    split = resolve_split(val.categories, "auto")
 
     sampler = CaptionCropSampler(train, model.image_resolution)
     log.info("fitting a %s on crops of %d objects of %d categories", model, len(sampler), len(train.category_names))
@@ -111,6 +127,13 @@ def _fit(train: CocoDataset, val: CocoDataset, out: Path, config: dict, steps: i
     log.info("teacher %s: val crop top-1, base / novel: %s (%d objects); %.0f s", out, figures,
              accuracy["crops"], report["seconds"])
     return report
+
+
+def _config_changes(recorded: dict | None, config: dict) -> list[str]:
+    """What differs between a report's config and this command's. A report written before reports named the
+    world's files and the split is taken as it is on those ("data", "split")."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return value_changes(recorded, config, skip=[key for key in ("data", "split") if key not in recorded])
 
 
 def _stopped_fit_seconds(checkpoint: Path, config: dict, overwrite: bool) -> float:

@@ -39,7 +39,7 @@ from vild_pipe.errors import DataError, VildError, require_at_least
 from vild_pipe.pipeline.cache_loader import NO_LABEL, CacheIndex, RowSelection, StepBatch, StepLoader, StepOrder
 from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.distributed import (
-    all_reduce_sum, barrier, cleanup_distributed, init_distributed, is_main, seed_everything, wrap_ddp,
+    all_reduce_sum, barrier, cleanup_distributed, init_distributed, is_main, seed_everything, use_threads, wrap_ddp,
 )
 from vild_pipe.pipeline.embedding_cache import (
     annotations_of, check_text_clip, clip_identity, embedding_dim, open_caches,
@@ -49,7 +49,7 @@ from vild_pipe.pipeline.head import (
 )
 from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
-    METRICS_NAME, append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    METRICS_NAME, append_metrics, check_optimiser, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
     run_folder_lock,
 )
 from vild_pipe.pipeline.text_embeddings import (
@@ -85,8 +85,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
     `conv_layers` 3x3 convs come before the two FC layers (0: torchvision's TwoMLPHead; ViLD's own head has 4).
     """
     started = time.perf_counter()
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     run_dir = Path(run_dir)
     info = init_distributed(device)
     owns_process_group = info.is_distributed
@@ -95,6 +94,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         if optimizer not in OPTIMIZERS:
             raise VildError(f"--optimizer {optimizer}: use one of {', '.join(OPTIMIZERS)}")
         _check_settings(losses, hyper, image_rois, sample_rois, foreground_fraction, checkpoint_every, workers)
+        check_optimiser(momentum, weight_decay, clip_grad_norm)
         use_text, use_image = "text" in losses, "image" in losses
         proposal_folder, embedding_folder = _open_caches(proposals, embeddings, use_image)
         train_set = _training_annotations(annotations, proposal_folder, split)

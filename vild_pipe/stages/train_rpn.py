@@ -43,12 +43,12 @@ from vild_pipe.pipeline.detector import (
 )
 from vild_pipe.pipeline.distributed import (
     all_reduce_mean, cleanup_distributed, init_distributed, is_main, loader_workers, pick_device, seed_everything,
-    wrap_ddp,
+    use_threads, wrap_ddp,
 )
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.training_run import (
-    METRICS_NAME, append_metrics, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
+    METRICS_NAME, append_metrics, check_optimiser, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
     run_folder_lock,
 )
 
@@ -88,8 +88,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     """
     started = time.perf_counter()
     require_at_least("--workers", workers, 0)
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)
     run_dir = Path(run_dir)
     info = init_distributed(device)
     owns_process_group = info.is_distributed
@@ -103,6 +102,7 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     detector = _detector_config(backbone, backbone_init, min_size, max_size, detector_options)
     hyper = _training_settings(detector.backbone, iterations, batch_size, lr, warmup, schedule)
     _check_settings(hyper, scale_jitter, checkpoint_every, top_k)
+    check_optimiser(momentum, weight_decay, clip_grad_norm)
     # Training opens images lazily: a missing one would stop the run hours in, at the step that draws it.
     train_set.check_image_files()
     if val is not None:
