@@ -229,6 +229,7 @@ def test_a_train_head_run_folder_or_head_given_as_the_detector_says_so(tmp_path)
     run_dir = tmp_path / "head-text"
     run_dir.mkdir()
     head_config = {"in_channels": 16, "embed_dim": 32}
+    trained_on = {"checkpoint": "model.pt", "sha256": "0" * 64, "step": 8}   # heads name their detector
     save_checkpoint(run_dir / CHECKPOINT_NAME, {"step": 4, "model": {}, "config": {"losses": "text",
                                                                                    "head": head_config}})
     with pytest.raises(VildError) as unfinished:
@@ -236,7 +237,7 @@ def test_a_train_head_run_folder_or_head_given_as_the_detector_says_so(tmp_path)
     assert str(unfinished.value) == (f"{run_dir}: a train-head run folder, not a train-rpn one; give a train-rpn run"
                                      " folder or its model.pt")
     save_checkpoint(run_dir / "head.pt", {"kind": "vild-pipe head", "head_config": head_config, "model": {},
-                                          "config": {"losses": "text", "head": head_config}})
+                                          "detector": trained_on, "config": {"losses": "text", "head": head_config}})
     with pytest.raises(VildError, match="head-text: a train-head run folder, not a train-rpn one"):
         load_detector(run_dir)
     for file in (run_dir / "head.pt", run_dir / CHECKPOINT_NAME):

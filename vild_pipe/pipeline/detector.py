@@ -576,13 +576,13 @@ def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
     state = load_checkpoint(file, remove_stale_tmp=False)  # a reader must not delete a save in progress
     if state is None:
         raise VildError(f"{file}: no such detector checkpoint")
+    if "head_config" in state or "head" in _run_config(state):   # (a head names its detector under "detector")
+        raise DataError(f"{file}: a train-head checkpoint, not a detector; give a train-rpn run folder or its"
+                        f" {MODEL_NAME}")
     if "detector" in state:
         detector_dict = state["detector"]
     elif "detector" in _run_config(state):
         detector_dict = _run_config(state)["detector"]  # a train-rpn last.pt
-    elif "head_config" in state or "head" in _run_config(state):
-        raise DataError(f"{file}: a train-head checkpoint, not a detector; give a train-rpn run folder or its"
-                        f" {MODEL_NAME}")
     else:
         raise DataError(f"{file}: not a vild-pipe detector checkpoint (no detector config inside)")
     if "model" not in state:
