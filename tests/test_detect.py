@@ -350,3 +350,15 @@ def test_an_older_heads_detector_is_read_from_its_training_cache_where_that_is_f
     save_head(tmp_path / "moved.pt", head, {**info, "proposals": {"path": str(tmp_path / "gone"), "fingerprint": "f"}})
     assert detect.run(**detect_kwargs(models, tmp_path / "out", head=tmp_path / "moved.pt", ensemble=False,
                                       top_k=1))["detections"] == 1
+
+
+def test_an_image_too_elongated_for_the_detector_is_one_line_and_can_be_skipped(models, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(models["photo"], folder / "a.jpg")
+    Image.new("RGB", (300, 2), "white").save(folder / "line.png")    # a 2-pixel side after the resize: 0 pixels
+    with pytest.raises(DataError) as raised:
+        detect.run(**detect_kwargs(models, tmp_path / "stopped", images=[folder]))
+    assert str(raised.value).startswith(f"{folder / 'line.png'}: a 300x2 image is too elongated for the detector")
+    summary = detect.run(**detect_kwargs(models, tmp_path / "out", images=[folder], skip_bad_images=True))
+    assert summary["skipped"] == [str(folder / "line.png")] and summary["images"] == 1

@@ -12,8 +12,8 @@ from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from vild_pipe.pipeline.detector import (
-    MODEL_NAME, DetectorConfig, RoIPool, SeededSampler, build_detector, detector_training_data, feature_channels,
-    load_detector, predict_boxes, save_final_model, set_sampling_seeds,
+    MODEL_NAME, DetectorConfig, RoIPool, SeededSampler, build_detector, check_fits_detector, detector_training_data,
+    feature_channels, load_detector, predict_boxes, resized_size, save_final_model, set_sampling_seeds,
 )
 from vild_pipe.pipeline.recall import IOU_THRESHOLDS, RecallAccumulator, best_overlaps
 
@@ -303,3 +303,20 @@ def test_recall_with_no_objects_of_a_group_is_none():
     summary = accumulator.summary()
     assert summary["base"]["recall@0.5"] == 0.0
     assert summary["novel"] == {"objects": 0, "recall@0.5": None, "AR@0.5:0.95": None, "recall_by_iou": None}
+
+
+def test_the_size_an_image_is_resized_to_is_the_models_and_a_side_of_0_pixels_is_named_first():
+    """An image more elongated than max_size : 1 is resized to a side of 0 pixels, and torch then fails deep in
+    the model; the check names the image instead."""
+    model = build_detector(DetectorConfig.preset("small", **TINY)).eval()
+    for height, width in ((50, 90), (96, 97), (4, 300), (1, 95), (700, 8)):
+        resized = model.transform.resize(torch.zeros(3, height, width), None)[0]
+        assert resized_size(height, width, 96, 96) == tuple(resized.shape[-2:])
+    check_fits_detector("fits.png", 1, 95, 96, 96)
+    with pytest.raises(RuntimeError):
+        model.transform.resize(torch.zeros(3, 2, 300), None)
+    with pytest.raises(DataError) as raised:
+        check_fits_detector("line.png", 2, 300, 96, 96)
+    assert str(raised.value) == ("line.png: a 300x2 image is too elongated for the detector: resized to a shorter"
+                                 " side of 96 and a longer side of at most 96 pixels, its shorter side is 0 pixels;"
+                                 " crop it into parts, or pad it")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
@@ -576,3 +577,19 @@ def test_other_config_is_refused_and_overwrite_replaces_the_cache(world, detecto
         assert len(rows["boxes"]) == 2
         np.testing.assert_array_equal(rows["boxes"], before[image_id]["boxes"][:2])
     assert json.loads((out / "manifest.json").read_text())["config"]["top_n"] == 2
+
+
+def test_an_image_too_elongated_for_the_detector_is_one_line_and_can_be_skipped(world, detector, tmp_path):
+    """torch would fail deep in the model (a side resized to 0 pixels) with a traceback, --skip-bad-images or not."""
+    annotations = json.loads((world / "val.json").read_text())
+    (tmp_path / "val").symlink_to(world / "val")
+    Image.new("RGB", (300, 2), "white").save(tmp_path / "line.png")
+    annotations["images"].append({"id": 999, "file_name": "line.png", "width": 300, "height": 2})
+    (tmp_path / "val.json").write_text(json.dumps(annotations))
+    kwargs = stage_kwargs(world, detector, tmp_path / "cache", annotations=str(tmp_path / "val.json"), workers=1)
+    with pytest.raises(DataError) as raised:
+        dump_proposals.run(**kwargs)
+    assert str(raised.value).startswith(f"{tmp_path / 'line.png'}: a 300x2 image is too elongated for the"
+                                        " detector") and "\n" not in str(raised.value)
+    summary = dump_proposals.run(**kwargs, skip_bad_images=True)
+    assert summary["complete"] and [s["image_id"] for s in summary["skipped_images"]] == [999]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from vild_pipe.cli import main
@@ -257,6 +258,33 @@ def test_a_missing_image_is_found_before_training_and_leaves_no_run_folder(world
         f"error: {missing_val}: missing image file (image id ")
     assert error_line("--val", str(copy / "val.json")).endswith(
         "; images are looked for beside the annotation file; give --val-images FOLDER)")
+
+
+def test_an_image_too_elongated_for_the_detector_is_found_before_any_work(world, reference, tmp_path):
+    """The lowest scale of the jitter is the one checked in training; recall checks at the model's own size."""
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    annotations = json.loads((copy / "train.json").read_text())
+    Image.new("RGB", (300, 4), "white").save(copy / "train" / "line.png")   # 4 px: 1 px at scale 1, 0 at 0.75
+    annotations["images"].append({"id": 999, "file_name": "train/line.png", "width": 300, "height": 4})
+    (copy / "train.json").write_text(json.dumps(annotations))
+    run_dir = tmp_path / "runs" / "rpn"
+    command = ["train-rpn", str(copy / "train.json"), str(run_dir), "--backbone", "small", "--min-size", "96",
+               "--max-size", "96", "--iterations", "1", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("error:")] == [
+        f"error: {copy / 'train' / 'line.png'}: a 300x4 image is too elongated for the detector: resized to a"
+        " shorter side of 72 and a longer side of at most 72 pixels, its shorter side is 0 pixels; crop it into"
+        f" parts, or pad it (image id 999 of {copy / 'train.json'})"]
+    assert not run_dir.parent.exists()
+    recall = train_rpn.run_recall(reference[0], copy / "train.json", device="cpu")   # at scale 1 it fits
+    assert recall["recall"]["all"]["objects"] > 0
+    annotations["images"][-1].update(width=300, height=2)
+    Image.new("RGB", (300, 2), "white").save(copy / "train" / "line.png")
+    (copy / "train.json").write_text(json.dumps(annotations))
+    with pytest.raises(DataError, match="line.png: a 300x2 image is too elongated for the detector"):
+        train_rpn.run_recall(reference[0], copy / "train.json", device="cpu")
 
 
 def test_recall_of_a_file_that_is_not_a_checkpoint_is_one_short_line(world, reference):

@@ -564,6 +564,43 @@ def resolve_detector_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def resized_size(height: int, width: int, min_size: float, max_size: float) -> tuple[int, int]:
+    """The (height, width) torchvision's GeneralizedRCNNTransform (and train-rpn's `resize_for_training`)
+    resizes an image to: shorter side to `min_size`, longer side at most `max_size`, floored by interpolate."""
+    factor = min(min_size / min(height, width), max_size / max(height, width))
+    return math.floor(height * factor), math.floor(width * factor)
+
+
+def check_fits_detector(name: str | os.PathLike, height: int, width: int, min_size: float, max_size: float) -> None:
+    """DataError for an image so elongated that resizing it for the detector leaves a side of 0 pixels
+    (torch's interpolate would fail with a traceback deep in the model): one line naming it."""
+    if min(resized_size(height, width, min_size, max_size)) < 1:
+        raise DataError(f"{os.fspath(name)}: {_too_elongated(height, width, min_size, max_size)}")
+
+
+def check_images_fit_detector(dataset, min_size: float, max_size: float) -> None:
+    """`check_fits_detector` for every image of an annotation file by its recorded size, before any work: the
+    first one named, with its id and how many more there are."""
+    elongated = [record for record in dataset.images
+                 if min(resized_size(record.height, record.width, min_size, max_size)) < 1]
+    if elongated:
+        first = elongated[0]
+        more = f"; {len(elongated) - 1} more such images" if len(elongated) > 1 else ""
+        raise DataError(f"{os.fspath(first.path)}: {_too_elongated(first.height, first.width, min_size, max_size)}"
+                        f" (image id {first.id} of {os.fspath(dataset.path)}{more})")
+
+
+def _too_elongated(height: int, width: int, min_size: float, max_size: float) -> str:
+    return (f"a {width}x{height} image is too elongated for the detector: resized to a shorter side of {min_size:g}"
+            f" and a longer side of at most {max_size:g} pixels, its shorter side is 0 pixels; crop it into parts,"
+            " or pad it")
+
+
+def model_sizes(model: FasterRCNN) -> tuple[int, int]:
+    """The (min_size, max_size) a detector resizes its input images to at inference."""
+    return int(model.transform.min_size[-1]), int(model.transform.max_size)
+
+
 def load_detector(path: str | os.PathLike, device: str | torch.device = "cpu"
                   ) -> tuple[FasterRCNN, DetectorConfig, dict[str, Any]]:
     """(model in eval mode on `device`, its DetectorConfig, identity) from a train-rpn run folder or a file.

@@ -37,7 +37,7 @@ from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.data.prompts import clean_name
 from vild_pipe.errors import DataError, VildError, counted
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
-from vild_pipe.pipeline.detector import check_head_detector, load_detector
+from vild_pipe.pipeline.detector import check_fits_detector, check_head_detector, load_detector, model_sizes
 from vild_pipe.pipeline.distributed import pick_device, use_threads
 from vild_pipe.pipeline.drawing import ImageDetections, draw_detections, write_detections_json
 from vild_pipe.pipeline.embedding_cache import (
@@ -133,6 +133,7 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
         try:
             image = read_rgb_image(path, upright=True)
+            check_fits_detector(path, image.height, image.width, *model_sizes(model))
         except DataError as err:
             if not skip_bad_images:
                 raise

@@ -40,7 +40,9 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
 from vild_pipe.errors import DataError, VildError, counted, require_at_least
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
-from vild_pipe.pipeline.detector import detector_training_data, load_detector, resolve_detector_file
+from vild_pipe.pipeline.detector import (
+    check_fits_detector, detector_training_data, load_detector, model_sizes, resolve_detector_file,
+)
 from vild_pipe.pipeline.distributed import device_name, loader_workers, use_threads
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
@@ -269,8 +271,9 @@ class _DecodedImages(Dataset):
     error in a multi-line traceback, and the main process decides whether to stop or to skip it.
     """
 
-    def __init__(self, dataset: CocoDataset):
+    def __init__(self, dataset: CocoDataset, detector_sizes: tuple[int, int]):
         self.dataset = dataset
+        self.detector_sizes = detector_sizes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -280,6 +283,7 @@ class _DecodedImages(Dataset):
         record = self.dataset.images[position]
         try:
             pixels = pil_to_uint8_chw(self.dataset.open_image(record))
+            check_fits_detector(record.path, *pixels.shape[-2:], *self.detector_sizes)
         except DataError as err:
             return shard_index, position, record.id, None, str(err)
         return shard_index, position, record.id, pixels, None
@@ -290,7 +294,7 @@ def _write_shards(model, dataset, ground_truth, folder, pending, ranges, config,
     """Compute and publish the `pending` shards this process can claim; returns the ones it wrote."""
     sampler = ClaimingSampler(folder, pending, lambda index: ranges[index])
     loader = DataLoader(
-        _DecodedImages(dataset), batch_size=batch_size, sampler=sampler, collate_fn=list,
+        _DecodedImages(dataset, model_sizes(model)), batch_size=batch_size, sampler=sampler, collate_fn=list,
         pin_memory=device.type == "cuda", **loader_workers(workers),
     )
     total = sum(len(ranges[i]) for i in pending)

@@ -38,8 +38,8 @@ from vild_pipe.pipeline.checkpoint import (
     GracefulStop, StepSampler, load_checkpoint, resume_or_start, save_on_schedule_or_stop,
 )
 from vild_pipe.pipeline.detector import (
-    INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, load_detector,
-    resolve_detector_file, save_final_model, set_sampling_seeds,
+    INFERENCE_FIELDS, MODEL_NAME, DetectorConfig, build_detector, check_images_fit_detector, load_detector,
+    model_sizes, resolve_detector_file, save_final_model, set_sampling_seeds,
 )
 from vild_pipe.pipeline.distributed import (
     all_reduce_mean, cleanup_distributed, init_distributed, is_main, loader_workers, pick_device, seed_everything,
@@ -105,8 +105,11 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     check_optimiser(momentum, weight_decay, clip_grad_norm)
     # Training opens images lazily: a missing one would stop the run hours in, at the step that draws it.
     train_set.check_image_files()
+    low_scale = scale_jitter[0]
+    check_images_fit_detector(train_set, detector.min_size * low_scale, detector.max_size * low_scale)
     if val is not None:
-        CocoDataset.load(val, val_images, check_images=True, images_option="--val-images")
+        val_set = CocoDataset.load(val, val_images, check_images=True, images_option="--val-images")
+        check_images_fit_detector(val_set, detector.min_size, detector.max_size)
     use_amp = bool(amp) and info.device.type == "cuda"
     config = {
         "detector": detector.to_dict(),
@@ -214,6 +217,7 @@ def run_recall(detector_path: str | os.PathLike, annotations: str | os.PathLike,
             return previous
     run_device = pick_device(device)
     model, config, identity = load_detector(detector_path, run_device)
+    check_images_fit_detector(dataset, *model_sizes(model))
     started = time.perf_counter()
     recall = measure_recall(model, dataset, category_split, top_k=top_k, source=source, device=run_device,
                             batch_size=batch_size, workers=workers)
