@@ -308,6 +308,12 @@ def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models,
     assert used == [0.6, PROPOSAL_NMS_THRESHOLD, 0.65, 0.5, 0.9]
     with pytest.raises(VildError, match=r"^--proposal-nms must be in \(0, 1\], got 0.0$"):
         detect.run(**{**kwargs, "proposal_nms": 0.0})
+    for option, message in (({"top_k": 0}, "--top-k must be at least 1, got 0"),
+                            ({"score_threshold": -0.1}, "--score-threshold must be in [0, 1], got -0.1"),
+                            ({"base_text_weight": 2.0}, "--base-text-weight must be in [0, 1], got 2.0")):
+        with pytest.raises(VildError) as raised:
+            detect.run(**{**kwargs, **option})
+        assert str(raised.value) == message
 
 
 def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(models, tmp_path, monkeypatch):

@@ -297,6 +297,17 @@ def test_cocoeval_in_worker_processes_gives_the_same_numbers(world, every_mode, 
         evaluate.run(**settings(world, tmp_path / "bad", workers=-1))
 
 
+@pytest.mark.parametrize("option, message", [
+    ({"max_detections": 0}, "--max-detections must be at least 1, got 0"),
+    ({"nms_threshold": 0.0}, "--nms-threshold must be in (0, 1], got 0.0"),
+    ({"novel_text_weight": 1.5}, "--novel-text-weight must be in [0, 1], got 1.5"),
+])
+def test_an_impossible_option_is_named_alone(world, tmp_path, option, message):
+    with pytest.raises(VildError) as raised:
+        evaluate.run(**settings(world, tmp_path / "bad", **option))
+    assert str(raised.value) == message and not (tmp_path / "bad").exists()
+
+
 def test_a_head_trained_on_another_detectors_features_is_refused_from_any_folder(world, tmp_path, monkeypatch):
     """The head records its detector's sha256: the check needs no training cache, wherever evaluate runs from
     (the training cache's path, as typed, leads nowhere from here)."""

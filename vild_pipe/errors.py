@@ -81,6 +81,14 @@ def require_at_least(option: str, value: float | None, floor: int = 1) -> None:
         raise VildError(f"{option} must be at least {floor}, got {value}")
 
 
+def require_between(option: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    """VildError "OPTION must be in [LOW, HIGH], got VALUE" ("(LOW" where `low_open`) outside it (None: not given)."""
+    if value is None:
+        return
+    if not ((low < value) if low_open else (low <= value)) or value > high:
+        raise VildError(f"{option} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value}")
+
+
 def counted(number: int, noun: str) -> str:
     """"1 shard", "1,200 shards": a count and its noun, plural by adding s."""
     return f"{number:,} {noun}{'' if number == 1 else 's'}"

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from vild_pipe import __version__
 from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.data.prompts import clean_name
-from vild_pipe.errors import DataError, VildError, counted
+from vild_pipe.errors import DataError, VildError, counted, require_at_least, require_between
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_fits_detector, check_head_detector, load_detector, model_sizes
 from vild_pipe.pipeline.distributed import pick_device, use_threads
@@ -206,16 +206,14 @@ def _check_options(clip, score_threshold, top_k, proposals, proposal_nms, nms_th
     if not clip:
         raise VildError("--clip is required: the CLIP model (file or name) the head was trained against")
     check_clip_file(clip)
-    if top_k < 1 or proposals < 1 or crop_batch_size < 1:
-        raise VildError(f"--top-k, --proposals and the crop batch size must be positive (got {top_k}, {proposals},"
-                        f" {crop_batch_size})")
-    for option, value in (("--proposal-nms", proposal_nms), ("--nms-threshold", nms_threshold)):
-        if value is not None and not 0.0 < value <= 1.0:
-            raise VildError(f"{option} must be in (0, 1], got {value}")
-    if score_threshold < 0:
-        raise VildError(f"--score-threshold must be >= 0, got {score_threshold}")
-    if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
-        raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
+    require_at_least("--top-k", top_k)
+    require_at_least("--proposals", proposals)
+    require_at_least("crop_batch_size", crop_batch_size)
+    require_between("--proposal-nms", proposal_nms, 0, 1, low_open=True)
+    require_between("--nms-threshold", nms_threshold, 0, 1, low_open=True)
+    require_between("--score-threshold", score_threshold, 0, 1)
+    require_between("--base-text-weight", base_text_weight, 0, 1)
+    require_between("--novel-text-weight", novel_text_weight, 0, 1)
 
 
 def _image_paths(images: Sequence[str | os.PathLike]) -> list[Path]:

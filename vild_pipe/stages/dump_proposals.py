@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError, counted, require_at_least
+from vild_pipe.errors import DataError, VildError, counted, require_at_least, require_between
 from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import (
     check_fits_detector, detector_training_data, load_detector, model_sizes, resolve_detector_file,
@@ -178,8 +178,7 @@ def run(
     require_at_least("--top-n", top_n)
     if min_box_side < 0:
         raise VildError(f"--min-box-side must be >= 0 pixels, got {min_box_side}")
-    if nms_threshold is not None and not 0.0 < nms_threshold <= 1.0:
-        raise VildError(f"--nms-threshold must be in (0, 1], got {nms_threshold}")
+    require_between("--nms-threshold", nms_threshold, 0, 1, low_open=True)
     require_at_least("--batch-size", batch_size)
     require_at_least("--workers", workers, 0)
     shard_option = parse_shard_option(shard) if isinstance(shard, str) else shard

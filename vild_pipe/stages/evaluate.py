@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit, normalised_name
-from vild_pipe.errors import DataError, VildError, require_at_least
+from vild_pipe.errors import DataError, VildError, require_at_least, require_between
 from vild_pipe.pipeline.detector import check_head_detector
 from vild_pipe.pipeline.distributed import pick_device, use_threads
 from vild_pipe.pipeline.embedding_cache import (
@@ -208,13 +208,13 @@ def _check_options(modes, heads, ensemble_head, base_text_weight, novel_text_wei
         raise VildError(f"a head for {unknown_heads[0]!r}: heads are given for {', '.join(HEAD_MODES)}")
     if ensemble_head not in HEAD_MODES:
         raise VildError(f"--ensemble-head {ensemble_head}: use one of {', '.join(HEAD_MODES)}")
-    if not (0.0 <= base_text_weight <= 1.0 and 0.0 <= novel_text_weight <= 1.0):
-        raise VildError(f"the ensemble's text weights must lie in [0, 1] (got {base_text_weight}, {novel_text_weight})")
+    require_between("--base-text-weight", base_text_weight, 0, 1)
+    require_between("--novel-text-weight", novel_text_weight, 0, 1)
     if protocol not in PROTOCOLS:
         raise VildError(f"--protocol {protocol}: use one of {', '.join(PROTOCOLS)}")
-    if max_detections < 1 or (max_dets is not None and max_dets < 1) or not 0.0 < nms_threshold <= 1.0:
-        raise VildError(f"detections per image must be positive and the NMS IoU in (0, 1] (got {max_detections},"
-                        f" {max_dets}, {nms_threshold})")
+    require_at_least("--max-detections", max_detections)
+    require_at_least("max_dets", max_dets)
+    require_between("--nms-threshold", nms_threshold, 0, 1, low_open=True)
     require_at_least("--workers", workers, 0)
     return [mode for mode in MODES if mode in wanted]
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import DataError, VildError, require_at_least
+from vild_pipe.errors import DataError, VildError, require_at_least, require_between
 from vild_pipe.pipeline.cache_loader import NO_LABEL, CacheIndex, RowSelection, StepBatch, StepLoader, StepOrder
 from vild_pipe.pipeline.checkpoint import GracefulStop, resume_or_start, save_on_schedule_or_stop
 from vild_pipe.pipeline.distributed import (
@@ -201,8 +201,7 @@ def _check_settings(losses: str, hyper: dict[str, Any], image_rois: int, sample_
     require_at_least("--sample-rois", sample_rois)
     require_at_least("--checkpoint-every", checkpoint_every)
     require_at_least("--workers", workers, 0)
-    if not 0 < foreground_fraction <= 1:
-        raise VildError(f"--foreground-fraction must be in (0, 1], got {foreground_fraction}")
+    require_between("--foreground-fraction", foreground_fraction, 0, 1, low_open=True)
 
 
 def _open_caches(proposals, embeddings, use_image: bool) -> tuple[CacheFolder, CacheFolder | None]:
