@@ -276,6 +276,15 @@ def test_skip_bad_images_goes_on_past_an_unreadable_one(models, tmp_path, caplog
     written = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [image["file_name"] for image in written["images"]] == [str(folder / "a.jpg"), str(folder / "c.jpg")]
 
+    # A run that stops part way leaves OUT as it was: no drawing of the images before the bad one, no temp file.
+    assert list((tmp_path / "stopped").iterdir()) == []
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    (folder / "b.jpg").unlink()
+    Image.new("RGB", (300, 2)).save(folder / "b.png")    # decodes, but is too elongated: stops after a.jpg
+    with pytest.raises(DataError, match="b.png: a 300x2 image is too elongated"):
+        detect.run(**detect_kwargs(models, tmp_path / "out", images=[folder], vocab="circle"))
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
+
 
 def test_the_proposals_nms_follows_the_heads_training_cache_unless_given(models, tmp_path, monkeypatch):
     """detect makes its proposals as dump-proposals made the ones the head was trained on: the value train-head

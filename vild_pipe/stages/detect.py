@@ -11,7 +11,8 @@ other name like a novel one. Per-class NMS, a score threshold and a cap per imag
 Writes OUT/detections.json (COCO format: the vocabulary as categories, detections as annotations with a
 `score`) and OUT/<image stem>.png, the image with its detections drawn. An image is first turned upright as
 its EXIF orientation tag says (a phone's portrait photograph is often stored sideways), so boxes, sizes and
-drawings are in the frame a viewer shows.
+drawings are in the frame a viewer shows. A run's drawings are written under temp names and renamed into place
+with its JSON only once every image is done: a run that fails part way leaves OUT as it was.
 
 The text embeddings come from `clip`, which must be the CLIP model the head was trained against (its
 recorded identity is checked): a head's region embeddings live in its own teacher's space. Likewise `detector`
@@ -35,7 +36,7 @@ from tqdm import tqdm
 from vild_pipe import __version__
 from vild_pipe.data.coco import read_rgb_image
 from vild_pipe.data.prompts import clean_name
-from vild_pipe.errors import DataError, VildError, counted, require_at_least, require_between
+from vild_pipe.errors import DataError, VildError, counted, describe_error, require_at_least, require_between
 from vild_pipe.pipeline.crops import crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw
 from vild_pipe.pipeline.detector import check_fits_detector, check_head_detector, load_detector, model_sizes
 from vild_pipe.pipeline.distributed import pick_device, use_threads
@@ -49,7 +50,7 @@ from vild_pipe.pipeline.scoring import (
     BASE_TEXT_WEIGHT, NMS_IOU_THRESHOLD, NOVEL_TEXT_WEIGHT, crop_probabilities, detections_from_scores,
     ensemble_probabilities, head_probabilities,
 )
-from vild_pipe.pipeline.shards import make_output_folder, sha256_file, write_bytes_atomically
+from vild_pipe.pipeline.shards import make_output_folder, remove_stale_temps_in, sha256_file, temp_path
 from vild_pipe.pipeline.teacher import Teacher, check_clip_file, load_teacher
 from vild_pipe.pipeline.text_embeddings import clip_file_identity, same_clip, vocabulary_names
 
@@ -125,38 +126,45 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
              len(paths), len(names), int((~is_novel).sum()), "head + CLIP ensemble" if ensemble else "head only",
              proposal_nms, torch_device)
 
-    out = Path(out)
-    make_output_folder(out)
+    out = make_output_folder(out)
+    remove_stale_temps_in(out)
     found: list[ImageDetections] = []
-    drawings: list[str] = []
+    staged: dict[Path, Path] = {}    # drawing -> its temp file, renamed into place once every image is done
     skipped: list[str] = []
-    for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img", disable=None):
-        try:
-            image = read_rgb_image(path, upright=True)
-            check_fits_detector(path, image.height, image.width, *model_sizes(model))
-        except DataError as err:
-            if not skip_bad_images:
-                raise
-            log.warning("%s (skipped: --skip-bad-images)", err)
-            skipped.append(os.fspath(path))
-            continue
-        pixels = pil_to_uint8_chw(image).to(torch_device)
-        proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=proposal_nms)[0]
-        with torch.no_grad():
-            regions = vild_head(proposed.features.to(torch_device))
-            probs = head_probabilities(regions, texts, vild_head.background_embedding(), temperature)
-            if ensemble:
-                crops = crop_embeddings(teacher, pixels, proposed.boxes.numpy(), crop_batch_size)
-                probs = ensemble_probabilities(probs, crop_probabilities(crops, texts), is_novel,
-                                               base_text_weight, novel_text_weight)
-            boxes, scores, classes = detections_from_scores(proposed.boxes.to(torch_device), probs, nms_threshold,
-                                                            top_k, score_threshold)
-        detections = ImageDetections(os.fspath(path), image.width, image.height, boxes.cpu().numpy(),
-                                     scores.cpu().numpy(), classes.cpu().numpy())
-        found.append(detections)
-        labels = [names[k] for k in detections.class_index.tolist()]
-        _save_drawing(draw_detections(image, detections.boxes, labels, detections.scores), out / drawing_name)
-        drawings.append(os.fspath(out / drawing_name))
+    try:
+        for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img",
+                                       disable=None):
+            try:
+                image = read_rgb_image(path, upright=True)
+                check_fits_detector(path, image.height, image.width, *model_sizes(model))
+            except DataError as err:
+                if not skip_bad_images:
+                    raise
+                log.warning("%s (skipped: --skip-bad-images)", err)
+                skipped.append(os.fspath(path))
+                continue
+            pixels = pil_to_uint8_chw(image).to(torch_device)
+            proposed = propose_with_features(model, [pixels], top_n=proposals, nms_threshold=proposal_nms)[0]
+            with torch.no_grad():
+                regions = vild_head(proposed.features.to(torch_device))
+                probs = head_probabilities(regions, texts, vild_head.background_embedding(), temperature)
+                if ensemble:
+                    crops = crop_embeddings(teacher, pixels, proposed.boxes.numpy(), crop_batch_size)
+                    probs = ensemble_probabilities(probs, crop_probabilities(crops, texts), is_novel,
+                                                   base_text_weight, novel_text_weight)
+                boxes, scores, classes = detections_from_scores(proposed.boxes.to(torch_device), probs,
+                                                                nms_threshold, top_k, score_threshold)
+            detections = ImageDetections(os.fspath(path), image.width, image.height, boxes.cpu().numpy(),
+                                         scores.cpu().numpy(), classes.cpu().numpy())
+            found.append(detections)
+            labels = [names[k] for k in detections.class_index.tolist()]
+            drawing = out / drawing_name
+            staged[drawing] = _stage_drawing(draw_detections(image, detections.boxes, labels, detections.scores),
+                                             drawing)
+    except BaseException:
+        for temp in staged.values():
+            temp.unlink(missing_ok=True)
+        raise
 
     made_by = {"description": "vild-pipe detect", "version": __version__, "detector": detector_identity,
                "head": {"file": head_file.name, "sha256": sha256_file(head_file), "losses": info.get("losses")},
@@ -164,12 +172,14 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
                "settings": {"ensemble": ensemble, "score_threshold": score_threshold, "top_k": top_k,
                             "proposals": proposals, "proposal_nms": proposal_nms, "nms_threshold": nms_threshold,
                             "base_text_weight": base_text_weight, "novel_text_weight": novel_text_weight}}
+    _publish_drawings(staged)
     write_detections_json(out / JSON_NAME, found, names, made_by)
     total = sum(len(d.scores) for d in found)
     seconds = time.monotonic() - started
     log.info("detect: %d detections on %d image(s)%s in %.1f s -> %s", total, len(found),
              f" ({len(skipped)} unreadable, skipped)" if skipped else "", seconds, out / JSON_NAME)
-    return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": drawings, "names": names,
+    return {"out": os.fspath(out), "json": os.fspath(out / JSON_NAME), "drawings": list(map(os.fspath, staged)),
+            "names": names,
             "images": len(found), "skipped": skipped, "detections": total,
             "found": [{"image": d.file_name, "detections": [[names[k], round(float(score), 3)] for k, score in
                                                         zip(d.class_index.tolist(), d.scores.tolist())]}
@@ -178,11 +188,26 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
             "seconds": round(seconds, 1)}
 
 
-def _save_drawing(drawing: Image.Image, path: Path) -> None:
-    """Publish the PNG whole (a drawing that exists is complete)."""
+def _stage_drawing(drawing: Image.Image, path: Path) -> Path:
+    """Write the PNG for `path` under its temp name (`shards.temp_path`) and return that name."""
     encoded = io.BytesIO()
     drawing.save(encoded, format="PNG")
-    write_bytes_atomically(path, encoded.getvalue())
+    temp = temp_path(path)
+    try:
+        temp.write_bytes(encoded.getvalue())
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise VildError(f"{path}: cannot write ({describe_error(err)})") from err
+    return temp
+
+
+def _publish_drawings(staged: dict[Path, Path]) -> None:
+    """Rename every staged drawing into place (a drawing that exists is complete)."""
+    for drawing, temp in staged.items():
+        try:
+            os.replace(temp, drawing)
+        except OSError as err:
+            raise VildError(f"{drawing}: cannot write ({describe_error(err)})") from err
 
 
 def crop_embeddings(teacher: Teacher, pixels: torch.Tensor, boxes: np.ndarray, batch_size: int = 256) -> torch.Tensor:
