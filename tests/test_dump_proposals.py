@@ -492,7 +492,7 @@ def test_a_worker_dealt_no_shard_says_so(world, detector, tmp_path, caplog):
         summary = dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", images_per_shard=100))
     assert summary["shards_written"] == [] and not summary["complete"]
     messages = [r.getMessage() for r in caplog.records]
-    assert "worker 1 of 2: no shards for this worker (the cache has 1)" in messages
+    assert "job 1 of 2: no shards for this worker (the cache has 1)" in messages
     assert not [m for m in messages if "already complete" in m]
 
 

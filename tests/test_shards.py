@@ -25,14 +25,13 @@ from vild_pipe.pipeline.shards import (
     RowField,
     ShardReader,
     ShardWriter,
+    Worker,
     bytes_per_row,
     claim_shard,
-    effective_worker,
     estimate_cache_bytes,
     format_bytes,
     parse_shard_option,
     shard_image_ranges,
-    shards_for_worker,
     write_text_atomically,
 )
 
@@ -562,24 +561,27 @@ def test_parse_shard_option_errors_are_one_line(text):
 
 
 @pytest.mark.parametrize("num_jobs", [1, 2, 3, 5])
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_jobs_times_ranks_cover_every_shard_exactly_once(num_jobs, world_size):
+@pytest.mark.parametrize("world_sizes", [(1,), (2,), (3,), (2, 1, 3)], ids=["W1", "W2", "W3", "W-differs-by-job"])
+def test_jobs_and_their_ranks_cover_every_shard_exactly_once(num_jobs, world_sizes):
+    """Whatever number of torchrun ranks each --shard job runs with (a job requeued on a smaller node)."""
     for num_shards in (0, 1, 7, 16, 31):
         taken = []
         for job in range(num_jobs):
+            world_size = world_sizes[job % len(world_sizes)]
             for rank in range(world_size):
-                worker, num_workers = effective_worker((job, num_jobs), rank, world_size)
-                assert num_workers == num_jobs * world_size
-                taken += shards_for_worker(num_shards, worker, num_workers)
+                taken += Worker.of((job, num_jobs), rank, world_size).shards(num_shards)
         assert sorted(taken) == list(range(num_shards))
 
 
 def test_worker_arguments_are_checked_and_image_ranges_tile_the_input():
-    assert effective_worker(None, 1, 2) == (1, 2)
+    assert Worker.of(None, 1, 2) == Worker(0, 1, 1, 2) and Worker.of(None, 1, 2).shards(5) == [1, 3]
+    assert Worker.of((1, 2), 1, 2).shards(12) == [3, 7, 11]
+    assert [str(Worker.of(*args)) for args in ((None,), ((1, 2),), (None, 1, 2), ((1, 2), 0, 3))] == [
+        "the only worker", "job 1 of 2", "rank 1 of 2", "job 1 of 2, rank 0 of 3"]
     with pytest.raises(ValueError):
-        shards_for_worker(4, 2, 2)
+        Worker.of((0, 2), 3, 3)
     with pytest.raises(ValueError):
-        effective_worker((0, 2), 3, 3)
+        Worker(2, 2)
     ranges = shard_image_ranges(10, 4)
     assert [(r.start, r.stop) for r in ranges] == [(0, 4), (4, 8), (8, 10)]
     assert shard_image_ranges(0, 4) == []
@@ -681,7 +683,7 @@ def _fill_shards(path, assigned, results):
 @pytest.mark.parametrize(
     "assignments",
     [
-        [shards_for_worker(12, 0, 2), shards_for_worker(12, 1, 2)],
+        [Worker(0, 2).shards(12), Worker(1, 2).shards(12)],
         [list(range(0, 9)), list(range(3, 12))],
         [list(range(12)), list(range(11, -1, -1))],
     ],

@@ -3,7 +3,7 @@
 `torchrun --nproc_per_node=W ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the same code runs as
 one process. The training stages wrap their model with `wrap_ddp` and take their slice of every global
 batch (`checkpoint.StepSampler`); the cache stages need no communication: rank r of W takes shards
-r, r+W, ... (`shards.shards_for_worker`).
+r, r+W, ... (`shards.Worker`).
 """
 from __future__ import annotations
 

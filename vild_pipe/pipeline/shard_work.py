@@ -30,12 +30,12 @@ from vild_pipe.pipeline.shards import (
     CacheFolder,
     ShardLock,
     ShardWriter,
+    Worker,
     claim_shard,
     describe_lock_holder,
     format_bytes,
     live_lock_holder,
     shard_name,
-    shards_for_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -348,12 +348,12 @@ def cache_summary(folder: CacheFolder, written: list[int], complete: bool, secon
     }
 
 
-def log_nothing_to_write(num_shards: int, worker: int, num_workers: int) -> None:
+def log_nothing_to_write(num_shards: int, worker: Worker) -> None:
     """Why this worker writes nothing: it was dealt no shard (more workers than shards), or all of its are done."""
-    if shards_for_worker(num_shards, worker, num_workers):
-        log.info("worker %d of %d: every shard of this worker is already complete", worker, num_workers)
+    if worker.shards(num_shards):
+        log.info("%s: every shard of this worker is already complete", worker)
     else:
-        log.info("worker %d of %d: no shards for this worker (the cache has %d)", worker, num_workers, num_shards)
+        log.info("%s: no shards for this worker (the cache has %d)", worker, num_shards)
 
 
 def log_measured_cost(folder: CacheFolder, summary: dict) -> None:

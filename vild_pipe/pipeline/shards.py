@@ -102,19 +102,34 @@ def parse_shard_option(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-def effective_worker(shard_option: tuple[int, int] | None, rank: int = 0, world_size: int = 1) -> tuple[int, int]:
-    """(worker, num_workers) of torchrun rank r of W inside job `--shard i/n`: worker i*W + r of n*W."""
-    job, num_jobs = shard_option if shard_option is not None else (0, 1)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return job * world_size + rank, num_jobs * world_size
+@dataclass(frozen=True)
+class Worker:
+    """Torchrun rank `rank` of `world_size` inside job `job` of `num_jobs` (`--shard i/n`; 0/1 without it)."""
 
+    job: int = 0
+    num_jobs: int = 1
+    rank: int = 0
+    world_size: int = 1
 
-def shards_for_worker(num_shards: int, worker: int, num_workers: int) -> list[int]:
-    """The shards worker w of W writes: w, w+W, w+2W, ... (every shard exactly once over all workers)."""
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker {worker} is outside {num_workers} workers")
-    return list(range(worker, num_shards, num_workers))
+    def __post_init__(self):
+        if not (0 <= self.job < self.num_jobs and 0 <= self.rank < self.world_size):
+            raise ValueError(f"{self} is outside its jobs or ranks")
+
+    @classmethod
+    def of(cls, shard_option: tuple[int, int] | None, rank: int = 0, world_size: int = 1) -> Worker:
+        job, num_jobs = shard_option if shard_option is not None else (0, 1)
+        return cls(job, num_jobs, rank, world_size)
+
+    def shards(self, num_shards: int) -> list[int]:
+        """The shards this worker writes. Job i of n takes shards i, i+n, i+2n, ...; rank r of W every W-th of
+        those from the r-th. Every shard is written exactly once over all jobs and ranks, whatever number of
+        ranks each job runs with (a rule of i*W + r of n*W would leave shards to nobody when jobs differ in W)."""
+        return list(range(self.job, num_shards, self.num_jobs))[self.rank::self.world_size]
+
+    def __str__(self) -> str:
+        parts = ([f"job {self.job} of {self.num_jobs}"] if self.num_jobs > 1 else []) + (
+            [f"rank {self.rank} of {self.world_size}"] if self.world_size > 1 else [])
+        return ", ".join(parts) or "the only worker"
 
 
 def shard_image_ranges(num_images: int, images_per_shard: int) -> list[range]:

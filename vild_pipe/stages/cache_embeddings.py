@@ -57,11 +57,10 @@ from vild_pipe.pipeline.shard_work import (
 )
 from vild_pipe.pipeline.shards import (
     CacheFolder,
+    Worker,
     bytes_per_row,
-    effective_worker,
     format_bytes,
     parse_shard_option,
-    shards_for_worker,
 )
 from vild_pipe.pipeline.teacher import Teacher, load_teacher
 
@@ -134,8 +133,8 @@ def run(
             sources={"proposals": os.path.abspath(proposal_folder.path)},
             made_with={"batch_size": batch_size, "device": device_name(info.device)},
         )
-        worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
-        pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
+        worker = Worker.of(shard_option, info.rank, info.world_size)
+        pending = [i for i in worker.shards(folder.num_shards) if not folder.is_complete(i)]
         markers = {i: proposal_folder.read_marker(i) for i in pending}
         rows = {i: marker["rows"] for i, marker in markers.items()}
         rows_per_image = sum(rows.values()) / max(1, sum(marker["images"] for marker in markers.values()))
@@ -143,8 +142,8 @@ def run(
             _log_expected_cost(folder, proposal_folder, rows, teacher.embed_dim)
 
         if pending:
-            log.info("worker %d of %d: %s to write on %s (%s crops, %s, batch %d crops, %s decode)",
-                     worker, num_workers, counted(len(pending), "shard"), info.device, crop_method, config["precision"],
+            log.info("%s: %s to write on %s (%s crops, %s, batch %d crops, %s decode)",
+                     worker, counted(len(pending), "shard"), info.device, crop_method, config["precision"],
                      batch_size, decode)
             written = _write_shards(
                 teacher, dataset, proposal_folder, folder, rows, rows_per_image, crop_method, decode, batch_size,
@@ -152,7 +151,7 @@ def run(
             )
         else:
             written = []
-            log_nothing_to_write(folder.num_shards, worker, num_workers)
+            log_nothing_to_write(folder.num_shards, worker)
 
         complete = folder.finalize()
         summary = cache_summary(folder, written, complete, time.monotonic() - started)

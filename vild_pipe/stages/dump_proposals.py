@@ -56,14 +56,13 @@ from vild_pipe.pipeline.shard_work import (
 from vild_pipe.pipeline.shards import (
     CacheFolder,
     RowField,
+    Worker,
     bytes_per_row,
-    effective_worker,
     estimate_cache_bytes,
     format_bytes,
     parse_shard_option,
     shard_image_ranges,
     sha256_file,
-    shards_for_worker,
 )
 
 log = logging.getLogger(__name__)
@@ -219,21 +218,21 @@ def run(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=len(ranges),
             images_per_shard=images_per_shard, overwrite=overwrite, made_with={"device": device_name(info.device)},
         )
-        worker, num_workers = effective_worker(shard_option, info.rank, info.world_size)
-        pending = [i for i in shards_for_worker(folder.num_shards, worker, num_workers) if not folder.is_complete(i)]
+        worker = Worker.of(shard_option, info.rank, info.world_size)
+        pending = [i for i in worker.shards(folder.num_shards) if not folder.is_complete(i)]
         if main_process:
             _log_expected_cost(fields, dataset, ground_truth, top_n, folder, pending, ranges)
 
         if pending:
-            log.info("worker %d of %d: %s to write on %s (%s)", worker, num_workers, counted(len(pending), "shard"),
-                     info.device, config["precision"])
+            log.info("%s: %s to write on %s (%s)", worker, counted(len(pending), "shard"), info.device,
+                     config["precision"])
             written = _write_shards(
                 model, dataset, ground_truth, folder, pending, ranges, config, batch_size, workers, info.device,
                 skip_bad_images, show_progress=main_process,
             )
         else:
             written = []
-            log_nothing_to_write(folder.num_shards, worker, num_workers)
+            log_nothing_to_write(folder.num_shards, worker)
 
         complete = folder.finalize()
         summary = cache_summary(folder, written, complete, time.monotonic() - started)
