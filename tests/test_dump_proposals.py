@@ -593,3 +593,20 @@ def test_an_image_too_elongated_for_the_detector_is_one_line_and_can_be_skipped(
                                         " detector") and "\n" not in str(raised.value)
     summary = dump_proposals.run(**kwargs, skip_bad_images=True)
     assert summary["complete"] and [s["image_id"] for s in summary["skipped_images"]] == [999]
+
+
+def test_the_same_split_named_otherwise_resumes_the_cache(world, detector, tmp_path):
+    """The split's record keeps the first run's naming (a novel-file's path): a copy of the file, or the names
+    listed, give the same categories and resume; another split is refused."""
+    dataset = CocoDataset.load(world / "train.json")
+    novel = [category.name for category in dataset.categories if category.split == "novel"]
+    names = tmp_path / "novel.txt"
+    names.write_text("\n".join(novel) + "\n")
+    out = tmp_path / "cache"
+    dump_proposals.run(**stage_kwargs(world, detector, out, split=f"novel-file:{names}", shard="0/2"))
+    summary = dump_proposals.run(**stage_kwargs(world, detector, out, split=f"novel:{','.join(reversed(novel))}",
+                                                shard="1/2"))
+    assert summary["complete"]
+    assert json.loads((out / "manifest.json").read_text())["config"]["split"]["spec"] == f"novel-file:{names}"
+    with pytest.raises(VildError, match="config.split.base_ids"):
+        dump_proposals.run(**stage_kwargs(world, detector, out, split=f"novel:{','.join(novel[1:])}"))

@@ -176,6 +176,8 @@ def test_rerun_is_a_no_op_and_a_config_change_is_refused(world, reference):
         run_dir.parent / "copied-clip-text.pt")
     assert train_head.run(**settings(world, run_dir, text=str(run_dir.parent / "copied-clip-text.pt")))[
         "trained_steps"] == 0, "the same CLIP under another file name is the same run"
+    assert train_head.run(**settings(world, run_dir, split="novel:moon"))["trained_steps"] == 0, \
+        "the cache's split (spec 'field') named otherwise is the same run"
 
 
 def test_caches_that_do_not_belong_together_are_refused(world, tmp_path):

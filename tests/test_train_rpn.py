@@ -205,6 +205,9 @@ def test_rerun_of_a_finished_run_is_a_no_op_and_a_config_change_is_refused(world
     again = train(world, run_dir)
     assert again["trained_steps"] == 0 and again["steps"] == ITERATIONS
     assert (run_dir / MODEL_NAME).read_bytes() == before
+    novel = [category.name for category in CocoDataset.load(world / "train.json").categories
+             if category.split == "novel"]
+    assert train(world, run_dir, split="novel:" + ",".join(novel))["trained_steps"] == 0   # the split named otherwise
     with pytest.raises(VildError, match=r"another config \(lr: 0.02 -> 0.03\)"):
         train(world, run_dir, lr=0.03)
     with pytest.raises(VildError, match="detector.fpn_channels: 16 -> 24"):

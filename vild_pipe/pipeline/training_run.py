@@ -23,6 +23,11 @@ STEP_DECAYS = ((2 / 3, 0.1), (8 / 9, 0.01))
 SCHEDULES = ("cosine", "step")
 
 
+SPLIT_NAMING = "data.split.spec"
+"""How a run's config names its category split: the same categories named otherwise (a copy of a novel-file, a
+relative path, the names listed) resume the run."""
+
+
 def check_schedule(hyper: dict[str, Any]) -> None:
     """VildError unless the step count, batch, lr, warm-up and schedule make a schedule."""
     require_at_least("--iterations", hyper["iterations"])

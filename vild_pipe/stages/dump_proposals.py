@@ -92,14 +92,13 @@ def default_add_gt(annotations: str | os.PathLike, detectors_own: bool | None) -
     return False, "the detector was not trained on this annotation file and its name does not contain 'train'"
 
 
-def _unsaid_settings(out: str | os.PathLike, overwrite: bool, annotations: str | os.PathLike, annotations_sha256: str,
+def _unsaid_settings(earlier: dict, annotations: str | os.PathLike, annotations_sha256: str,
                      trained_on: dict, nms_threshold: float | None, add_gt: bool | None,
                      split: str | CategorySplit) -> tuple[float, bool, str | CategorySplit]:
-    """Values for the settings the command left out (None, or split "auto"). The cache being resumed keeps its
-    own; otherwise: NMS at PROPOSAL_NMS_THRESHOLD, ground-truth rows by `default_add_gt`, and for the file the
-    detector was trained on (`trained_on`, from `detector_training_data`), the detector's own split (its base
-    boxes are the rows' positives)."""
-    earlier = {} if overwrite else _config_of_existing_cache(out)
+    """Values for the settings the command left out (None, or split "auto"). The cache being resumed (its config
+    `earlier`) keeps its own; otherwise: NMS at PROPOSAL_NMS_THRESHOLD, ground-truth rows by `default_add_gt`, and
+    for the file the detector was trained on (`trained_on`, from `detector_training_data`), the detector's own
+    split (its base boxes are the rows' positives)."""
     if nms_threshold is None:
         nms_threshold = earlier.get("nms_threshold", PROPOSAL_NMS_THRESHOLD)
         if nms_threshold != PROPOSAL_NMS_THRESHOLD:
@@ -132,6 +131,15 @@ def _warn_of_a_split_not_the_detectors(trained_on: dict, annotations: str | os.P
         log.warning("%s: the detector was trained on this file with split %s (%d base categories), the ground-truth"
                     " rows follow split %s (%d): leave --split out to use the detector's", os.fspath(annotations),
                     own.spec, len(own.base_ids), split.spec, len(split.base_ids))
+
+
+def _split_record(split: CategorySplit, recorded: dict | None) -> dict:
+    """The split as the cache's config records it. A cache being resumed keeps its own record (its `spec`, such
+    as a novel-file's path) where its categories are the same: the same split named otherwise (a copy of the
+    file, a relative path, the names listed) resumes the cache instead of being refused."""
+    if recorded and CategorySplit.from_json(recorded) == split:
+        return recorded
+    return split.to_json()
 
 
 def _config_of_existing_cache(out: str | os.PathLike) -> dict:
@@ -191,7 +199,8 @@ def run(
             raise DataError(f"{os.fspath(annotations)}: no images to dump proposals for")
         annotations_sha256 = sha256_file(annotations)
         trained_on = detector_training_data(detector)   # what train-rpn recorded of its data: file sha256, split
-        nms_threshold, add_gt, split = _unsaid_settings(out, overwrite, annotations, annotations_sha256, trained_on,
+        earlier = {} if overwrite else _config_of_existing_cache(out)
+        nms_threshold, add_gt, split = _unsaid_settings(earlier, annotations, annotations_sha256, trained_on,
                                                         nms_threshold, add_gt, split)
         ground_truth = dataset.training_view(split) if add_gt else None
         if ground_truth is not None:
@@ -205,7 +214,7 @@ def run(
             "min_box_side": float(min_box_side),
             "nms_threshold": float(nms_threshold),
             "add_gt": bool(add_gt),
-            "split": ground_truth.split.to_json() if ground_truth is not None else None,
+            "split": _split_record(ground_truth.split, earlier.get("split")) if ground_truth is not None else None,
             "precision": "fp16-backbone" if use_fp16 else "fp32",
         }
         annotation_path = Path(annotations)

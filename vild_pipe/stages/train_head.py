@@ -49,8 +49,8 @@ from vild_pipe.pipeline.head import (
 )
 from vild_pipe.pipeline.shards import CacheFolder
 from vild_pipe.pipeline.training_run import (
-    METRICS_NAME, append_metrics, check_optimiser, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
-    run_folder_lock,
+    METRICS_NAME, SPLIT_NAMING, append_metrics, check_optimiser, check_schedule, keep_metrics_until,
+    lr_factor_schedule, make_run_dir, run_folder_lock,
 )
 from vild_pipe.pipeline.text_embeddings import (
     TextEmbeddings, clip_file_identity, embed_text, load_text_embeddings, load_text_rows,
@@ -141,7 +141,7 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         with GracefulStop() as stop, run_folder_lock(run_dir, is_main(info)):
             # the CLIP file's name may change (a copy, a link): its sha256 and the texts' digest are compared
             step = resume_or_start(run_dir, config, head, optimiser, scheduler,
-                                   resumable_changes=["data.text.clip.model"])
+                                   resumable_changes=["data.text.clip.model", SPLIT_NAMING])
             first_step = step
             if is_main(info):
                 keep_metrics_until(run_dir / METRICS_NAME, step)

@@ -48,8 +48,8 @@ from vild_pipe.pipeline.distributed import (
 from vild_pipe.pipeline.recall import format_recall, measure_recall
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
 from vild_pipe.pipeline.training_run import (
-    METRICS_NAME, append_metrics, check_optimiser, check_schedule, keep_metrics_until, lr_factor_schedule, make_run_dir,
-    run_folder_lock,
+    METRICS_NAME, SPLIT_NAMING, append_metrics, check_optimiser, check_schedule, keep_metrics_until,
+    lr_factor_schedule, make_run_dir, run_folder_lock,
 )
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     try:
         with GracefulStop() as stop, run_folder_lock(run_dir, is_main(info)):
             step = resume_or_start(run_dir, config, model, optimizer, scheduler, scaler,
-                                   resumable_changes=[f"detector.{name}" for name in INFERENCE_FIELDS])
+                                   resumable_changes=[f"detector.{name}" for name in INFERENCE_FIELDS]
+                                   + [SPLIT_NAMING])
             first_step = step
             if is_main(info):
                 keep_metrics_until(run_dir / METRICS_NAME, step)
