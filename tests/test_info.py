@@ -84,7 +84,7 @@ def test_a_run_folder_says_its_step_checkpoint_and_whether_it_runs(tmp_path):
         assert info.format_state(state) == (f"{run_dir}: train-head (text+image) run, step 612 of 20,000, last"
                                             f" checkpoint at step 500; running now ({state['running']})")
         assert state["running"].startswith(f"pid {os.getpid()} on ")
-    assert info.format_state(info.describe(run_dir)).endswith("not running; rerun its command to go on")
+    assert info.format_state(info.describe(run_dir)).endswith("not running; rerun its command to go on from step 500")
     (run_dir / "head.pt").write_bytes(b"weights")
     starting = tmp_path / "starting"   # a run in its first seconds: only its lock
     starting.mkdir()
@@ -105,7 +105,8 @@ def test_a_run_before_its_first_checkpoint_is_told_apart_by_its_metric_lines(tmp
         (run_dir / METRICS_NAME).write_text("".join(json.dumps({"step": s, **record}) + "\n" for s in range(1, 38)))
         state = info.describe(run_dir)
         assert (state["stage"], state["step"], state["checkpoint_step"]) == (stage, 37, None)
-        assert info.format_state(state) == f"{run_dir}: {stage} run, step 37; not running; rerun its command to go on"
+        assert info.format_state(state) == (f"{run_dir}: {stage} run, step 37; not running, no checkpoint yet; rerun"
+                                            " its command to start it over")
 
 
 def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_read(half_made_cache, tmp_path):
@@ -126,3 +127,8 @@ def test_the_command_prints_each_folder_or_json_and_names_a_folder_it_cannot_rea
     assert result.output.startswith(f"{folder.path}: dump-proposals cache")
     with pytest.raises(DataError):
         info.describe(tmp_path)
+    result = CliRunner().invoke(main, ["info", str(tmp_path / "not-yet"), str(rpn), str(rpn / "model.pt")])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        f"{rpn}: train-rpn run, no step logged yet; finished: {rpn / 'model.pt'}",
+        f"error: {tmp_path / 'not-yet'}: no such file or directory; {rpn / 'model.pt'}: is a file, a cache or run"
+        " folder is needed"], "a folder a job has not made yet hides nothing either"

@@ -427,7 +427,7 @@ def train_rpn(annotations, run_dir, **options):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, required=True, type=_Path(exists=True, file_okay=False))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the states as JSON (a list), for scripts.")
 def info(paths, as_json):
     """Where caches and training runs stand, from their files alone (safe beside running jobs).

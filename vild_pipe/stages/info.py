@@ -38,6 +38,10 @@ def run(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
 
 def describe(path: Path) -> dict[str, Any]:
     """A cache folder's or a run folder's state, as plain JSON-ready values; DataError for anything else."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise DataError(f"{path}: is a file, a cache or run folder is needed")
     if (path / MANIFEST_NAME).is_file():
         return describe_cache(path)
     if any((path / name).is_file() for name in (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, HEAD_NAME, RUN_LOCK_NAME)):
@@ -128,6 +132,8 @@ def _format_run(state: dict[str, Any]) -> str:
         now = f"running now ({state['running']})"
     elif state["final"]:
         now = f"finished: {state['final']}"
-    else:
-        now = "not running; rerun its command to go on"
+    elif state["checkpoint_step"]:
+        now = f"not running; rerun its command to go on from step {state['checkpoint_step']:,}"
+    else:   # the metric lines of a run stopped before its first checkpoint: the rerun starts over
+        now = "not running, no checkpoint yet; rerun its command to start it over"
     return f"{state['path']}: {kind} run, {step}{checkpoint}; {now}"
