@@ -610,3 +610,21 @@ def test_the_same_split_named_otherwise_resumes_the_cache(world, detector, tmp_p
     assert json.loads((out / "manifest.json").read_text())["config"]["split"]["spec"] == f"novel-file:{names}"
     with pytest.raises(VildError, match="config.split.base_ids"):
         dump_proposals.run(**stage_kwargs(world, detector, out, split=f"novel:{','.join(novel[1:])}"))
+
+
+def test_a_cache_resumed_with_another_thread_count_says_its_shards_may_differ(world, detector, tmp_path, caplog):
+    """On the CPU torch's thread count splits the arithmetic (torchrun sets one thread a rank): the manifest
+    records it, and a run resuming with another one warns that its shards may differ in their last bits."""
+    out = tmp_path / "cache"
+    threads = torch.get_num_threads()
+    try:
+        dump_proposals.run(**stage_kwargs(world, detector, out, shard="0/2", threads=1))
+        with caplog.at_level(logging.WARNING, logger="vild_pipe"):
+            dump_proposals.run(**stage_kwargs(world, detector, out, shard="1/2", threads=2))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((out / "manifest.json").read_text())["made_with"] == {"device": "cpu", "threads": 1}
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"{out}: begun with other settings than this run's (threads: 1 -> 2): the shards this run writes may differ"
+        " from the others in their last bits; resume with the first run's settings for a cache equal bit for bit to"
+        " one run's"]

@@ -801,3 +801,15 @@ def test_read_only_folder_is_a_vild_error_naming_the_file(tmp_path, read_only):
         open_cache(tmp_path / "empty")
     assert open_cache(tmp_path / "cache").complete_shards() == [0], "an existing cache can still be read"
     assert sorted(os.listdir(folder.path)) == ["manifest.json", "shard-00000.h5", "shard-00000.json"]
+
+
+def test_made_with_is_compared_on_what_the_first_run_recorded(tmp_path):
+    """A setting recorded only since (a cache begun by an older vild-pipe) is unknown for the first run: no
+    warning; one the first run recorded and this run changes is named."""
+    def reopen(made_with):
+        return CacheFolder.open_or_create(tmp_path / "cache", stage="dump-proposals", config={"top_n": 5}, inputs={},
+                                          fields=FIELDS, num_shards=2, images_per_shard=3, made_with=made_with)
+
+    assert reopen({"device": "cpu"}).made_otherwise == []
+    assert reopen({"device": "cpu", "threads": 2}).made_otherwise == []
+    assert reopen({"device": "cuda: H100", "threads": 2}).made_otherwise == ['device: "cpu" -> "cuda: H100"']

@@ -735,7 +735,8 @@ class CacheFolder:
         if done:
             log.info("resuming cache %s: %d of %s complete", path, done, counted(num_shards, "shard"))
         begun_with = manifest.get("made_with") or {}
-        folder.made_otherwise = value_changes(begun_with, made_with) if begun_with else []
+        unrecorded = [key for key in made_with if key not in begun_with]   # (kept since: the first run's is unknown)
+        folder.made_otherwise = value_changes(begun_with, made_with, skip=unrecorded) if begun_with else []
         return folder
 
     @classmethod

@@ -42,7 +42,7 @@ from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError, counted, describe_error, require_at_least
 from vild_pipe.pipeline.cache_loader import shared_memory_share
 from vild_pipe.pipeline.crops import CROP_SCALES, crop_boxes_1x_15x, crop_squares, pil_to_uint8_chw, reference_crops
-from vild_pipe.pipeline.distributed import device_name, loader_workers, use_threads
+from vild_pipe.pipeline.distributed import loader_workers, made_on, use_threads
 from vild_pipe.pipeline.embedding_cache import (
     PROPOSAL_STAGE, STAGE, annotations_of, embedding_fields, image_embedding_rows,
 )
@@ -131,7 +131,7 @@ def run(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=proposal_folder.num_shards,
             images_per_shard=proposal_folder.images_per_shard, overwrite=overwrite,
             sources={"proposals": os.path.abspath(proposal_folder.path)},
-            made_with={"batch_size": batch_size, "device": device_name(info.device)},
+            made_with={"batch_size": batch_size, **made_on(info.device)},
         )
         worker = Worker.of(shard_option, info.rank, info.world_size)
         pending = [i for i in worker.shards(folder.num_shards) if not folder.is_complete(i)]

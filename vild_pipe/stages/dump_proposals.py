@@ -43,7 +43,7 @@ from vild_pipe.pipeline.crops import pil_to_uint8_chw
 from vild_pipe.pipeline.detector import (
     check_fits_detector, detector_training_data, load_detector, model_sizes, resolve_detector_file,
 )
-from vild_pipe.pipeline.distributed import device_name, loader_workers, use_threads
+from vild_pipe.pipeline.distributed import loader_workers, made_on, use_threads
 from vild_pipe.pipeline.proposals import PROPOSAL_NMS_THRESHOLD, feature_shape, propose_with_features
 from vild_pipe.pipeline.shard_work import (
     ClaimingSampler,
@@ -225,7 +225,7 @@ def run(
         ranges = shard_image_ranges(len(dataset), images_per_shard)
         folder = CacheFolder.open_or_create(
             out, stage=STAGE, config=config, inputs=inputs, fields=fields, num_shards=len(ranges),
-            images_per_shard=images_per_shard, overwrite=overwrite, made_with={"device": device_name(info.device)},
+            images_per_shard=images_per_shard, overwrite=overwrite, made_with=made_on(info.device),
         )
         worker = Worker.of(shard_option, info.rank, info.world_size)
         pending = [i for i in worker.shards(folder.num_shards) if not folder.is_complete(i)]
