@@ -504,7 +504,7 @@ def test_torchrun_two_ranks_and_two_shard_jobs_fill_the_same_cache(photos, propo
     assert second["shards_written"] == [0, 2] and second["complete"] and not caplog.records
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["shard"] for s in manifest["shards"]] == [0, 1, 2]
-    assert manifest["made_with"] == {"batch_size": CROP_BATCH, "device": "cpu"}
+    assert manifest["made_with"] == {"batch_size": CROP_BATCH, "device": "cpu", "threads": 1}
     assert_same_cache(out, reference[0])
 
 
