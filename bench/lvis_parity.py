@@ -33,9 +33,9 @@ def lvis_shaped(images: int, categories: int, rng: np.random.Generator) -> tuple
     cats = [{"id": k + 1, "name": f"thing {k}", "frequency": str(f)} for k, f in enumerate(frequency)]
     records, annotations, results = [], [], []
     for image_id in range(1, images + 1):
-        present = rng.choice(categories, rng.integers(1, 6), replace=False) + 1
+        present = rng.choice(categories, rng.integers(1, min(6, categories + 1)), replace=False) + 1
         absent = np.setdiff1d(np.arange(1, categories + 1), present)
-        negative = rng.choice(absent, rng.integers(0, 8), replace=False)
+        negative = rng.choice(absent, rng.integers(0, min(8, len(absent) + 1)), replace=False)
         not_exhaustive = present[rng.random(len(present)) < 0.2]
         records.append({"id": image_id, "width": 640, "height": 480, "neg_category_ids": negative.tolist(),
                         "not_exhaustive_category_ids": not_exhaustive.tolist()})

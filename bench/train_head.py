@@ -1,6 +1,6 @@
 """Benchmark: ViLD head training from the caches on the CPU, with the cache loader measured alone.
 
-    python bench/train_head.py [--proposals P --embeddings E --annotations A --clip TEACHER] [options]
+    python bench/train_head.py [--proposals P --embeddings E --annotations A --text TEXT] [options]
 
 Without caches it writes a synthetic pair the size of the demo's (600 images, 100 proposals + 8 GT rows,
 64x7x7 fp16 features, D = 128) to a temporary folder. It reports, for the same settings:
@@ -28,6 +28,9 @@ from vild_pipe.pipeline.shards import CacheFolder, ShardWriter
 from vild_pipe.pipeline.text_embeddings import TextEmbeddings
 from vild_pipe.stages import train_head
 from vild_pipe.stages.dump_proposals import proposal_fields
+
+STARTUP_STEPS = 5
+"""Steps left out of the timings: the loader's workers start during them."""
 
 
 def synthetic_caches(folder: Path, images: int, proposals: int, gt: int, channels: int, dim: int,
@@ -127,7 +130,7 @@ def measure_stage(proposals, embeddings, annotations, text, run_dir, args) -> di
                    buffer_blocks=args.buffer_blocks, workers=args.workers, device="cpu",
                    checkpoint_every=args.steps)
     records = [json.loads(line) for line in (Path(run_dir) / train_head.METRICS_NAME).read_text().splitlines()]
-    timed = records[5:]   # leave out the first steps (worker start-up)
+    timed = records[STARTUP_STEPS:]   # leave out the first steps (worker start-up)
     seconds = sum(r["step_s"] for r in timed)
     return {"steps_per_s": len(timed) / seconds,
             "rois_per_s": sum(r["rois"] for r in timed) / seconds}
@@ -139,7 +142,8 @@ def main() -> None:
     parser.add_argument("--embeddings")
     parser.add_argument("--annotations")
     parser.add_argument("--text", help="embed-text file (needed with --proposals)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=60,
+                        help=f"more than {STARTUP_STEPS}: the first ones are not timed")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--representation-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.02)
@@ -150,6 +154,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.steps <= STARTUP_STEPS:
+        parser.error(f"--steps must be more than {STARTUP_STEPS}: the first {STARTUP_STEPS} (worker start-up) are not"
+                     " timed")
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
