@@ -23,7 +23,7 @@ from vild_pipe.cli import main
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from vild_pipe.pipeline.detector import MODEL_NAME, detector_training_data, load_detector
+from vild_pipe.pipeline.detector import MODEL_NAME, DetectorConfig, detector_training_data, load_detector
 from vild_pipe.pipeline.shards import sha256_file
 from vild_pipe.pipeline.training_run import check_schedule, lr_factor_schedule
 from vild_pipe.stages import make_synthetic, train_rpn
@@ -419,3 +419,21 @@ def test_a_warm_up_as_long_as_the_run_is_named_in_a_warning(caplog):
         caplog.clear()
         check_schedule({**hyper, "warmup": 2})
     assert not caplog.text
+
+
+def test_a_resnet50_step_the_cpu_memory_cannot_hold_is_warned_of(monkeypatch, caplog):
+    """The preset's defaults are a GPU's: 16 images of 800 px need ~31 GB a step on the CPU (measured), and the
+    kernel kills such a run at its first step without a word."""
+    monkeypatch.setattr(train_rpn, "_physical_memory", lambda: 24 * 2**30)
+    r50, small = DetectorConfig.preset("resnet50-fpn"), DetectorConfig.preset("small")
+    with caplog.at_level(logging.WARNING, logger=train_rpn.__name__):
+        train_rpn._warn_of_cpu_memory(r50, 16, torch.device("cpu"))
+        assert len(caplog.records) == 1
+        message = caplog.records[0].getMessage()
+        assert message.startswith("train-rpn: a resnet50-fpn step of 16 images at 800 px on the CPU needs about 28.")
+        assert "more than this machine's 24.0 GiB" in message and "--batch-size 10 fits" in message
+        caplog.clear()
+        train_rpn._warn_of_cpu_memory(r50, 8, torch.device("cpu"))
+        train_rpn._warn_of_cpu_memory(small, 64, torch.device("cpu"))
+        train_rpn._warn_of_cpu_memory(r50, 16, torch.device("cuda"))
+    assert not caplog.records
