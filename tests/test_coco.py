@@ -145,16 +145,21 @@ def test_degenerate_boxes_are_skipped_and_counted(tmp_path, caplog):
         {"id": 3, "image_id": 1, "category_id": 5, "bbox": [40, 2, 5, 5]},     # right of the image
         {"id": 4, "image_id": 2, "category_id": 5, "bbox": [-9, 1, 9, 5]},     # touches x=0 from outside
         {"id": 5, "image_id": 2, "category_id": 5, "bbox": [1, 1, 5, 5]},      # fine
+        # Positive in float64 but not in the float32 boxes are kept in (train-rpn's Faster R-CNN asserted on it):
+        {"id": 6, "image_id": 1, "category_id": 5, "bbox": [31.9999999, 2, 5, 5]},   # border box, float noise
+        {"id": 7, "image_id": 1, "category_id": 5, "bbox": [3, 3, 1e-6, 5]},          # a millionth of a pixel
+        {"id": 8, "image_id": 1, "category_id": 5, "bbox": [3, 3, 0.02, 5]},          # small but a box: kept
     ]
     with caplog.at_level(logging.WARNING, logger="vild_pipe.data.coco"):
         ds = CocoDataset.load(write_coco(tmp_path, annotations=annotations))
-    assert ds.skipped_degenerate == 4
-    assert ds.num_boxes == 1
-    assert ds.annotations_for(1)[0].shape == (0, 4)
+    assert ds.skipped_degenerate == 6
+    assert ds.num_boxes == 2
+    boxes = ds.annotations_for(1)[0]
+    assert boxes.dtype == np.float32 and boxes.shape == (1, 4) and (boxes[:, 2:] > boxes[:, :2]).all()
     np.testing.assert_array_equal(ds.annotations_for(2)[0], [[1, 1, 6, 6]])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == [f"{tmp_path / 'val.json'}: skipped 4 degenerate boxes (non-positive size or outside the image):"
-                        " annotation id 1, 2, 3, 4"]
+    assert warnings == [f"{tmp_path / 'val.json'}: skipped 6 degenerate boxes (a side under 0.01 px, or outside the"
+                        " image): annotation id 1, 2, 3, 4, 6, and 1 more"]
 
 
 def _drop(record, key):

@@ -92,7 +92,10 @@ def test_novel_name_file(tmp_path):
         resolve_split(simple_categories(), f"novel-file:{names}")
     with pytest.raises(DataError) as caught:
         resolve_split(simple_categories(), f"novel-file:{tmp_path / 'absent.txt'}")
-    assert str(caught.value) == f"{tmp_path / 'absent.txt'}: cannot read novel-name file (no such file or directory)"
+    assert str(caught.value) == (f"{tmp_path / 'absent.txt'}: cannot read the novel-name file (no such file or"
+                                 " directory)")
+    names.write_bytes("\ufeffzebra\r\nokapi\r\n".encode("utf-8"))   # a Windows editor's file: BOM, CRLF
+    assert resolve_split(simple_categories(), f"novel-file:{names}").novel_ids == (3, 4)
 
 
 def test_auto_prefers_field_then_lvis_then_coco():

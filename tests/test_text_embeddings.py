@@ -87,6 +87,9 @@ def test_an_unreadable_vocabulary_file_is_named_once_with_the_reason(tmp_path):
         vocabulary_names(vocab_file=latin1)
     assert str(caught.value) == (
         f"{latin1}: cannot read the vocabulary file (not UTF-8 text, invalid continuation byte at byte 3)")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffcircle\r\nmoon\r\n# a comment\r\n\r\n\u661f\r\n".encode("utf-8"))
+    assert vocabulary_names(vocab_file=bom) == ["circle", "moon", "\u661f"]   # the BOM is no part of "circle"
 
 
 def test_stage_writes_the_file(clip_files, tmp_path):

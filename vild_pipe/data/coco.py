@@ -5,8 +5,9 @@ record fails at once with one line naming the file and the record instead of dee
 
 Box policy (what users of COCO tooling expect; torchvision's detection references do the same):
 boxes are converted from COCO's [x, y, w, h] to xyxy in original image pixels and clipped to the image.
-A box that is degenerate after clipping (width or height <= 0, which includes boxes entirely outside the
-image) is SKIPPED, and the number skipped is logged once per file. A bbox that is not 4 finite numbers
+A box that is degenerate after clipping (width or height below MIN_BOX_SIDE, 0.01 px, in the float32 the
+boxes are kept in, which includes boxes entirely outside the image) is SKIPPED, and the number skipped is
+logged once per file. A bbox that is not 4 finite numbers
 (NaN, inf, strings) is not degenerate but malformed, and is an error. ``iscrowd=1`` boxes are kept and
 flagged, so training ignores them and evaluation can still match them.
 
@@ -140,7 +141,7 @@ class CocoDataset:
         skipped = int((~keep).sum())
         if skipped:
             ids = first_few([ann_ids[k] for k in np.flatnonzero(~keep)], 5)
-            logger.warning("%s: skipped %d degenerate boxes (non-positive size or outside the image): annotation"
+            logger.warning("%s: skipped %d degenerate boxes (a side under 0.01 px, or outside the image): annotation"
                            " id %s", where, skipped, ids)
         if clipped:
             logger.info("%s: clipped %d boxes to the image", where, clipped)
@@ -151,7 +152,7 @@ class CocoDataset:
             image_dir=image_dir,
             images=images,
             categories=sorted(categories, key=lambda c: c.id),
-            boxes=boxes[keep][order].astype(np.float32),
+            boxes=boxes[keep][order],
             category_ids=ann_category_ids[keep][order],
             iscrowd=ann_iscrowd[keep][order],
             box_image_pos=ann_image_pos[keep][order],
@@ -299,20 +300,27 @@ class CocoDataset:
         )
 
 
+MIN_BOX_SIDE = 0.01
+"""Pixels: a box side below this, in float32, is degenerate. A side that rounds to 0 in float32 (a border box
+with float noise: x 95.9999999 in a 96 px image) or to 0 when train-rpn rescales it stops torchvision's
+Faster R-CNN with an assertion; no real object is a hundredth of a pixel wide."""
+
+
 def clip_xywh_to_xyxy(bbox_xywh: np.ndarray, widths: np.ndarray, heights: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray, int]:
-    """COCO [x, y, w, h] -> xyxy clipped to each box's image; returns (boxes, keep mask, number clipped).
+    """COCO [x, y, w, h] -> xyxy float32 clipped to each box's image; returns (boxes, keep mask, number clipped).
 
-    `keep` is False for degenerate boxes: width or height <= 0 after clipping (so also boxes outside).
+    `keep` is False for degenerate boxes: a side below MIN_BOX_SIDE after clipping (so also boxes outside).
     """
     x1, y1 = bbox_xywh[:, 0], bbox_xywh[:, 1]
     x2, y2 = x1 + bbox_xywh[:, 2], y1 + bbox_xywh[:, 3]
     xyxy = np.stack([x1, y1, x2, y2], axis=1)
     upper = np.stack([widths, heights, widths, heights], axis=1)
     clipped = np.clip(xyxy, 0.0, upper)
-    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    boxes = clipped.astype(np.float32)
+    keep = (boxes[:, 2] - boxes[:, 0] >= MIN_BOX_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_BOX_SIDE)
     n_clipped = int((keep & (clipped != xyxy).any(axis=1)).sum())
-    return clipped, keep, n_clipped
+    return boxes, keep, n_clipped
 
 
 # ---------------------------------------------------------------------- parsing helpers

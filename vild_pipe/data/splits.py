@@ -19,6 +19,7 @@ nor evaluated. Names are matched exactly after lower-casing and stripping (COCO 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
@@ -138,7 +139,7 @@ def resolve_split(categories: Sequence[Category], spec: str = "auto", *, source:
         split = _split_novel_names(categories, names, prefix, spec, f"novel list {spec!r}")
     elif spec.startswith("novel-file:"):
         path = spec[len("novel-file:"):]
-        split = _split_novel_names(categories, _read_name_file(path), prefix, spec, path)
+        split = _split_novel_names(categories, read_name_file(path), prefix, spec, path)
     else:
         raise DataError(f"{prefix}unknown category split {spec!r}: {SPEC_HELP}")
     if not split.base_ids:
@@ -243,10 +244,12 @@ def _split_novel_names(
     return CategorySplit(base_ids=tuple(base), novel_ids=tuple(novel), spec=spec)
 
 
-def _read_name_file(path: str) -> list[str]:
+def read_name_file(path: str | os.PathLike, what: str = "novel-name file") -> list[str]:
+    """The names of a file of one name a line; blank lines and lines starting with # are left out, and so is a
+    UTF-8 byte-order mark (Windows editors write one: kept, it became part of the first name)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read novel-name file ({describe_error(exc)})") from exc
+        raise DataError(f"{os.fspath(path)}: cannot read the {what} ({describe_error(exc)})") from exc
     lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]

@@ -18,7 +18,8 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.prompts import clean_name, vild_templates
-from vild_pipe.errors import DataError, VildError, describe_error
+from vild_pipe.data.splits import read_name_file
+from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint
 from vild_pipe.pipeline.shards import sha256_file
 
@@ -91,12 +92,7 @@ def vocabulary_names(annotations: str | os.PathLike | None = None, vocab: str | 
     if vocab is not None:
         pieces = vocab.split(",")
         return check_names(pieces[:-1] if len(pieces) > 1 and not pieces[-1].strip() else pieces, "--vocab")
-    try:
-        lines = Path(vocab_file).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise VildError(f"{vocab_file}: cannot read the vocabulary file ({describe_error(err)})") from err
-    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    return check_names(names, os.fspath(vocab_file))
+    return check_names(read_name_file(vocab_file, "vocabulary file"), os.fspath(vocab_file))
 
 
 def clip_file_identity(clip: str) -> dict:
