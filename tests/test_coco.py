@@ -193,6 +193,10 @@ BAD_FILES = {
                            "image id 1: coco_url must end in FOLDER/FILE, got 'x.jpg'"),
     "duplicate image id": (lambda d: {**d, "images": IMAGES + [{**IMAGES[0], "file_name": "x.png"}]},
                            "image id 1: duplicate image id"),
+    "image id past int64": (lambda d: {**d, "images": IMAGES + [{**IMAGES[0], "id": 2**64 + 5}]},
+                            f"image id {2**64 + 5}: id {2**64 + 5} does not fit in 64 bits"),
+    "category id past int64": (lambda d: {**d, "categories": CATEGORIES + [{"id": 2**63, "name": "horse"}]},
+                               f"category id {2**63}: id {2**63} does not fit in 64 bits"),
     "annotation missing bbox": (
         lambda d: {**d, "annotations": [_drop(ANNOTATIONS[0], "bbox")]}, "annotation id 10: missing key(s) 'bbox'"),
     "annotation without id": (

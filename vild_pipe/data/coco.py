@@ -388,6 +388,9 @@ def _claim_id(rec: dict, seen: set, kind: str, label: str, where: str) -> None:
     """Check that a record's id is an integer not seen before in its list, and remember it."""
     if not _is_int(rec["id"]):
         raise DataError(f"{where}: {label}: id must be an integer, got {rec['id']!r}")
+    if not -2**63 <= rec["id"] < 2**63:
+        raise DataError(f"{where}: {label}: id {rec['id']} does not fit in 64 bits (ids are kept as int64, as in the"
+                        " caches)")
     if rec["id"] in seen:
         raise DataError(f"{where}: {label}: duplicate {kind} id")
     seen.add(rec["id"])
