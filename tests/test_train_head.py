@@ -49,10 +49,10 @@ except TrainingStopped as stopped:
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "no_torchrun_env")
 
 
-def write_world(folder, seed=0, add_gt=True):
+def write_world(folder, seed=0, add_gt=True, novel_only=False):
     """Annotations, a proposal cache with GT rows (unless not `add_gt`), its embedding cache and text embeddings,
     where the features carry the class of the object under the box and the CLIP target is a fixed function of
-    the features."""
+    the features. `novel_only`: every object is of the novel category."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     patterns = rng.standard_normal((5, CHANNELS, 7, 7))          # background, 3 base, 1 novel
@@ -62,6 +62,8 @@ def write_world(folder, seed=0, add_gt=True):
         xy = rng.uniform(0, 60, (3, 2))
         boxes = np.concatenate([xy, xy + rng.uniform(15, 30, (3, 2))], 1)
         classes = rng.integers(1, 5, 3)                            # class 4 is novel
+        if novel_only:
+            classes[:] = 4
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 100, "height": 100})
         for box, label in zip(boxes, classes):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
@@ -212,6 +214,18 @@ def test_a_cache_without_ground_truth_rows_needs_a_split_and_is_named_in_a_warni
     caplog.clear()
     train_head.run(**settings(world, tmp_path / "run-image", losses="image", split="novel:moon", iterations=2))
     assert "no ground-truth rows" not in caplog.text     # ViLD-image never uses them
+
+
+def test_a_file_without_base_boxes_is_refused_for_the_text_loss(tmp_path):
+    """ViLD-text would learn the background alone; ViLD-image needs no boxes."""
+    world = write_world(tmp_path / "novel-only", novel_only=True)
+    with pytest.raises(DataError) as raised:
+        train_head.run(**settings(world, tmp_path / "run", losses="text+image"))
+    assert str(raised.value) == (f"{world / 'train.json'}: no base boxes (split field) to label the RoIs: the"
+                                 " ViLD-text loss would learn the background alone; give a file with base annotations,"
+                                 " or --losses image")
+    assert not (tmp_path / "run").exists()
+    assert train_head.run(**settings(world, tmp_path / "image", losses="image", text=None, iterations=2))["steps"] == 2
 
 
 def test_order_is_a_function_of_seed_and_step_and_covers_each_epoch(world):

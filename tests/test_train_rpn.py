@@ -25,6 +25,7 @@ from vild_pipe.errors import DataError, VildError
 from vild_pipe.pipeline.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from vild_pipe.pipeline.detector import MODEL_NAME, DetectorConfig, detector_training_data, load_detector
 from vild_pipe.pipeline.shards import sha256_file
+from vild_pipe.pipeline.recall import format_recall
 from vild_pipe.pipeline.training_run import check_schedule, lr_factor_schedule
 from vild_pipe.stages import make_synthetic, train_rpn
 from vild_pipe.stages.train_rpn import (
@@ -261,6 +262,23 @@ def test_a_missing_image_is_found_before_training_and_leaves_no_run_folder(world
         f"error: {missing_val}: missing image file (image id ")
     assert error_line("--val", str(copy / "val.json")).endswith(
         "; images are looked for beside the annotation file; give --val-images FOLDER)")
+
+
+def test_a_file_without_base_boxes_is_refused_and_a_val_file_without_objects_says_so(world, reference, tmp_path):
+    copy = tmp_path / "world"
+    shutil.copytree(world, copy)
+    annotations = json.loads((copy / "train.json").read_text())
+    novel = {c["id"] for c in annotations["categories"] if c.get("split") == "novel"}
+    annotations["annotations"] = [a for a in annotations["annotations"] if a["category_id"] in novel]
+    (copy / "train.json").write_text(json.dumps(annotations))
+    with pytest.raises(DataError, match=r"train.json: no base boxes to train the detector on \(split field: \d+ base"
+                                        r" categories, none annotated\)$"):
+        train(world, tmp_path / "rpn", annotations=str(copy / "train.json"))
+    assert not (tmp_path / "rpn").exists()
+    val = json.loads((copy / "val.json").read_text())
+    (copy / "val.json").write_text(json.dumps({**val, "annotations": []}))
+    recall = train_rpn.run_recall(reference[0], copy / "val.json", device="cpu")
+    assert format_recall(recall["recall"]).endswith(f"boxes on {len(val['images'])} images: no objects to find")
 
 
 def test_an_image_too_elongated_for_the_detector_is_found_before_any_work(world, reference, tmp_path):

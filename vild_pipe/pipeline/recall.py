@@ -95,7 +95,7 @@ def format_recall(summary: dict[str, Any]) -> str:
         if stats["objects"]:
             parts.append(f"{group} recall@0.5 {stats['recall@0.5']:.3f} AR {stats['AR@0.5:0.95']:.3f} "
                          f"({stats['objects']} objects)")
-    return f"top-{summary['top_k']} boxes on {summary['images']} images: " + "; ".join(parts)
+    return f"top-{summary['top_k']} boxes on {summary['images']} images: " + ("; ".join(parts) or "no objects to find")
 
 
 class ImageTensors(Dataset):

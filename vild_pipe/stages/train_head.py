@@ -98,6 +98,10 @@ def run(proposals: str | os.PathLike, embeddings: str | os.PathLike | None, anno
         use_text, use_image = "text" in losses, "image" in losses
         proposal_folder, embedding_folder = _open_caches(proposals, embeddings, use_image)
         train_set = _training_annotations(annotations, proposal_folder, split)
+        if use_text and not train_set.num_boxes:
+            raise DataError(f"{os.fspath(annotations)}: no base boxes (split {train_set.split.spec}) to label the RoIs:"
+                            " the ViLD-text loss would learn the background alone; give a file with base"
+                            " annotations, or --losses image")
         if use_text and not proposal_folder.config.get("add_gt") and is_main(info):
             log.warning("%s: the cache holds no ground-truth rows (dumped with --no-add-gt, or from a file the"
                         " detector was not trained on whose name lacks 'train'): ViLD-text learns from proposals"

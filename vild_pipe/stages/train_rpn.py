@@ -100,6 +100,9 @@ def run(annotations: str | os.PathLike, run_dir: str | os.PathLike, images: str 
     if box_classes not in BOX_CLASSES:
         raise VildError(f"--box-classes must be one of {', '.join(BOX_CLASSES)}, got {box_classes!r}")
     train_set = CocoDataset.load(annotations, images).training_view(split)
+    if not train_set.num_boxes:
+        raise DataError(f"{os.fspath(annotations)}: no base boxes to train the detector on (split"
+                        f" {train_set.split.spec}: {len(train_set.split.base_ids)} base categories, none annotated)")
     detector_options = dict(detector_options or {})
     if box_classes == "base":
         detector_options["box_classes"] = len(train_set.split.base_ids)
