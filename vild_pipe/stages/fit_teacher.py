@@ -9,6 +9,8 @@ The fit is resumable as train-rpn is: <out stem>.fitting.pt beside OUT holds the
 an uninterrupted fit writes, byte for byte, and the same report. It is removed once teacher and report are out.
 <out stem>.fitting.lock is held while the command runs: the same command started twice is refused.
 """
+from __future__ import annotations
+
 import dataclasses
 import json
 import logging
