@@ -574,23 +574,26 @@ def resized_size(height: int, width: int, min_size: float, max_size: float) -> t
 def check_fits_detector(name: str | os.PathLike, height: int, width: int, min_size: float, max_size: float) -> None:
     """DataError for an image so elongated that resizing it for the detector leaves a side of 0 pixels
     (torch's interpolate would fail with a traceback deep in the model): one line naming it."""
-    if min(resized_size(height, width, min_size, max_size)) < 1:
-        raise DataError(f"{os.fspath(name)}: {_too_elongated(height, width, min_size, max_size)}")
+    problem = _too_elongated(height, width, min_size, max_size)
+    if problem:
+        raise DataError(f"{os.fspath(name)}: {problem}")
 
 
 def check_images_fit_detector(dataset, min_size: float, max_size: float) -> None:
     """`check_fits_detector` for every image of an annotation file by its recorded size, before any work: the
     first one named, with its id and how many more there are."""
-    elongated = [record for record in dataset.images
-                 if min(resized_size(record.height, record.width, min_size, max_size)) < 1]
-    if elongated:
-        first = elongated[0]
-        more = f"; {len(elongated) - 1} more such images" if len(elongated) > 1 else ""
-        raise DataError(f"{os.fspath(first.path)}: {_too_elongated(first.height, first.width, min_size, max_size)}"
-                        f" (image id {first.id} of {os.fspath(dataset.path)}{more})")
+    problems = [(record, problem) for record in dataset.images
+                if (problem := _too_elongated(record.height, record.width, min_size, max_size))]
+    if problems:
+        first, problem = problems[0]
+        more = f"; {len(problems) - 1} more such images" if len(problems) > 1 else ""
+        raise DataError(f"{os.fspath(first.path)}: {problem} (image id {first.id} of {os.fspath(dataset.path)}{more})")
 
 
-def _too_elongated(height: int, width: int, min_size: float, max_size: float) -> str:
+def _too_elongated(height: int, width: int, min_size: float, max_size: float) -> str | None:
+    """What is wrong with an image the detector's resize leaves a side of 0 pixels; None for any other."""
+    if min(resized_size(height, width, min_size, max_size)) >= 1:
+        return None
     return (f"a {width}x{height} image is too elongated for the detector: resized to a shorter side of {min_size:g}"
             f" and a longer side of at most {max_size:g} pixels, its shorter side is 0 pixels; crop it into parts,"
             " or pad it")

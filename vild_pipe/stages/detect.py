@@ -131,12 +131,13 @@ def run(images: Sequence[str | os.PathLike], detector: str | os.PathLike, head: 
     found: list[ImageDetections] = []
     staged: dict[Path, Path] = {}    # drawing -> its temp file, renamed into place once every image is done
     skipped: list[str] = []
+    detector_sizes = model_sizes(model)
     try:
         for path, drawing_name in tqdm(list(zip(paths, _drawing_names(paths))), desc="detect", unit="img",
                                        disable=None):
             try:
                 image = read_rgb_image(path, upright=True)
-                check_fits_detector(path, image.height, image.width, *model_sizes(model))
+                check_fits_detector(path, image.height, image.width, *detector_sizes)
             except DataError as err:
                 if not skip_bad_images:
                     raise

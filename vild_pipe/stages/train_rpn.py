@@ -271,8 +271,10 @@ def _warn_of_cpu_memory(detector: DetectorConfig, batch_size: int, device: torch
     """A warning where a resnet50-fpn step on the CPU would need more memory than the machine has: the preset's
     defaults (16 images at 800 px) are a GPU's, and the kernel would kill the run at its first step, without a
     word. Every process of one machine holds its share of the batch, so the whole batch is counted."""
+    if device.type != "cpu" or detector.backbone != "resnet50-fpn":
+        return
     total = _physical_memory()
-    if device.type != "cpu" or detector.backbone != "resnet50-fpn" or total is None:
+    if total is None:
         return
     per_image = R50_CPU_BYTES_PER_PIXEL * detector.min_size * detector.min_size * 4 / 3   # a 4:3 photograph
     needed = R50_CPU_STEP_BYTES + batch_size * per_image
