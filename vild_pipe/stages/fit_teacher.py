@@ -21,7 +21,7 @@ import torch
 
 from vild_pipe.data.coco import CocoDataset
 from vild_pipe.data.splits import CategorySplit
-from vild_pipe.errors import VildError, describe_error, first_few, require_at_least, value_changes
+from vild_pipe.errors import VildError, describe_error, first_few, require_at_least
 from vild_pipe.pipeline.checkpoint import config_differences, load_checkpoint
 from vild_pipe.pipeline.distributed import use_threads
 from vild_pipe.pipeline.shards import read_json_report, sha256_file, write_json_atomically
@@ -135,7 +135,7 @@ def _config_changes(recorded: dict | None, config: dict) -> list[str]:
     """What differs between a report's config and this command's. A report written before reports named the
     world's files and the split is taken as it is on those ("data", "split")."""
     recorded = recorded if isinstance(recorded, dict) else {}
-    return value_changes(recorded, config, skip=[key for key in ("data", "split") if key not in recorded])
+    return config_differences(recorded, config, [key for key in ("data", "split") if key not in recorded])
 
 
 def _stopped_fit_seconds(checkpoint: Path, config: dict, overwrite: bool) -> float:
